@@ -1,0 +1,8 @@
+//! autoattach: attach trusted USB devices from the Qubes OS USB qube to a chosen qube.
+//!
+//! Read top to bottom: the kernel's event format ([`uevent`]), the socket it arrives on
+//! ([`netlink`]), the device tree it describes ([`sysfs`]), the rules that pick devices
+//! ([`rules`]), the names that may reach dom0 ([`names`]), readiness ([`readiness`]),
+//! detached children ([`spawn`]), and the loop that joins them ([`agent`]).
+
+pub mod uevent;
