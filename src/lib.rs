@@ -5,4 +5,12 @@
 //! ([`rules`]), the names that may reach dom0 ([`names`]), readiness ([`readiness`]),
 //! detached children ([`spawn`]), and the loop that joins them ([`agent`]).
 
+pub mod fnmatch;
 pub mod uevent;
+#[macro_use]
+pub mod log;
+pub mod names;
+pub mod rules;
+pub mod sysfs;
+#[cfg(test)]
+pub(crate) mod testing;

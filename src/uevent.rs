@@ -244,7 +244,9 @@ pub fn devpath_is_safe(devpath: &str) -> bool {
     };
     !rest.is_empty()
         && !devpath.bytes().any(|b| b < 0x20 || b == 0x7f)
-        && rest.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        && rest
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 /// Collects variables and checks the whole event once they are all seen.
@@ -262,10 +264,13 @@ impl<'a> Builder<'a> {
         }
         let key = std::str::from_utf8(key).map_err(|_| ParseError::BadVariable)?;
         match std::str::from_utf8(value) {
-            Ok(value) if value.len() <= MAX_VALUE && !value.bytes().any(|b| b.is_ascii_control()) => self
-                .vars
-                .push(Var { key, value })
-                .map_err(|_| ParseError::TooManyVariables),
+            Ok(value)
+                if value.len() <= MAX_VALUE && !value.bytes().any(|b| b.is_ascii_control()) =>
+            {
+                self.vars
+                    .push(Var { key, value })
+                    .map_err(|_| ParseError::TooManyVariables)
+            }
             _ => {
                 if self.dropped == 0 {
                     self.first_dropped = key.as_bytes();
@@ -403,10 +408,9 @@ impl<'a> MonitorText<'a> {
                 line: n + 1,
                 error: ParseError::BadVariable,
             })?;
-            builder.push(&text[..eq], &text[eq + 1..]).map_err(|error| TextError {
-                line: n + 1,
-                error,
-            })?;
+            builder
+                .push(&text[..eq], &text[eq + 1..])
+                .map_err(|error| TextError { line: n + 1, error })?;
         }
         if builder.vars.is_empty() && builder.dropped == 0 {
             // Captured without --property: the header is all there is.
@@ -477,7 +481,12 @@ mod tests {
     }
 
     fn rejects(buf: &[u8], want: ParseError) {
-        assert_eq!(Uevent::parse(buf).unwrap_err(), want, "{:?}", String::from_utf8_lossy(buf));
+        assert_eq!(
+            Uevent::parse(buf).unwrap_err(),
+            want,
+            "{:?}",
+            String::from_utf8_lossy(buf)
+        );
     }
 
     #[test]
@@ -485,20 +494,62 @@ mod tests {
         rejects(b"", ParseError::Empty);
         rejects(b"libudev\0\xfe\xed\xca\xfe", ParseError::Libudev);
         rejects(&STICK[..STICK.len() - 1], ParseError::NotTerminated);
-        rejects(b"add/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0", ParseError::NoHeader);
-        rejects(b"plug@/devices/x\0ACTION=plug\0DEVPATH=/devices/x\0SUBSYSTEM=a\0", ParseError::UnknownAction);
-        rejects(b"add@/devices/x\0ACTION=remove\0DEVPATH=/devices/x\0SUBSYSTEM=a\0", ParseError::Mismatch("ACTION"));
-        rejects(b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/y\0SUBSYSTEM=a\0", ParseError::Mismatch("DEVPATH"));
-        rejects(b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0DEVPATH=/devices/y\0SUBSYSTEM=a\0", ParseError::Mismatch("DEVPATH"));
-        rejects(b"add@/devices/x\0DEVPATH=/devices/x\0SUBSYSTEM=a\0", ParseError::Missing("ACTION"));
-        rejects(b"add@/devices/x\0ACTION=add\0SUBSYSTEM=a\0", ParseError::Missing("DEVPATH"));
-        rejects(b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0", ParseError::Missing("SUBSYSTEM"));
-        rejects(b"add@/devices/../x\0ACTION=add\0DEVPATH=/devices/../x\0SUBSYSTEM=a\0", ParseError::BadDevpath);
-        rejects(b"add@devices/x\0ACTION=add\0DEVPATH=devices/x\0SUBSYSTEM=a\0", ParseError::BadDevpath);
-        rejects(b"add@/devices//x\0ACTION=add\0DEVPATH=/devices//x\0SUBSYSTEM=a\0", ParseError::BadDevpath);
-        rejects(b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0NOEQUALS\0", ParseError::BadVariable);
-        rejects(b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0=v\0", ParseError::BadVariable);
-        rejects(b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0K Y=v\0", ParseError::BadVariable);
+        rejects(
+            b"add/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0",
+            ParseError::NoHeader,
+        );
+        rejects(
+            b"plug@/devices/x\0ACTION=plug\0DEVPATH=/devices/x\0SUBSYSTEM=a\0",
+            ParseError::UnknownAction,
+        );
+        rejects(
+            b"add@/devices/x\0ACTION=remove\0DEVPATH=/devices/x\0SUBSYSTEM=a\0",
+            ParseError::Mismatch("ACTION"),
+        );
+        rejects(
+            b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/y\0SUBSYSTEM=a\0",
+            ParseError::Mismatch("DEVPATH"),
+        );
+        rejects(
+            b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0DEVPATH=/devices/y\0SUBSYSTEM=a\0",
+            ParseError::Mismatch("DEVPATH"),
+        );
+        rejects(
+            b"add@/devices/x\0DEVPATH=/devices/x\0SUBSYSTEM=a\0",
+            ParseError::Missing("ACTION"),
+        );
+        rejects(
+            b"add@/devices/x\0ACTION=add\0SUBSYSTEM=a\0",
+            ParseError::Missing("DEVPATH"),
+        );
+        rejects(
+            b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0",
+            ParseError::Missing("SUBSYSTEM"),
+        );
+        rejects(
+            b"add@/devices/../x\0ACTION=add\0DEVPATH=/devices/../x\0SUBSYSTEM=a\0",
+            ParseError::BadDevpath,
+        );
+        rejects(
+            b"add@devices/x\0ACTION=add\0DEVPATH=devices/x\0SUBSYSTEM=a\0",
+            ParseError::BadDevpath,
+        );
+        rejects(
+            b"add@/devices//x\0ACTION=add\0DEVPATH=/devices//x\0SUBSYSTEM=a\0",
+            ParseError::BadDevpath,
+        );
+        rejects(
+            b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0NOEQUALS\0",
+            ParseError::BadVariable,
+        );
+        rejects(
+            b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0=v\0",
+            ParseError::BadVariable,
+        );
+        rejects(
+            b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0K Y=v\0",
+            ParseError::BadVariable,
+        );
     }
 
     #[test]
@@ -514,7 +565,9 @@ mod tests {
 
     #[test]
     fn a_bad_value_costs_only_its_key() {
-        let mut buf = b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=usb\0SERIAL=\xff\xfe\0".to_vec();
+        let mut buf =
+            b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=usb\0SERIAL=\xff\xfe\0"
+                .to_vec();
         buf.extend_from_slice(b"BIG=");
         buf.extend(std::iter::repeat_n(b'a', MAX_VALUE + 1));
         buf.extend_from_slice(b"\0PRODUCT=46f4/1/0\0");
@@ -579,9 +632,16 @@ KERNEL[3471.000001] remove   /devices/virtual/block/loop200 (block)
 
     #[test]
     fn monitor_text_errors_carry_their_line() {
-        let text = b"KERNEL[1.0] add /devices/x (usb)\nACTION=add\nDEVPATH=/devices/y\nSUBSYSTEM=usb\n";
+        let text =
+            b"KERNEL[1.0] add /devices/x (usb)\nACTION=add\nDEVPATH=/devices/y\nSUBSYSTEM=usb\n";
         let err = MonitorText::new(text).next().unwrap().unwrap_err();
-        assert_eq!(err, TextError { line: 1, error: ParseError::Mismatch("DEVPATH") });
+        assert_eq!(
+            err,
+            TextError {
+                line: 1,
+                error: ParseError::Mismatch("DEVPATH")
+            }
+        );
         let text = b"KERNEL[1.0] add /devices/x (usb)\nACTION=add\nbroken\n";
         let err = MonitorText::new(text).next().unwrap().unwrap_err();
         assert_eq!(err.line, 3);

@@ -1,0 +1,425 @@
+//! Shell globs as udev matches them: glibc `fnmatch(pattern, value, 0)` on bytes.
+//!
+//! With flags 0, `*` also matches `/` and a leading `.`; `?` matches one byte; `[...]` is a
+//! bracket expression (`!` or `^` negates, ranges, `[:class:]`, `[.x.]`, `[=x=]`, `]` first is
+//! literal); `\` quotes the next byte; an unterminated `[` is a literal `[`; a trailing `\`
+//! never matches; a malformed bracket (unknown class, multi-byte collating symbol, a member
+//! that glibc's skip-after-match scanner rejects) fails at that position, as in glibc.
+//! The tests compare this against the C library's own fnmatch.
+
+/// True if `value` matches the glob `pattern`.
+pub fn fnmatch(pattern: &[u8], value: &[u8]) -> bool {
+    let (mut p, mut v) = (0, 0);
+    // Where to resume after the last `*`: (pattern index after it, value index it covers to).
+    let mut star: Option<(usize, usize)> = None;
+    while v < value.len() {
+        if let Some(next) = step(pattern, p, value[v]) {
+            p = next;
+            v += 1;
+            continue;
+        }
+        if pattern.get(p) == Some(&b'*') {
+            p += 1;
+            star = Some((p, v));
+            continue;
+        }
+        match star {
+            Some((sp, sv)) => {
+                // Let the last `*` swallow one more byte and try again.
+                p = sp;
+                v = sv + 1;
+                star = Some((sp, sv + 1));
+            }
+            None => return false,
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// If the pattern element at `p` matches byte `c`, the index after that element.
+fn step(pattern: &[u8], p: usize, c: u8) -> Option<usize> {
+    match *pattern.get(p)? {
+        b'*' => None,
+        b'?' => Some(p + 1),
+        b'\\' => (pattern.get(p + 1) == Some(&c)).then_some(p + 2),
+        b'[' => match bracket(pattern, p + 1, c) {
+            Bracket::Match(next) => Some(next),
+            Bracket::NoMatch => None,
+            Bracket::Literal => (c == b'[').then_some(p + 1),
+        },
+        literal => (literal == c).then_some(p + 1),
+    }
+}
+
+enum Bracket {
+    /// The byte is in the set; the index after `]`.
+    Match(usize),
+    /// Not in the set, or a malformed expression glibc refuses at this position.
+    NoMatch,
+    /// Unterminated: glibc then reads the `[` as a literal.
+    Literal,
+}
+
+/// The byte at `p`, or NUL past the end (the C string view glibc has).
+fn at(pattern: &[u8], p: usize) -> u8 {
+    pattern.get(p).copied().unwrap_or(0)
+}
+
+/// glibc's bracket expression in the C locale (posix/fnmatch_loop.c), from after its `[`.
+/// Parsing stops at the first element that matches; the rest is then skipped by a stricter
+/// scanner, as glibc does, so that both agree on which malformed patterns fail.
+fn bracket(pattern: &[u8], mut p: usize, c: u8) -> Bracket {
+    let at = |i| at(pattern, i);
+    let negate = matches!(at(p), b'!' | b'^');
+    if negate {
+        p += 1;
+    }
+    let mut cc = at(p);
+    p += 1;
+    loop {
+        let mut escaped = false;
+        if cc == b'\\' {
+            if at(p) == 0 {
+                return Bracket::NoMatch;
+            }
+            cc = at(p);
+            p += 1;
+            escaped = true;
+        }
+        if !escaped && cc == b'[' && at(p) == b':' {
+            match class_at(pattern, p) {
+                ClassAt::Class(test, next) => {
+                    if test(c) {
+                        return skip_rest(pattern, next, negate);
+                    }
+                    p = next;
+                    cc = at(p);
+                    p += 1;
+                    if cc == b']' {
+                        break;
+                    }
+                    continue;
+                }
+                ClassAt::Invalid => return Bracket::NoMatch,
+                // Not a class name: the `[` is an ordinary member.
+                ClassAt::NotAClass => {}
+            }
+        } else if !escaped && cc == b'[' && at(p) == b'=' {
+            if at(p + 1) != 0 && at(p + 2) == b'=' && at(p + 3) == b']' {
+                if c == at(p + 1) {
+                    return skip_rest(pattern, p + 4, negate);
+                }
+                p += 4;
+                cc = at(p);
+                p += 1;
+                if cc == b']' {
+                    break;
+                }
+                continue;
+            }
+        } else if !escaped && cc == 0 {
+            return Bracket::Literal;
+        }
+        // One member, possibly the low end of a range.
+        let lo;
+        if !escaped && cc == b'[' && at(p) == b'.' {
+            let Some((sym, next)) = collating(pattern, p) else {
+                return Bracket::NoMatch;
+            };
+            p = next;
+            let is_range = at(p) == b'-' && at(p + 1) != 0;
+            if !is_range && c == sym {
+                return skip_rest(pattern, p, negate);
+            }
+            lo = sym;
+        } else {
+            let is_range = at(p) == b'-' && at(p + 1) != 0 && at(p + 1) != b']';
+            if !is_range && cc == c {
+                return skip_rest(pattern, p, negate);
+            }
+            lo = cc;
+        }
+        cc = at(p);
+        p += 1;
+        if cc == b'-' && at(p) != b']' {
+            let mut hi = at(p);
+            p += 1;
+            if hi == b'[' && at(p) == b'.' {
+                let Some((sym, next)) = collating(pattern, p) else {
+                    return Bracket::NoMatch;
+                };
+                hi = sym;
+                p = next;
+            } else {
+                if hi == b'\\' {
+                    hi = at(p);
+                    p += 1;
+                }
+                if hi == 0 {
+                    return Bracket::NoMatch;
+                }
+            }
+            if lo <= c && c <= hi {
+                return skip_rest(pattern, p, negate);
+            }
+            cc = at(p);
+            p += 1;
+        }
+        if cc == b']' {
+            break;
+        }
+    }
+    if negate {
+        Bracket::Match(p)
+    } else {
+        Bracket::NoMatch
+    }
+}
+
+enum ClassAt {
+    Class(fn(u8) -> bool, usize),
+    /// A well-formed `[:name:]` with an unknown name: glibc fails the match.
+    Invalid,
+    NotAClass,
+}
+
+/// glibc's longest class name (CHAR_CLASS_MAX_LENGTH).
+const CLASS_MAX: usize = 256;
+
+/// Reads `[:name:]` whose `:` is at `p`; the index after `:]`.
+fn class_at(pattern: &[u8], p: usize) -> ClassAt {
+    let mut i = p;
+    loop {
+        if i - p == CLASS_MAX {
+            return ClassAt::Invalid;
+        }
+        i += 1;
+        let ch = at(pattern, i);
+        if ch == b':' && at(pattern, i + 1) == b']' {
+            return match class(&pattern[p + 1..i]) {
+                Some(test) => ClassAt::Class(test, i + 2),
+                None => ClassAt::Invalid,
+            };
+        }
+        // glibc accepts only [a-y] in class names.
+        if !(b'a'..b'z').contains(&ch) {
+            return ClassAt::NotAClass;
+        }
+    }
+}
+
+/// Reads `[.x.]` whose `.` is at `p`: the symbol and the index after `.]`. In the C locale only
+/// one-byte symbols exist; anything else (or no `.]`) makes glibc fail.
+fn collating(pattern: &[u8], p: usize) -> Option<(u8, usize)> {
+    let mut i = p;
+    loop {
+        i += 1;
+        let ch = at(pattern, i);
+        if ch == b'.' && at(pattern, i + 1) == b']' {
+            return (i == p + 2).then(|| (pattern[p + 1], i + 2));
+        }
+        if ch == 0 {
+            return None;
+        }
+    }
+}
+
+/// After a member matched: skip to the closing `]` the way glibc does.
+fn skip_rest(pattern: &[u8], mut p: usize, negate: bool) -> Bracket {
+    let at = |i| at(pattern, i);
+    loop {
+        let ch = at(p);
+        p += 1;
+        match ch {
+            b']' => break,
+            // glibc 2.36 reads an unterminated bracket as a literal `[` here too.
+            0 => return Bracket::Literal,
+            b'\\' => {
+                if at(p) == 0 {
+                    return Bracket::NoMatch;
+                }
+                p += 1;
+            }
+            b'[' if at(p) == b':' => {
+                let start = p;
+                let mut len = 0;
+                loop {
+                    p += 1;
+                    len += 1;
+                    if len == CLASS_MAX {
+                        return Bracket::NoMatch;
+                    }
+                    if at(p) == b':' && at(p + 1) == b']' {
+                        break;
+                    }
+                    if !(b'a'..b'z').contains(&at(p)) {
+                        p = start - 2;
+                        break;
+                    }
+                }
+                p += 2;
+            }
+            b'[' if at(p) == b'=' => {
+                if at(p + 1) == 0 || at(p + 2) != b'=' || at(p + 3) != b']' {
+                    return Bracket::NoMatch;
+                }
+                p += 4;
+            }
+            b'[' if at(p) == b'.' => loop {
+                p += 1;
+                if at(p) == 0 {
+                    return Bracket::NoMatch;
+                }
+                if at(p) == b'.' && at(p + 1) == b']' {
+                    p += 2;
+                    break;
+                }
+            },
+            _ => {}
+        }
+    }
+    if negate {
+        Bracket::NoMatch
+    } else {
+        Bracket::Match(p)
+    }
+}
+
+/// The test for a `[:name:]` class.
+fn class(name: &[u8]) -> Option<fn(u8) -> bool> {
+    Some(match name {
+        b"alnum" => |c| c.is_ascii_alphanumeric(),
+        b"alpha" => |c| c.is_ascii_alphabetic(),
+        b"blank" => |c| c == b' ' || c == b'\t',
+        b"cntrl" => |c| c.is_ascii_control(),
+        b"digit" => |c| c.is_ascii_digit(),
+        b"graph" => |c| c.is_ascii_graphic(),
+        b"lower" => |c| c.is_ascii_lowercase(),
+        b"print" => |c| c.is_ascii_graphic() || c == b' ',
+        b"punct" => |c| c.is_ascii_punctuation(),
+        b"space" => |c| c.is_ascii_whitespace() || c == 0x0b,
+        b"upper" => |c| c.is_ascii_uppercase(),
+        b"xdigit" => |c| c.is_ascii_hexdigit(),
+        _ => return None,
+    })
+}
+
+/// True if `pattern` has glob characters (udev's string_is_glob): then it is matched with
+/// [`fnmatch`], otherwise compared as a plain string.
+pub fn is_glob(pattern: &[u8]) -> bool {
+    pattern.iter().any(|c| matches!(c, b'*' | b'?' | b'['))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+
+    fn libc_fnmatch(pattern: &[u8], value: &[u8]) -> bool {
+        let (p, v) = (CString::new(pattern).unwrap(), CString::new(value).unwrap());
+        // SAFETY: both pointers are NUL-terminated strings that outlive the call.
+        unsafe { nix::libc::fnmatch(p.as_ptr(), v.as_ptr(), 0) == 0 }
+    }
+
+    #[test]
+    fn udev_cases() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("sd[a-z]", "sdb", true),
+            ("sd[a-z]", "sdb1", false),
+            ("sd*", "sdb1", true),
+            ("*", "/devices/a/b", true),
+            ("/devices/*/block/*", "/devices/pci/usb2/block/sdb", true),
+            ("?*", "", false),
+            ("?*", "x", true),
+            ("[!0-9]*", "sda", true),
+            ("[!0-9]*", "2-1", false),
+            ("[^0-9]*", "2-1", false),
+            ("[]]", "]", true),
+            ("[a-]", "-", true),
+            ("[[:digit:]]-[[:digit:]]*", "2-1.4", true),
+            ("a\\*b", "a*b", true),
+            ("a\\*b", "axb", false),
+            ("abc\\", "abc\\", false),
+            ("[abc", "[abc", true),
+            ("*.rules", ".rules", true),
+            ("*a*a*a*b", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", false),
+            ("[/[.*]", "/", false),
+            ("[[.a.]-c]", "b", true),
+            ("[[=a=]b]", "a", true),
+            ("[[=a]", "a", true),
+            ("[[:foo:]]", "[[:foo:]]", false),
+            ("*[a[=]", "a=", true),
+            ("[a[=]", "a", false),
+            ("[-0./[=]!", "/!", false),
+            ("[a[:x]", ":", true),
+            ("[b-a]", "b", false),
+            ("[a-]]", "-]", true),
+        ];
+        for &(p, v, want) in cases {
+            assert_eq!(fnmatch(p.as_bytes(), v.as_bytes()), want, "{p:?} vs {v:?}");
+            assert_eq!(
+                libc_fnmatch(p.as_bytes(), v.as_bytes()),
+                want,
+                "libc {p:?} vs {v:?}"
+            );
+        }
+    }
+
+    /// Random patterns built from glob pieces, and values, compared with the C library.
+    #[test]
+    fn agrees_with_libc() {
+        let pieces: &[&[u8]] = &[
+            b"a",
+            b"b",
+            b"z",
+            b"-",
+            b"/",
+            b".",
+            b"[",
+            b"]",
+            b"!",
+            b"^",
+            b"*",
+            b"?",
+            b"\\",
+            b":",
+            b"=",
+            b"0",
+            b"[:alpha:]",
+            b"[:digit:]",
+            b"[:foo:]",
+            b"[.a.]",
+            b"[.ab.]",
+            b"[=a=]",
+            b"[!",
+            b"[^",
+            b"a-z",
+            b"[:",
+            b"[.",
+            b"[=",
+        ];
+        let chars = b"ab-/.[]!^*?\\:=z0A ";
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let rounds = std::env::var("FNMATCH_ROUNDS").map_or(200_000, |r| r.parse().unwrap());
+        for _ in 0..rounds {
+            let pattern: Vec<u8> = (0..next(6))
+                .flat_map(|_| pieces[next(pieces.len())])
+                .copied()
+                .collect();
+            let value: Vec<u8> = (0..next(6)).map(|_| chars[next(chars.len())]).collect();
+            assert_eq!(
+                fnmatch(&pattern, &value),
+                libc_fnmatch(&pattern, &value),
+                "pattern {:?} value {:?}",
+                String::from_utf8_lossy(&pattern),
+                String::from_utf8_lossy(&value)
+            );
+        }
+    }
+}

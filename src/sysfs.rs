@@ -1,0 +1,418 @@
+//! The sysfs tree under a root that is a parameter (`/sys`, or a fixture directory).
+//!
+//! Everything is read relative to a directory fd opened once, through paths built on the
+//! stack, so reading an attribute allocates nothing. A devpath (`/devices/...`) is joined to
+//! the root only after [`crate::uevent::devpath_is_safe`] accepted it, and attribute names
+//! come from checked rules, so no read leaves the tree through `..`.
+//!
+//! Semantics follow systemd's sd-device, which udev rules are written against: an attribute
+//! value loses its trailing newlines and stops at a NUL; a parent is the nearest ancestor
+//! directory that has a `uevent` file; `subsystem`, `driver` and `module` read as the name
+//! their link points to.
+
+use std::ffi::CStr;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::sys::stat::Mode;
+use nix::unistd::AccessFlags;
+
+use crate::uevent::devpath_is_safe;
+
+/// The most bytes read from one attribute: sysfs serves at most a page.
+pub const MAX_ATTR: usize = 4096;
+/// The longest relative path built (PATH_MAX).
+const MAX_PATH: usize = 4096;
+
+/// An attribute could not be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttrError {
+    /// No such attribute (or the device is gone).
+    Missing,
+    /// It exists but could not be read (write-only, a directory, I/O error).
+    Unreadable(Errno),
+    /// The devpath and name do not fit in PATH_MAX, or are not a safe relative path.
+    BadPath,
+}
+
+impl fmt::Display for AttrError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttrError::Missing => f.write_str("no such attribute"),
+            AttrError::Unreadable(e) => write!(f, "unreadable: {}", e.desc()),
+            AttrError::BadPath => f.write_str("path too long or unsafe"),
+        }
+    }
+}
+
+/// A sysfs tree.
+#[derive(Debug)]
+pub struct Sysfs {
+    root: PathBuf,
+    dir: OwnedFd,
+    reads: AtomicU64,
+}
+
+impl Sysfs {
+    /// Opens the tree at `root` (normally `/sys`).
+    pub fn new(root: impl Into<PathBuf>) -> io::Result<Sysfs> {
+        let root = root.into();
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let dir = nix::fcntl::open(&root, flags, Mode::empty()).map_err(|e| {
+            let kind = io::Error::from(e).kind();
+            io::Error::new(kind, format!("{}: {}", root.display(), e.desc()))
+        })?;
+        Ok(Sysfs {
+            root,
+            dir,
+            reads: AtomicU64::new(0),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// How many attribute and link reads this tree has served (for benchmarks).
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Reads attribute `name` of the device at `devpath` into `buf`, as sd-device does:
+    /// trailing newlines removed, cut at the first NUL. Link attributes (`driver`,
+    /// `subsystem`, `module`) read as the basename of their target.
+    pub fn attr<'b>(
+        &self,
+        devpath: &str,
+        name: &str,
+        buf: &'b mut [u8; MAX_ATTR],
+    ) -> Result<&'b [u8], AttrError> {
+        if matches!(name, "driver" | "subsystem" | "module") {
+            return self.link(devpath, name, buf).ok_or(AttrError::Missing);
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let fd = self.open(devpath, name, OFlag::O_RDONLY | OFlag::O_NONBLOCK)?;
+        let mut len = 0;
+        while len < buf.len() {
+            match nix::unistd::read(fd.as_fd(), &mut buf[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(AttrError::Unreadable(e)),
+            }
+        }
+        let mut value = &buf[..len];
+        if let Some(nul) = value.iter().position(|&b| b == 0) {
+            value = &value[..nul];
+        }
+        while let [rest @ .., b'\n' | b'\r'] = value {
+            value = rest;
+        }
+        Ok(value)
+    }
+
+    /// The basename of the target of link `name` under `devpath` (`driver`, `subsystem`).
+    pub fn link<'b>(
+        &self,
+        devpath: &str,
+        name: &str,
+        buf: &'b mut [u8; MAX_ATTR],
+    ) -> Option<&'b [u8]> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let mut path = [0u8; MAX_PATH];
+        let cpath = rel_path(&mut path, devpath, name).ok()?;
+        // SAFETY: `cpath` is NUL-terminated and lives across the call; `buf` is writable for
+        // `buf.len()` bytes and readlinkat writes at most that many; `self.dir` is an open fd.
+        let n = unsafe {
+            nix::libc::readlinkat(
+                std::os::fd::AsRawFd::as_raw_fd(&self.dir),
+                cpath.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        let n = usize::try_from(n)
+            .ok()
+            .filter(|&n| n > 0 && n < buf.len())?;
+        let target = &buf[..n];
+        let start = target.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
+        Some(&target[start..])
+    }
+
+    /// True if `devpath/name` exists.
+    pub fn exists(&self, devpath: &str, name: &str) -> bool {
+        let mut path = [0u8; MAX_PATH];
+        let Ok(cpath) = rel_path(&mut path, devpath, name) else {
+            return false;
+        };
+        nix::unistd::faccessat(&self.dir, cpath, AccessFlags::F_OK, AtFlags::empty()).is_ok()
+    }
+
+    /// The nearest ancestor of `devpath` that is a device (has a `uevent` file), as
+    /// sd_device_get_parent walks; None at the top of `/devices`.
+    pub fn parent<'d>(&self, devpath: &'d str) -> Option<&'d str> {
+        let mut path = devpath;
+        loop {
+            path = &path[..path.rfind('/')?];
+            if path.is_empty() || path == "/devices" {
+                return None;
+            }
+            if self.exists(path, "uevent") {
+                return Some(path);
+            }
+        }
+    }
+
+    /// The contents of the device's `uevent` file (for coldplug and identity).
+    pub fn uevent_file(&self, devpath: &str) -> Result<Vec<u8>, AttrError> {
+        let fd = self.open(devpath, "uevent", OFlag::O_RDONLY)?;
+        let mut out = Vec::new();
+        let mut file = std::fs::File::from(fd);
+        io::Read::read_to_end(&mut file, &mut out)
+            .map_err(|e| AttrError::Unreadable(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+        Ok(out)
+    }
+
+    /// Opens `devpath/name` relative to the root.
+    fn open(&self, devpath: &str, name: &str, flags: OFlag) -> Result<OwnedFd, AttrError> {
+        let mut path = [0u8; MAX_PATH];
+        let cpath = rel_path(&mut path, devpath, name)?;
+        let flags = flags | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
+        openat(&self.dir, cpath, flags, Mode::empty()).map_err(|e| match e {
+            Errno::ENOENT | Errno::ENOTDIR => AttrError::Missing,
+            e => AttrError::Unreadable(e),
+        })
+    }
+
+    /// Every device that can be attached: block devices (`class/block`) and USB devices
+    /// (`bus/usb/devices`, without interfaces), as devpaths, sorted.
+    pub fn scan(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for (dir, keep) in [("class/block", None), ("bus/usb/devices", Some(':'))] {
+            let Ok(entries) = std::fs::read_dir(self.root.join(dir)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if keep.is_some_and(|c| name.contains(c)) {
+                    continue;
+                }
+                if let Some(devpath) = self.devpath_of_link(&entry.path()) {
+                    found.push(devpath);
+                }
+            }
+        }
+        found.sort();
+        found.dedup();
+        found
+    }
+
+    /// Resolves a user's name for a device: `sda`, `/dev/sda`, a bus id `2-1`, a devpath
+    /// `/devices/...` or a path `/sys/devices/...`.
+    pub fn resolve(&self, name: &str) -> Option<String> {
+        let name = name.strip_prefix("/dev/").unwrap_or(name);
+        if let Some(rel) = Path::new(name)
+            .strip_prefix(&self.root)
+            .ok()
+            .and_then(Path::to_str)
+        {
+            let devpath = format!("/{}", rel.trim_start_matches('/'));
+            return (devpath_is_safe(&devpath) && self.exists(&devpath, "uevent"))
+                .then_some(devpath);
+        }
+        if name.starts_with("/devices/") {
+            return (devpath_is_safe(name) && self.exists(name, "uevent")).then(|| name.to_owned());
+        }
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return None;
+        }
+        ["class/block", "bus/usb/devices"]
+            .iter()
+            .find_map(|dir| self.devpath_of_link(&self.root.join(dir).join(name)))
+    }
+
+    /// The devpath a `class/...` or `bus/.../devices` link points to.
+    fn devpath_of_link(&self, link: &Path) -> Option<String> {
+        let target = std::fs::canonicalize(link).ok()?;
+        let root = std::fs::canonicalize(&self.root).ok()?;
+        let rel = target.strip_prefix(root).ok()?.to_str()?;
+        let devpath = format!("/{rel}");
+        (devpath_is_safe(&devpath) && devpath.starts_with("/devices/")).then_some(devpath)
+    }
+
+    /// What is known of a device, for logs, `list` and `test`. Reads freely (allocates):
+    /// used for matched devices and commands, not on the per-event path.
+    pub fn identity(&self, devpath: &str) -> Identity {
+        let mut buf = [0u8; MAX_ATTR];
+        let text = |dp: &str, name: &str, buf: &mut [u8; MAX_ATTR]| {
+            self.attr(dp, name, buf).ok().map(<[u8]>::to_vec)
+        };
+        let uevent = self.uevent_file(devpath).unwrap_or_default();
+        let prop = |key: &str| {
+            uevent
+                .split(|&b| b == b'\n')
+                .find_map(|l| l.strip_prefix(key.as_bytes())?.strip_prefix(b"="))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let subsystem = self
+            .link(devpath, "subsystem", &mut buf)
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .unwrap_or_default();
+        let devtype = prop("DEVTYPE").unwrap_or_default();
+        let block = (subsystem == "block").then(|| BlockId {
+            name: prop("DEVNAME").unwrap_or_else(|| crate::uevent::kernel_name(devpath).to_owned()),
+            size: text(devpath, "size", &mut buf)
+                .and_then(|s| String::from_utf8(s).ok()?.trim().parse().ok())
+                .unwrap_or(0),
+        });
+        let usb = self.usb_device_of(devpath).map(|dp| UsbId {
+            busid: crate::uevent::kernel_name(&dp).to_owned(),
+            vendor: text(&dp, "idVendor", &mut buf).unwrap_or_default(),
+            product_id: text(&dp, "idProduct", &mut buf).unwrap_or_default(),
+            serial: text(&dp, "serial", &mut buf),
+            manufacturer: text(&dp, "manufacturer", &mut buf),
+            product: text(&dp, "product", &mut buf),
+            interfaces: self.usb_interfaces(&dp),
+            devpath: dp,
+        });
+        Identity {
+            devpath: devpath.to_owned(),
+            subsystem,
+            devtype,
+            block,
+            usb,
+        }
+    }
+
+    /// The USB device (`usb_device`) at or above `devpath`, if any.
+    pub fn usb_device_of(&self, devpath: &str) -> Option<String> {
+        let mut buf = [0u8; MAX_ATTR];
+        let mut at = Some(devpath);
+        while let Some(dp) = at {
+            if self.link(dp, "subsystem", &mut buf) == Some(b"usb") && self.exists(dp, "idVendor") {
+                return Some(dp.to_owned());
+            }
+            at = self.parent(dp);
+        }
+        None
+    }
+
+    /// udev's ID_USB_INTERFACES: `:ccsspp:` for each distinct interface of the device.
+    pub fn usb_interfaces(&self, usb_devpath: &str) -> String {
+        let mut out = String::from(":");
+        let Ok(entries) = std::fs::read_dir(self.root.join(&usb_devpath[1..])) else {
+            return String::new();
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|n| n.contains(':'))
+            .collect();
+        names.sort();
+        let mut buf = [0u8; MAX_ATTR];
+        for name in names {
+            let dp = format!("{usb_devpath}/{name}");
+            let mut triple = String::new();
+            for attr in [
+                "bInterfaceClass",
+                "bInterfaceSubClass",
+                "bInterfaceProtocol",
+            ] {
+                match self.attr(&dp, attr, &mut buf) {
+                    Ok(v) if v.len() == 2 && v.iter().all(u8::is_ascii_hexdigit) => {
+                        triple.push_str(&String::from_utf8_lossy(v).to_ascii_lowercase())
+                    }
+                    _ => break,
+                }
+            }
+            if triple.len() == 6 && !out.contains(&format!(":{triple}:")) {
+                out.push_str(&triple);
+                out.push(':');
+            }
+        }
+        if out.len() == 1 { String::new() } else { out }
+    }
+}
+
+/// Builds `devpath/name` (without the leading `/`) NUL-terminated in `buf`.
+fn rel_path<'b>(
+    buf: &'b mut [u8; MAX_PATH],
+    devpath: &str,
+    name: &str,
+) -> Result<&'b CStr, AttrError> {
+    let devpath = devpath.strip_prefix('/').ok_or(AttrError::BadPath)?;
+    let len = devpath.len() + 1 + name.len();
+    if len >= buf.len() || name.is_empty() || name.starts_with('/') || name.contains('\0') {
+        return Err(AttrError::BadPath);
+    }
+    buf[..devpath.len()].copy_from_slice(devpath.as_bytes());
+    buf[devpath.len()] = b'/';
+    buf[devpath.len() + 1..len].copy_from_slice(name.as_bytes());
+    buf[len] = 0;
+    CStr::from_bytes_with_nul(&buf[..=len]).map_err(|_| AttrError::BadPath)
+}
+
+/// A device's identity, for people.
+#[derive(Clone, Debug, Default)]
+pub struct Identity {
+    pub devpath: String,
+    pub subsystem: String,
+    pub devtype: String,
+    pub block: Option<BlockId>,
+    pub usb: Option<UsbId>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BlockId {
+    /// The device node name under /dev (`sdb1`).
+    pub name: String,
+    /// Size in 512-byte sectors (0: no media).
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct UsbId {
+    pub devpath: String,
+    /// The USB bus id (`2-1.4`): the usb_device's kernel name.
+    pub busid: String,
+    pub vendor: Vec<u8>,
+    pub product_id: Vec<u8>,
+    pub serial: Option<Vec<u8>>,
+    pub manufacturer: Option<Vec<u8>>,
+    pub product: Option<Vec<u8>>,
+    /// udev's ID_USB_INTERFACES form, `:080650:`.
+    pub interfaces: String,
+}
+
+impl fmt::Display for Identity {
+    /// `sdb1 46f4:0001 "QEMU" "QEMU USB HARDDRIVE" serial "ABC123"`, every device string
+    /// escaped (see [`crate::log::Escaped`]).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use crate::log::Escaped;
+        match (&self.block, &self.usb) {
+            (Some(b), _) => write!(f, "{}", Escaped(b.name.as_bytes()))?,
+            (None, Some(u)) => write!(f, "usb {}", Escaped(u.busid.as_bytes()))?,
+            (None, None) => write!(
+                f,
+                "{}",
+                Escaped(crate::uevent::kernel_name(&self.devpath).as_bytes())
+            )?,
+        }
+        if let Some(u) = &self.usb {
+            write!(f, " {}:{}", Escaped(&u.vendor), Escaped(&u.product_id))?;
+            for s in [&u.manufacturer, &u.product].into_iter().flatten() {
+                write!(f, " \"{}\"", Escaped(s))?;
+            }
+            if let Some(s) = &u.serial {
+                write!(f, " serial \"{}\"", Escaped(s))?;
+            }
+        }
+        Ok(())
+    }
+}
