@@ -333,6 +333,15 @@ setup_cases() {
 	call Other work+__+sda
 	svc=$keep
 	check "refuse 64: installed under an unknown service name" 64 ""
+	reset; running work; expose block sys-usb:sda; cp "$root/dom0/autoattach.conf" "$STATE/autoattach.conf"
+	call Attach work+__+sda
+	check "refuse 68: the shipped allowlist allows nothing" 68 ""
+	if grep -q malformed "$STATE/log"; then fail "the shipped allowlist has no malformed line" "$(grep malformed "$STATE/log")"
+	else pass "the shipped allowlist has no malformed line"; fi
+	reset; running work vault; expose block sys-usb:sda
+	sed 's/^#sys-usb/sys-usb/' "$root/dom0/autoattach.conf" >"$STATE/autoattach.conf"
+	call Attach work+__+sda
+	check "attach: the shipped examples, uncommented, work" 0 "$Q;$R;$LS;$LW;$AT"
 	reset; running work; expose block sys-usb:sda; WAIT=abc
 	call Attach work+__+sda
 	check "refuse 64: AUTOATTACH_WAIT not a number" 64 ""
@@ -383,6 +392,15 @@ for f in "$root"/dom0/policy-r4.0/*; do
 		pass "${f#"$root"/} parses (R4.0 grammar)"
 	else fail "${f#"$root"/}" "$out"; fi
 done
+
+# The SHA-256 list in dom0/README.md, which users compare their copies with, is current.
+fence='```'
+sums=$(sed -n "/^${fence}sha256\$/,/^${fence}\$/p" "$root/dom0/README.md" | grep -E '^[0-9a-f]{64}  ' || :)
+if [ "$(printf '%s\n' "$sums" | grep -c .)" -ne 5 ]; then
+	fail "dom0/README.md hashes" "want 5 lines in the sha256 block"
+elif out=$(cd "$root/dom0" && printf '%s\n' "$sums" | sha256sum -c --quiet 2>&1); then
+	pass "dom0/README.md lists the current SHA-256 of each file"
+else fail "dom0/README.md hashes" "stale: $out"; fi
 
 # Mutation: with the allowlist check taken out of the service, this suite must fail.
 if [ -z "${AUTOATTACH_MUTANT:-}" ]; then
