@@ -33,8 +33,21 @@ say() { printf '%s\n' "$*"; }
 pass() { passed=$((passed + 1)); say "ok   $label: $1"; }
 fail() { failed=$((failed + 1)); say "FAIL $label: $1: $2"; }
 
-# A fresh Qubes: dom0 and sys-usb run; work, vault, personal and gone-from-conf exist
-# but are halted; `gone` is listed in the allowlist but does not exist.
+# need COMMAND PACKAGE: install PACKAGE with apt-get if COMMAND is missing (fresh CI machines).
+need() {
+	command -v "$1" >/dev/null && return 0
+	[ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return 0
+	say "installing $2 (for $1)"
+	apt-get -o DPkg::Lock::Timeout=600 install -y -q "$2" >/dev/null 2>&1 ||
+		{ apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null 2>&1 &&
+			apt-get -o DPkg::Lock::Timeout=600 install -y -q "$2" >/dev/null 2>&1; } || :
+}
+need shellcheck shellcheck
+need dash dash
+need python3 python3
+
+# A fresh Qubes: dom0, sys-usb and sys-net run; work, vault and personal exist but are
+# halted; `gone` is in the allowlist but does not exist. Polls are fast, the bound 5 s.
 reset() {
 	rm -rf "$STATE"
 	mkdir -p "$STATE"
@@ -101,7 +114,7 @@ check_calls() {
 hygiene() {
 	if grep -q UNSAFE "$STATE/log"; then fail "$1" "raw bytes reached logger"
 	elif ! grep -q '^logger -t autoattach -- ' "$STATE/log"; then fail "$1" "nothing logged"
-	elif [ -s "$tmp/stdout" ]; then fail "$1" "wrote on stdout (the caller's stdin)"
+	elif [ -s "$tmp/stdout" ]; then fail "$1" "wrote on stdout (which qrexec sends to the caller)"
 	elif grep -q '[^ -~]' "$tmp/stderr"; then fail "$1" "raw bytes on stderr"
 	else return 0; fi
 	return 1
@@ -383,6 +396,7 @@ fi
 
 # Policy files: a structural check against qrexec's grammar (tests/dom0/policy_check.py
 # says what it checks and where the grammar comes from), and its own self-test.
+command -v python3 >/dev/null || fail "policy checks" "python3 is not installed"
 if out=$(python3 "$here/policy_check.py" --self-test 2>&1); then pass "policy checker rejects known-bad lines"; else fail "policy checker self-test" "$out"; fi
 if out=$(python3 "$here/policy_check.py" --new "$root/dom0/30-autoattach.policy" 2>&1); then
 	pass "dom0/30-autoattach.policy parses (R4.1+ grammar)"
