@@ -10,7 +10,10 @@ pub mod uevent;
 #[macro_use]
 pub mod log;
 pub mod names;
+pub mod netlink;
+pub mod readiness;
 pub mod rules;
+pub mod spawn;
 pub mod sysfs;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -1307,7 +1307,7 @@ pub fn show_value(out: &mut String, value: Option<&[u8]>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{STICK_DISK, STICK_PART, STICK_USB, Tree, datagram};
+    use crate::testing::{STICK_DISK, STICK_PART, Tree, datagram};
 
     fn errors(text: &str) -> Vec<String> {
         parse("rules", text)

@@ -1,0 +1,384 @@
+//! Detached children: `qrexec-client-vm dom0 SERVICE+ARG`, with no shell anywhere.
+//!
+//! A child is started with `posix_spawn` (glibc runs it as clone(CLONE_VM|CLONE_VFORK): no
+//! copy of the agent's memory, and an exec failure comes back as an error here instead of a
+//! child that exits 127). Everything is prepared before the call: argv and envp are built
+//! from checked names, and the attributes ask for
+//! - its own session (POSIX_SPAWN_SETSID): no controlling terminal, not in the agent's
+//!   process group, so signals sent to the agent's group do not reach it;
+//! - an empty signal mask and default dispositions for every signal (the agent blocks
+//!   SIGCHLD/SIGHUP/SIGTERM/SIGINT for its signalfd, and Rust ignores SIGPIPE: neither may
+//!   leak into the child);
+//! - stdin, stdout and stderr on /dev/null.
+//!
+//! No other fd is inherited: the agent opens everything with O_CLOEXEC, and
+//! [`cloexec_inherited_fds`] marks whatever it inherited from its own parent at startup.
+//!
+//! The loop never waits for a child: [`Children::reap`] is called on SIGCHLD and collects
+//! exited children with `waitpid(pid, WNOHANG)`, per pid (so children of probe threads, such
+//! as qubesdb-read, are left to their own waiters). A child still running after a bound is
+//! logged once and left alone: it is detached, and dom0 may be waiting for the user.
+
+use std::ffi::{CStr, CString};
+use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::stat::Mode;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+/// Starts detached children of one program.
+#[derive(Debug)]
+pub struct Spawner {
+    program: CString,
+    envp: Vec<CString>,
+}
+
+impl Spawner {
+    /// A spawner for `program`; `envp` is the environment every child gets.
+    pub fn new(program: &Path, envp: Vec<CString>) -> Spawner {
+        Spawner {
+            program: CString::new(program.as_os_str().as_bytes()).unwrap_or_default(),
+            envp,
+        }
+    }
+
+    /// The current environment, captured once so children get it without touching `environ`
+    /// later.
+    pub fn current_env() -> Vec<CString> {
+        std::env::vars_os()
+            .filter_map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                CString::new(kv).ok()
+            })
+            .collect()
+    }
+
+    pub fn program(&self) -> &CStr {
+        &self.program
+    }
+
+    /// Starts `program args...` detached. Returns when the child has exec'd (or failed to).
+    pub fn spawn(&self, args: &[&CStr]) -> Result<Pid, Errno> {
+        let mut argv: Vec<&CStr> = Vec::with_capacity(args.len() + 1);
+        argv.push(&self.program);
+        argv.extend_from_slice(args);
+
+        let mut attr = PosixSpawnAttr::init()?;
+        // SETSID has no nix constant: it is glibc's (2.26+) and musl's 0x80.
+        let setsid = PosixSpawnFlags::from_bits_retain(nix::libc::POSIX_SPAWN_SETSID as _);
+        attr.set_flags(
+            PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
+                | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF
+                | setsid,
+        )?;
+        attr.set_sigmask(&SigSet::empty())?;
+        attr.set_sigdefault(&every_signal())?;
+
+        let mut actions = PosixSpawnFileActions::init()?;
+        let null = c"/dev/null";
+        actions.add_open(0, null, OFlag::O_RDONLY, Mode::empty())?;
+        actions.add_open(1, null, OFlag::O_WRONLY, Mode::empty())?;
+        actions.add_dup2(1, 2)?;
+
+        posix_spawn(self.program.as_c_str(), &actions, &attr, &argv, &self.envp)
+    }
+}
+
+/// Every signal. (glibc's posix_spawn still leaves its two internal signals, 32 and 33,
+/// ignored in the child whatever this set says, as for every posix_spawn and Rust's
+/// `std::process::Command`; programs never use those two.)
+fn every_signal() -> SigSet {
+    let mut raw = std::mem::MaybeUninit::<nix::libc::sigset_t>::uninit();
+    // SAFETY: sigfillset initialises the whole sigset_t it is given.
+    unsafe { nix::libc::sigfillset(raw.as_mut_ptr()) };
+    // SAFETY: `raw` was initialised by sigfillset just above.
+    unsafe { SigSet::from_sigset_t_unchecked(raw.assume_init()) }
+}
+
+/// Finds `name` in PATH (or takes it as is if it has a `/`). None if no executable file.
+pub fn find_program(name: &Path) -> Option<PathBuf> {
+    let executable = |p: &Path| {
+        p.metadata().is_ok_and(|m| m.is_file())
+            && nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_ok()
+    };
+    if name.as_os_str().as_bytes().contains(&b'/') {
+        return executable(name).then(|| name.to_owned());
+    }
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| executable(p))
+}
+
+/// Marks every fd above 2 close-on-exec, so nothing the agent inherited reaches a child.
+pub fn cloexec_inherited_fds() -> std::io::Result<()> {
+    // SAFETY: close_range only changes flags of the calling process's fds; the arguments are
+    // plain integers.
+    let rc = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            nix::libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    // Kernels before 5.11: walk /proc/self/fd.
+    for entry in std::fs::read_dir("/proc/self/fd")?.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if fd > 2 {
+            // SAFETY: F_SETFD on an fd number only sets a flag; a number that is no longer open
+            // (the directory's own fd) just fails with EBADF.
+            unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC) };
+        }
+    }
+    Ok(())
+}
+
+/// A child the agent started.
+#[derive(Debug)]
+pub struct Child {
+    pub pid: Pid,
+    /// What it does, for logs (`custom.USBDeviceAttach+work+__+sdb1`).
+    pub call: String,
+    /// The device, for logs.
+    pub device: String,
+    pub started: u64,
+    overdue: bool,
+}
+
+/// How a child ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(Signal),
+}
+
+impl Exit {
+    /// What the exit status of `qrexec-client-vm dom0 custom.USBDeviceAttach+...` means.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Exit::Code(0) => "done (attached)",
+            Exit::Code(126) => "refused by dom0's qrexec policy",
+            Exit::Code(125) => "qrexec failure (service missing in dom0, or qrexec unavailable)",
+            Exit::Code(127) => "qrexec-client-vm could not run the call",
+            Exit::Code(64) => "dom0 handler: malformed request",
+            Exit::Code(65) => "dom0 handler: bad qube name, or target is dom0 or the source",
+            Exit::Code(66) => "dom0 handler: bad device name",
+            Exit::Code(67) => "dom0 handler: no such target qube",
+            Exit::Code(68) => {
+                "dom0 handler: not in the dom0 allowlist (/etc/qubes/autoattach.conf)"
+            }
+            Exit::Code(69) => "dom0 handler: target qube not running and not started",
+            Exit::Code(70) => "dom0 handler: sys-usb did not expose the device in time",
+            Exit::Code(71) => "dom0 handler: device already attached to another qube",
+            Exit::Code(72) => "dom0 handler: qvm-block/qvm-usb attach failed",
+            Exit::Code(_) => "the dom0 service's own exit code",
+            Exit::Signal(_) => "killed by a signal",
+        }
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit {c}: {}", self.meaning()),
+            Exit::Signal(s) => write!(f, "signal {s}: {}", self.meaning()),
+        }
+    }
+}
+
+/// Children in flight.
+#[derive(Debug, Default)]
+pub struct Children {
+    list: Vec<Child>,
+}
+
+impl Children {
+    pub fn add(&mut self, pid: Pid, call: String, device: String, now: u64) {
+        self.list.push(Child {
+            pid,
+            call,
+            device,
+            started: now,
+            overdue: false,
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Collects every child that has exited, without blocking.
+    pub fn reap(&mut self) -> Vec<(Child, Exit)> {
+        let mut done = Vec::new();
+        let mut i = 0;
+        while i < self.list.len() {
+            let exit = match waitpid(self.list[i].pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => Some(Exit::Code(code)),
+                Ok(WaitStatus::Signaled(_, signal, _)) => Some(Exit::Signal(signal)),
+                // Not ours any more (reaped elsewhere): forget it.
+                Err(Errno::ECHILD) => Some(Exit::Code(-1)),
+                _ => None,
+            };
+            match exit {
+                Some(exit) => done.push((self.list.swap_remove(i), exit)),
+                None => i += 1,
+            }
+        }
+        done
+    }
+
+    /// Children that have now run longer than `bound` (each reported once).
+    pub fn overdue(&mut self, now: u64, bound: Duration) -> Vec<&Child> {
+        let bound = bound.as_millis() as u64;
+        self.list
+            .iter_mut()
+            .filter(|c| !c.overdue && now.saturating_sub(c.started) >= bound)
+            .map(|c| {
+                c.overdue = true;
+                &*c
+            })
+            .collect()
+    }
+
+    /// When the next child becomes overdue.
+    pub fn next_overdue(&self, bound: Duration) -> Option<u64> {
+        self.list
+            .iter()
+            .filter(|c| !c.overdue)
+            .map(|c| c.started + bound.as_millis() as u64)
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_exit(children: &mut Children) -> Exit {
+        for _ in 0..500 {
+            if let Some((_, exit)) = children.reap().pop() {
+                return exit;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("child did not exit");
+    }
+
+    /// The child runs in its own session with exactly our argv, fds 0-2 on /dev/null and
+    /// nothing else, an empty signal mask and default dispositions. Observed from outside,
+    /// through /proc, while it sleeps.
+    #[test]
+    fn children_are_detached_and_clean() {
+        // An inherited fd without CLOEXEC must not reach the child once marked.
+        let leak = nix::fcntl::open("/dev/null", OFlag::O_RDONLY, Mode::empty()).unwrap();
+        cloexec_inherited_fds().unwrap();
+        let spawner = Spawner::new(Path::new("/bin/sleep"), Spawner::current_env());
+        let pid = spawner.spawn(&[c"5"]).unwrap();
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        // posix_spawn returns when the child releases our memory, a moment before the new
+        // image's cmdline is readable.
+        let mut cmdline = Vec::new();
+        for _ in 0..1000 {
+            cmdline = std::fs::read(proc.join("cmdline")).unwrap();
+            if !cmdline.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(cmdline, b"/bin/sleep\05\0");
+        let mut fds: Vec<String> = std::fs::read_dir(proc.join("fd"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().into_string().unwrap())
+            .collect();
+        fds.sort();
+        assert_eq!(fds, ["0", "1", "2"]);
+        for fd in 0..3 {
+            assert_eq!(
+                std::fs::read_link(proc.join(format!("fd/{fd}"))).unwrap(),
+                Path::new("/dev/null")
+            );
+        }
+        let status = std::fs::read_to_string(proc.join("status")).unwrap();
+        let field = |name: &str| {
+            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+            u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
+        };
+        assert_eq!(field("SigBlk:"), 0);
+        // Nothing ignored but glibc's internal signals 32 and 33 (see every_signal); in
+        // particular not SIGPIPE, which Rust ignores in the agent.
+        assert_eq!(field("SigIgn:") & !(3 << 31), 0);
+        let stat = std::fs::read_to_string(proc.join("stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            fields[3],
+            pid.to_string(),
+            "session id is its own pid: {stat}"
+        );
+        assert_eq!(
+            fields[2],
+            pid.to_string(),
+            "process group is its own: {stat}"
+        );
+        nix::sys::signal::kill(pid, Signal::SIGKILL).unwrap();
+        let mut children = Children::default();
+        children.add(pid, "call".into(), "sdb1".into(), 0);
+        assert_eq!(wait_exit(&mut children), Exit::Signal(Signal::SIGKILL));
+        drop(leak);
+    }
+
+    #[test]
+    fn exec_failure_is_an_error_not_a_child() {
+        let spawner = Spawner::new(Path::new("/nonexistent/qrexec-client-vm"), Vec::new());
+        assert_eq!(spawner.spawn(&[c"dom0"]).unwrap_err(), Errno::ENOENT);
+    }
+
+    #[test]
+    fn exit_codes_are_explained_and_overdue_children_reported_once() {
+        let spawner = Spawner::new(Path::new("/bin/sh"), Vec::new());
+        let mut children = Children::default();
+        let pid = spawner.spawn(&[c"-c", c"exit 126"]).unwrap();
+        children.add(pid, "c".into(), "d".into(), 0);
+        let exit = wait_exit(&mut children);
+        assert_eq!(
+            exit.to_string(),
+            "exit 126: refused by dom0's qrexec policy"
+        );
+        let pid = spawner.spawn(&[c"-c", c"sleep 0.5"]).unwrap();
+        children.add(pid, "c".into(), "d".into(), 1000);
+        assert_eq!(children.next_overdue(Duration::from_secs(1)), Some(2000));
+        assert!(children.overdue(1500, Duration::from_secs(1)).is_empty());
+        assert_eq!(children.overdue(2500, Duration::from_secs(1)).len(), 1);
+        assert!(children.overdue(3500, Duration::from_secs(1)).is_empty());
+        assert_eq!(wait_exit(&mut children), Exit::Code(0));
+    }
+}
