@@ -113,6 +113,7 @@ required_lines=(
     "AmbientCapabilities=CAP_NET_ADMIN"
     "NoNewPrivileges=yes"
     "ProtectSystem=strict"
+    "ReadOnlyPaths=/run /dev"
     "ProtectHome=yes"
     "InaccessiblePaths=-/rw/home"
     "PrivateTmp=yes"
@@ -223,7 +224,6 @@ expected=(
     "/usr/share/doc/autoattach/examples/backup-disk.rules -rw-r--r--"
     "/usr/share/doc/autoattach/examples/security-key.rules -rw-r--r--"
     "/usr/share/autoattach/dom0 drwxr-xr-x"
-    "/usr/share/autoattach/dom0/README -rw-r--r--"
     "/usr/share/autoattach/dom0/SHA256SUMS -rw-r--r--"
 )
 dom0_files=$(make --no-print-directory -s print-dom0-files DOM0_DIR="$DOM0_DIR")
