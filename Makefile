@@ -4,6 +4,8 @@
 #   make install DESTDIR=/tmp/x PREFIX=/usr install into a staging root
 #   make deb rpm                           target/pkg/autoattach_*.deb, autoattach-*.rpm
 #   make check-packaging                   packaging/test.sh (unit, score, packages)
+#   make check-sandbox                     the unit run for real under a throwaway systemd
+#                                          (root; packaging/sandbox-test.sh)
 #
 # Packages are built from the tree that `make install` stages, with plain tools
 # (dpkg-deb, rpmbuild), so both hold the same files with the same modes.
@@ -22,10 +24,12 @@ CARGO ?= cargo
 BIN   ?= target/release/autoattach
 
 # The dom0 side travels in the packages so a user can copy it to dom0 from the
-# template. Every file listed here must exist, or install and the packages fail.
+# template (dom0/README.md says how, and expects these paths under $(DATADIR)/dom0).
+# Every file listed here must exist, or install and the packages fail.
 DOM0_DIR   ?= dom0
-DOM0_FILES ?= custom.USBDeviceAttach custom.USBDeviceDetach 30-autoattach.policy \
-              custom.USBDeviceAttach.policy-r4.0
+DOM0_FILES ?= README.md custom.USBDeviceAttach custom.USBDeviceDetach autoattach.conf \
+              30-autoattach.policy policy-r4.0/custom.USBDeviceAttach \
+              policy-r4.0/custom.USBDeviceDetach
 
 # Optional top-level documents, installed when present.
 DOCS ?= $(wildcard README.md LICENSE LICENSE.* COPYING)
@@ -34,8 +38,8 @@ VERSION := $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' Cargo.toml | head 
 PKGDIR  := target/pkg
 STAGE   := $(PKGDIR)/root
 
-.PHONY: all build install check-dom0 stage deb rpm packages check-packaging clean-packages \
-	print-dom0-files
+.PHONY: all build install check-dom0 stage deb rpm packages check-packaging check-sandbox \
+	clean-packages print-dom0-files
 
 all: build
 
@@ -75,9 +79,9 @@ install: check-dom0 $(BIN)
 	install -m 0644 packaging/minimal/README.md $(DESTDIR)$(DOCDIR)/README.minimal-templates.md
 	install -m 0644 packaging/examples/*.rules $(DESTDIR)$(DOCDIR)/examples/
 	for f in $(DOCS); do install -m 0644 "$$f" $(DESTDIR)$(DOCDIR)/; done
-	install -m 0644 packaging/dom0-README $(DESTDIR)$(DATADIR)/dom0/README
 	for f in $(DOM0_FILES); do \
 		src="$(DOM0_DIR)/$$f"; dst="$(DESTDIR)$(DATADIR)/dom0/$$f"; \
+		install -d -m 0755 "$$(dirname "$$dst")" || exit 1; \
 		if [ -L "$$src" ]; then cp -P "$$src" "$$dst"; \
 		elif [ -x "$$src" ]; then install -m 0755 "$$src" "$$dst"; \
 		else install -m 0644 "$$src" "$$dst"; fi || exit 1; \
@@ -100,6 +104,9 @@ packages: deb rpm
 
 check-packaging:
 	packaging/test.sh
+
+check-sandbox: stage
+	packaging/sandbox-test.sh $(STAGE)
 
 clean-packages:
 	rm -rf $(PKGDIR)
