@@ -1,19 +1,27 @@
 //! autoattach: attach trusted USB devices from the Qubes OS USB qube to a chosen qube.
 //!
 //! Read top to bottom: the kernel's event format ([`uevent`]), the socket it arrives on
-//! ([`netlink`]), the device tree it describes ([`sysfs`]), the rules that pick devices
-//! ([`rules`]), the names that may reach dom0 ([`names`]), readiness ([`readiness`]),
-//! detached children ([`spawn`]), and the loop that joins them ([`agent`]).
+//! ([`netlink`]), the device tree it describes ([`sysfs`]), globs ([`fnmatch`]) and the rules
+//! that pick devices ([`rules`]), the names that may reach dom0 ([`names`]), readiness
+//! ([`readiness`]), detached children ([`spawn`]), the loop that joins them ([`agent`]),
+//! fixtures ([`umockdev`], [`replay`]) and the command line ([`cli`]). `main.rs` only calls
+//! [`cli::main`].
 
-pub mod fnmatch;
-pub mod uevent;
 #[macro_use]
 pub mod log;
+
+pub mod agent;
+pub mod cli;
+pub mod fnmatch;
 pub mod names;
 pub mod netlink;
 pub mod readiness;
+pub mod replay;
 pub mod rules;
 pub mod spawn;
 pub mod sysfs;
+pub mod uevent;
+pub mod umockdev;
+
 #[cfg(test)]
 pub(crate) mod testing;
