@@ -161,23 +161,10 @@ impl Engine {
             Action::Remove => {
                 if let Some(entry) = self.devices.remove(event.devpath) {
                     match entry.state {
-                        State::Done { called: true }
-                            if entry.target.kind == Kind::Block && self.config.detach =>
-                        {
-                            info!(
-                                "{}: removed; detaching it from {}",
-                                entry.identity, entry.qube
-                            );
-                            if let Ok(call) = Call::new(
-                                DETACH_SERVICE,
-                                &entry.qube,
-                                Kind::Block,
-                                &entry.target.dev,
-                            ) {
-                                out.push(Effect::Call {
-                                    call,
-                                    device: entry.identity,
-                                });
+                        State::Done { called: true } if entry.target.kind == Kind::Block && self.config.detach => {
+                            info!("{}: removed; detaching it from {}", entry.identity, entry.qube);
+                            if let Ok(call) = Call::new(DETACH_SERVICE, &entry.qube, Kind::Block, &entry.target.dev) {
+                                out.push(Effect::Call { call, device: entry.identity });
                             }
                         }
                         State::Done { .. } => info!("{}: removed", entry.identity),
@@ -186,17 +173,13 @@ impl Engine {
                 }
             }
             Action::Move => {
-                let old = event
-                    .get("DEVPATH_OLD")
-                    .and_then(|old| self.devices.remove(old));
+                let old = event.get("DEVPATH_OLD").and_then(|old| self.devices.remove(old));
                 if let Some(mut entry) = old {
                     entry.target.devpath = event.devpath.to_owned();
                     self.devices.insert(event.devpath.into(), entry);
                 }
             }
-            Action::Add | Action::Change | Action::Bind | Action::Online => {
-                self.appear(sysfs, event, now, out)
-            }
+            Action::Add | Action::Change | Action::Bind | Action::Online => self.appear(sysfs, event, now, out),
             Action::Offline | Action::Unbind => {}
         }
     }
@@ -204,16 +187,12 @@ impl Engine {
     fn appear(&mut self, sysfs: &Sysfs, event: &Uevent<'_>, now: u64, out: &mut Vec<Effect>) {
         if let Some(entry) = self.devices.get_mut(event.devpath) {
             let generation = generation(event);
-            let replaced = event.action == Action::Add
-                && generation.is_some()
-                && generation != entry.generation.as_deref();
+            let replaced =
+                event.action == Action::Add && generation.is_some() && generation != entry.generation.as_deref();
             if !replaced {
                 return Self::update(entry, event, now, out);
             }
-            info!(
-                "{}: replaced by a new device at the same place (its removal was missed)",
-                entry.identity
-            );
+            info!("{}: replaced by a new device at the same place (its removal was missed)", entry.identity);
             self.devices.remove(event.devpath);
         }
         let Some(kind) = attachable(event) else {
@@ -228,11 +207,7 @@ impl Engine {
             Kind::Usb => event.kernel(),
         };
         let identity = sysfs.identity(event.devpath).to_string();
-        info!(
-            "{identity}: matches {} (ATTACH=\"{}\")",
-            rule.location(),
-            rule.attach
-        );
+        info!("{identity}: matches {} (ATTACH=\"{}\")", rule.location(), rule.attach);
         self.epochs += 1;
         let target = Target {
             kind,
@@ -242,10 +217,23 @@ impl Engine {
             bound: event.action == Action::Bind,
         };
         let timeout = rule.timeout.unwrap_or(self.config.timeout).as_millis() as u64;
-        out.push(Effect::Probe {
-            epoch: self.epochs,
-            target: target.clone(),
-        });
+        // A name that could never be sent is refused now, once, not after waiting for it.
+        let state = match Call::new(ATTACH_SERVICE, &rule.attach, kind, dev) {
+            Ok(_) => {
+                out.push(Effect::Probe { epoch: self.epochs, target: target.clone() });
+                State::Waiting {
+                    deadline: now + timeout,
+                    next: now,
+                    backoff: FIRST_BACKOFF,
+                    probing: true,
+                    again: false,
+                }
+            }
+            Err(e) => {
+                error!("{identity}: not attached: {e}");
+                State::Done { called: false }
+            }
+        };
         self.devices.insert(
             event.devpath.into(),
             Entry {
@@ -259,13 +247,7 @@ impl Engine {
                 timeout,
                 debounce: rule.debounce.unwrap_or(self.config.debounce).as_millis() as u64,
                 rate: rule.rate_limit.or(self.config.rate_limit),
-                state: State::Waiting {
-                    deadline: now + timeout,
-                    next: now,
-                    backoff: FIRST_BACKOFF,
-                    probing: true,
-                    again: false,
-                },
+                state,
             },
         );
     }
@@ -276,11 +258,7 @@ impl Engine {
             entry.target.bound = true;
         }
         match &mut entry.state {
-            State::Waiting {
-                probing: true,
-                again,
-                ..
-            } => *again = true,
+            State::Waiting { probing: true, again, .. } => *again = true,
             State::Waiting { next, .. } => *next = now,
             State::NoMedia | State::GaveUp => {
                 if event.media_change() {
@@ -293,46 +271,25 @@ impl Engine {
                     probing: true,
                     again: false,
                 };
-                out.push(Effect::Probe {
-                    epoch: entry.epoch,
-                    target: entry.target.clone(),
-                });
+                out.push(Effect::Probe { epoch: entry.epoch, target: entry.target.clone() });
             }
             State::Settling { .. } | State::Done { .. } => {}
         }
     }
 
     /// A probe's answer.
-    pub fn on_verdict(
-        &mut self,
-        epoch: u64,
-        devpath: &str,
-        verdict: Verdict,
-        now: u64,
-        out: &mut Vec<Effect>,
-    ) {
+    pub fn on_verdict(&mut self, epoch: u64, devpath: &str, verdict: Verdict, now: u64, out: &mut Vec<Effect>) {
         let Some(entry) = self.devices.get_mut(devpath).filter(|e| e.epoch == epoch) else {
             return;
         };
-        let State::Waiting {
-            deadline,
-            next,
-            backoff,
-            probing,
-            again,
-        } = &mut entry.state
-        else {
+        let State::Waiting { deadline, next, backoff, probing, again } = &mut entry.state else {
             return;
         };
         *probing = false;
         match verdict {
             Verdict::Ready if entry.debounce > 0 && now < entry.appeared + entry.debounce => {
                 let at = entry.appeared + entry.debounce;
-                info!(
-                    "{}: ready; debounce: calling in {} ms if it stays",
-                    entry.identity,
-                    at - now
-                );
+                info!("{}: ready; debounce: calling in {} ms if it stays", entry.identity, at - now);
                 entry.state = State::Settling { at };
             }
             Verdict::Ready => self.call(devpath, now, out),
@@ -387,18 +344,10 @@ impl Engine {
             }
             times.push_back(now);
         }
-        match Call::new(
-            ATTACH_SERVICE,
-            &entry.qube,
-            entry.target.kind,
-            &entry.target.dev,
-        ) {
+        match Call::new(ATTACH_SERVICE, &entry.qube, entry.target.kind, &entry.target.dev) {
             Ok(call) => {
                 entry.state = State::Done { called: true };
-                out.push(Effect::Call {
-                    call,
-                    device: entry.identity.clone(),
-                });
+                out.push(Effect::Call { call, device: entry.identity.clone() });
             }
             Err(e) => error!("{}: not attached: {e}", entry.identity),
         }
@@ -409,16 +358,9 @@ impl Engine {
         let mut settled = Vec::new();
         for (devpath, entry) in &mut self.devices {
             match &mut entry.state {
-                State::Waiting {
-                    next,
-                    probing: probing @ false,
-                    ..
-                } if *next <= now => {
+                State::Waiting { next, probing: probing @ false, .. } if *next <= now => {
                     *probing = true;
-                    out.push(Effect::Probe {
-                        epoch: entry.epoch,
-                        target: entry.target.clone(),
-                    });
+                    out.push(Effect::Probe { epoch: entry.epoch, target: entry.target.clone() });
                 }
                 State::Settling { at } if *at <= now => settled.push(devpath.clone()),
                 _ => {}
@@ -434,11 +376,7 @@ impl Engine {
         self.devices
             .values()
             .filter_map(|e| match e.state {
-                State::Waiting {
-                    next,
-                    probing: false,
-                    ..
-                } => Some(next),
+                State::Waiting { next, probing: false, .. } => Some(next),
                 State::Settling { at } => Some(at),
                 _ => None,
             })
@@ -449,18 +387,11 @@ impl Engine {
     /// forgotten, present ones not yet known are handled as new (`add`), replaced ones too.
     pub fn resync(&mut self, sysfs: &Sysfs, now: u64, out: &mut Vec<Effect>) -> usize {
         let present = sysfs.scan();
-        let vanished: Vec<Box<str>> = self
-            .devices
-            .keys()
-            .filter(|k| present.binary_search_by(|p| p.as_str().cmp(k)).is_err())
-            .cloned()
-            .collect();
+        let vanished: Vec<Box<str>> =
+            self.devices.keys().filter(|k| present.binary_search_by(|p| p.as_str().cmp(k)).is_err()).cloned().collect();
         for devpath in vanished {
             if let Some(entry) = self.devices.remove(&devpath) {
-                warning!(
-                    "{}: vanished while events were lost; forgotten",
-                    entry.identity
-                );
+                warning!("{}: vanished while events were lost; forgotten", entry.identity);
             }
         }
         for devpath in &present {
@@ -471,8 +402,7 @@ impl Engine {
                 continue;
             };
             if let Some(entry) = self.devices.get(devpath.as_str()) {
-                if generation(&event).is_none() || generation(&event) == entry.generation.as_deref()
-                {
+                if generation(&event).is_none() || generation(&event) == entry.generation.as_deref() {
                     continue;
                 }
             }
@@ -493,8 +423,7 @@ pub fn synthetic_add(sysfs: &Sysfs, devpath: &str) -> Option<Vec<u8>> {
     let uevent = sysfs.uevent_file(devpath).ok()?;
     let mut buf = [0u8; crate::sysfs::MAX_ATTR];
     let subsystem = sysfs.link(devpath, "subsystem", &mut buf)?.to_vec();
-    let mut datagram =
-        format!("add@{devpath}\0ACTION=add\0DEVPATH={devpath}\0SUBSYSTEM=").into_bytes();
+    let mut datagram = format!("add@{devpath}\0ACTION=add\0DEVPATH={devpath}\0SUBSYSTEM=").into_bytes();
     datagram.extend_from_slice(&subsystem);
     datagram.push(0);
     for line in uevent.split(|&b| b == b'\n').filter(|l| l.contains(&b'=')) {
@@ -585,18 +514,13 @@ impl Workers {
     fn start(prober: Arc<Prober>, count: usize) -> Result<Workers, Fatal> {
         let (jobs, job_rx) = mpsc::channel::<Job>();
         let (result_tx, results) = mpsc::channel();
-        let (wake, wake_tx) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-                .map_err(|e| fatal(EXIT_STARTUP)(format!("pipe: {}", e.desc())))?;
+        let (wake, wake_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(|e| fatal(EXIT_STARTUP)(format!("pipe: {}", e.desc())))?;
         let job_rx = Arc::new(Mutex::new(job_rx));
         let wake_tx = Arc::new(wake_tx);
         for n in 0..count.max(1) {
-            let (job_rx, result_tx, wake_tx, prober) = (
-                job_rx.clone(),
-                result_tx.clone(),
-                wake_tx.clone(),
-                prober.clone(),
-            );
+            let (job_rx, result_tx, wake_tx, prober) =
+                (job_rx.clone(), result_tx.clone(), wake_tx.clone(), prober.clone());
             std::thread::Builder::new()
                 .name(format!("probe-{n}"))
                 .spawn(move || {
@@ -609,14 +533,7 @@ impl Workers {
                             return;
                         };
                         let verdict = prober.check(&target);
-                        if result_tx
-                            .send(Outcome {
-                                epoch,
-                                devpath: target.devpath,
-                                verdict,
-                            })
-                            .is_err()
-                        {
+                        if result_tx.send(Outcome { epoch, devpath: target.devpath, verdict }).is_err() {
                             return;
                         }
                         let _ = nix::unistd::write(wake_tx.as_fd(), b"!");
@@ -624,11 +541,7 @@ impl Workers {
                 })
                 .map_err(|e| fatal(EXIT_STARTUP)(format!("cannot start probe threads: {e}")))?;
         }
-        Ok(Workers {
-            jobs,
-            results,
-            wake,
-        })
+        Ok(Workers { jobs, results, wake })
     }
 }
 
@@ -643,17 +556,10 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
 
     // Signals arrive on a signalfd; block them before any thread exists so all inherit that.
     let mut signals = SigSet::empty();
-    for s in [
-        Signal::SIGHUP,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGCHLD,
-    ] {
+    for s in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
         signals.add(s);
     }
-    signals
-        .thread_block()
-        .map_err(|e| fatal(EXIT_STARTUP)(format!("blocking signals: {}", e.desc())))?;
+    signals.thread_block().map_err(|e| fatal(EXIT_STARTUP)(format!("blocking signals: {}", e.desc())))?;
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| fatal(EXIT_STARTUP)(format!("signalfd: {}", e.desc())))?;
     if let Err(e) = crate::spawn::cloexec_inherited_fds() {
@@ -666,21 +572,13 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
     info!(
         "listening for kernel uevents (receive buffer {} KiB{})",
         granted / 1024,
-        if forced {
-            ""
-        } else {
-            ", capped by net.core.rmem_max: run with CAP_NET_ADMIN for a larger one"
-        }
+        if forced { "" } else { ", capped by net.core.rmem_max: run with CAP_NET_ADMIN for a larger one" }
     );
-    let sysfs =
-        Arc::new(Sysfs::new(&opts.sysfs).map_err(|e| fatal(EXIT_STARTUP)(format!("sysfs: {e}")))?);
+    let sysfs = Arc::new(Sysfs::new(&opts.sysfs).map_err(|e| fatal(EXIT_STARTUP)(format!("sysfs: {e}")))?);
 
     let parsed = (opts.load_rules.0)();
     if !report_rules(&parsed) {
-        return Err(fatal(EXIT_RULES)(format!(
-            "{} error(s) in the rules; nothing started",
-            parsed.errors.len()
-        )));
+        return Err(fatal(EXIT_RULES)(format!("{} error(s) in the rules; nothing started", parsed.errors.len())));
     }
     if parsed.set.is_empty() {
         warning!("no rules: nothing will be attached (see `autoattach check`)");
@@ -715,32 +613,16 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
     let mut refused = RefusalLog::default();
 
     let present = engine.resync(&sysfs, now(), &mut effects);
-    info!(
-        "coldplug: {present} device(s) present, {} matched",
-        engine.tracked()
-    );
+    info!("coldplug: {present} device(s) present, {} matched", engine.tracked());
 
     loop {
-        perform(
-            &mut effects,
-            &workers,
-            &spawner,
-            &client_name,
-            opts.dry_run,
-            &mut children,
-            now(),
-        );
-        let wake = [
-            engine.next_wake(),
-            children.next_overdue(opts.child_bound),
-            refused.next_report(),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        perform(&mut effects, &workers, &spawner, &client_name, opts.dry_run, &mut children, now());
+        let wake = [engine.next_wake(), children.next_overdue(opts.child_bound), refused.next_report()]
+            .into_iter()
+            .flatten()
+            .min();
         let timeout = match wake {
-            Some(at) => PollTimeout::try_from(at.saturating_sub(now()).min(60_000) as i32)
-                .unwrap_or(PollTimeout::MAX),
+            Some(at) => PollTimeout::try_from(at.saturating_sub(now()).min(60_000) as i32).unwrap_or(PollTimeout::MAX),
             None => PollTimeout::NONE,
         };
         let mut fds = [
@@ -764,14 +646,11 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
                         Err(e) => warning!("dropped a malformed uevent: {e}"),
                     },
                     Ok(Received::Refused(sender)) => refused.note(sender, now()),
-                    Ok(Received::Truncated(len)) => warning!(
-                        "dropped a uevent of {len} bytes: larger than the {} byte buffer",
-                        buf.len()
-                    ),
+                    Ok(Received::Truncated(len)) => {
+                        warning!("dropped a uevent of {len} bytes: larger than the {} byte buffer", buf.len())
+                    }
                     Ok(Received::Overflow) => {
-                        warning!(
-                            "the receive buffer overflowed and events were lost: rescanning sysfs"
-                        );
+                        warning!("the receive buffer overflowed and events were lost: rescanning sysfs");
                         engine.resync(&sysfs, now(), &mut effects);
                     }
                     Ok(Received::Empty) => break,
@@ -787,23 +666,14 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
             while matches!(nix::unistd::read(&workers.wake, &mut drain), Ok(n) if n > 0) {}
         }
         while let Ok(outcome) = workers.results.try_recv() {
-            engine.on_verdict(
-                outcome.epoch,
-                &outcome.devpath,
-                outcome.verdict,
-                now(),
-                &mut effects,
-            );
+            engine.on_verdict(outcome.epoch, &outcome.devpath, outcome.verdict, now(), &mut effects);
         }
         if sig_ready {
             while let Ok(Some(info)) = sigfd.read_signal() {
                 match Signal::try_from(info.ssi_signo as i32) {
                     Ok(Signal::SIGHUP) => reload(&mut engine, &opts),
                     Ok(Signal::SIGTERM | Signal::SIGINT) => {
-                        info!(
-                            "exiting; {} call(s) still running are left alone",
-                            children.len()
-                        );
+                        info!("exiting; {} call(s) still running are left alone", children.len());
                         return Ok(());
                     }
                     _ => {}
@@ -874,11 +744,7 @@ fn perform(
                         info!("{device}: calling {call} (pid {pid})");
                         children.add(pid, call.service_arg(), device, now);
                     }
-                    Err(e) => error!(
-                        "{device}: cannot run {}: {}",
-                        spawner.program().to_string_lossy(),
-                        e.desc()
-                    ),
+                    Err(e) => error!("{device}: cannot run {}: {}", spawner.program().to_string_lossy(), e.desc()),
                 }
             }
         }
@@ -897,9 +763,7 @@ struct RefusalLog {
 impl RefusalLog {
     fn note(&mut self, sender: crate::netlink::Sender, now: u64) {
         if self.next.is_none() {
-            warning!(
-                "refused a uevent from {sender}: only the kernel (portid 0, pid 0, uid 0) may send them"
-            );
+            warning!("refused a uevent from {sender}: only the kernel (portid 0, pid 0, uid 0) may send them");
             self.next = Some(now + 10_000);
         } else {
             self.pending += 1;
@@ -914,10 +778,7 @@ impl RefusalLog {
     fn report(&mut self, now: u64) {
         match self.next {
             Some(at) if at <= now && self.pending > 0 => {
-                let mut line = format!(
-                    "refused {} more uevent(s) not sent by the kernel",
-                    self.pending
-                );
+                let mut line = format!("refused {} more uevent(s) not sent by the kernel", self.pending);
                 if let Some(s) = self.last {
                     let _ = write!(line, ", the last from {s}");
                 }

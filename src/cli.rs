@@ -72,10 +72,7 @@ const EXIT_NO_MATCH: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
 fn usage(message: String) -> Failure {
-    Failure {
-        code: EXIT_USAGE,
-        message: format!("{message}; see `autoattach --help`"),
-    }
+    Failure { code: EXIT_USAGE, message: format!("{message}; see `autoattach --help`") }
 }
 
 #[derive(Debug, Default)]
@@ -100,10 +97,7 @@ struct Opts {
 
 fn parse_args(args: Vec<OsString>) -> Result<Opts, Failure> {
     let mut opts = Opts::default();
-    let mut args = args.into_iter().map(|a| {
-        a.into_string()
-            .map_err(|a| usage(format!("argument {a:?} is not UTF-8")))
-    });
+    let mut args = args.into_iter().map(|a| a.into_string().map_err(|a| usage(format!("argument {a:?} is not UTF-8"))));
     while let Some(arg) = args.next() {
         let arg = arg?;
         let (name, inline) = match arg.split_once('=') {
@@ -113,18 +107,12 @@ fn parse_args(args: Vec<OsString>) -> Result<Opts, Failure> {
         let mut value = |what: &str| -> Result<String, Failure> {
             match inline.clone() {
                 Some(v) => Ok(v),
-                None => args
-                    .next()
-                    .transpose()?
-                    .ok_or_else(|| usage(format!("{name} needs {what}"))),
+                None => args.next().transpose()?.ok_or_else(|| usage(format!("{name} needs {what}"))),
             }
         };
         let duration = |text: String, name: &str| {
-            rules::parse_duration(&text).ok_or_else(|| {
-                usage(format!(
-                    "{name} {text:?}: not a duration (e.g. 30s, 500ms, 2m)"
-                ))
-            })
+            rules::parse_duration(&text)
+                .ok_or_else(|| usage(format!("{name} {text:?}: not a duration (e.g. 30s, 500ms, 2m)")))
         };
         match name.as_str() {
             "-h" | "--help" => opts.command = "help".into(),
@@ -147,22 +135,26 @@ fn parse_args(args: Vec<OsString>) -> Result<Opts, Failure> {
                 opts.rate_limit = Some(match text.as_str() {
                     "0" | "off" => None,
                     _ => {
-                        let (n, d) = text.split_once('/').ok_or_else(|| {
-                            usage(format!("--rate-limit {text:?}: expected N/DURATION"))
-                        })?;
-                        let n =
-                            n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
-                                usage(format!("--rate-limit {text:?}: bad count"))
-                            })?;
+                        let (n, d) = text
+                            .split_once('/')
+                            .ok_or_else(|| usage(format!("--rate-limit {text:?}: expected N/DURATION")))?;
+                        let n = n
+                            .parse()
+                            .ok()
+                            .filter(|&n| n > 0)
+                            .ok_or_else(|| usage(format!("--rate-limit {text:?}: bad count")))?;
                         Some((n, duration(d.to_owned(), &name)?))
                     }
                 });
             }
             "--rcvbuf" => {
                 let text = value("a size in bytes")?;
-                opts.rcvbuf = Some(text.parse().ok().filter(|&n| n >= 4096).ok_or_else(|| {
-                    usage(format!("--rcvbuf {text:?}: expected bytes, at least 4096"))
-                })?);
+                opts.rcvbuf = Some(
+                    text.parse()
+                        .ok()
+                        .filter(|&n| n >= 4096)
+                        .ok_or_else(|| usage(format!("--rcvbuf {text:?}: expected bytes, at least 4096")))?,
+                );
             }
             flag if flag.starts_with('-') && flag.len() > 1 => {
                 return Err(usage(format!("unknown option {flag}")));
@@ -201,11 +193,7 @@ pub fn main() -> ExitCode {
 
 fn dispatch(opts: &Opts) -> Result<u8, Failure> {
     let want_args = |n: std::ops::RangeInclusive<usize>, what: &str| {
-        if n.contains(&opts.args.len()) {
-            Ok(())
-        } else {
-            Err(usage(format!("{} takes {what}", opts.command)))
-        }
+        if n.contains(&opts.args.len()) { Ok(()) } else { Err(usage(format!("{} takes {what}", opts.command))) }
     };
     match opts.command.as_str() {
         "" => Err(usage("no command given".into())),
@@ -244,10 +232,7 @@ fn qubesdb(opts: &Opts) -> Option<Qubesdb> {
         Some(path) => path.clone(),
         None => crate::spawn::find_program(Path::new("qubesdb-read"))?,
     };
-    Some(Qubesdb {
-        reader,
-        bound: Duration::from_secs(2),
-    })
+    Some(Qubesdb { reader, bound: Duration::from_secs(2) })
 }
 
 /// Loads rules: the `--rules` paths (each must exist), or the default places (each may be
@@ -289,20 +274,14 @@ fn config(opts: &Opts) -> Config {
 
 fn sysfs(opts: &Opts) -> Result<Sysfs, Failure> {
     let root = opts.sysfs.clone().unwrap_or_else(|| "/sys".into());
-    Sysfs::new(root).map_err(|e| Failure {
-        code: agent::EXIT_STARTUP,
-        message: format!("sysfs: {e}"),
-    })
+    Sysfs::new(root).map_err(|e| Failure { code: agent::EXIT_STARTUP, message: format!("sysfs: {e}") })
 }
 
 fn rules_or_fail(parsed: &Parsed) -> Result<(), Failure> {
     if agent::report_rules(parsed) {
         Ok(())
     } else {
-        Err(Failure {
-            code: agent::EXIT_RULES,
-            message: format!("{} error(s) in the rules", parsed.errors.len()),
-        })
+        Err(Failure { code: agent::EXIT_RULES, message: format!("{} error(s) in the rules", parsed.errors.len()) })
     }
 }
 
@@ -316,10 +295,7 @@ fn run(opts: &Opts) -> Result<u8, Failure> {
         sysfs: opts.sysfs.clone().unwrap_or_else(|| "/sys".into()),
         dev: opts.dev.clone().unwrap_or_else(|| "/dev".into()),
         load_rules: RuleLoader(Box::new(move || load_rules(&paths, db_for_rules.as_ref()))),
-        client: opts
-            .client
-            .clone()
-            .unwrap_or_else(|| "qrexec-client-vm".into()),
+        client: opts.client.clone().unwrap_or_else(|| "qrexec-client-vm".into()),
         qubesdb: db,
         dry_run: opts.dry_run,
         config: config(opts),
@@ -327,10 +303,7 @@ fn run(opts: &Opts) -> Result<u8, Failure> {
         child_bound: Duration::from_secs(120),
         workers: 4,
     };
-    agent::run(options).map(|()| 0).map_err(|f| Failure {
-        code: f.code,
-        message: f.message,
-    })
+    agent::run(options).map(|()| 0).map_err(|f| Failure { code: f.code, message: f.message })
 }
 
 fn check(opts: &Opts) -> Result<u8, Failure> {
@@ -340,16 +313,8 @@ fn check(opts: &Opts) -> Result<u8, Failure> {
         let _ = writeln!(out, "{e}");
     }
     for w in &parsed.warnings {
-        let place = if w.line == 0 {
-            w.origin.to_string()
-        } else {
-            format!("{}:{}:{}", w.origin, w.line, w.col)
-        };
-        let hint = w
-            .hint
-            .as_ref()
-            .map(|h| format!(" (hint: {h})"))
-            .unwrap_or_default();
+        let place = if w.line == 0 { w.origin.to_string() } else { format!("{}:{}:{}", w.origin, w.line, w.col) };
+        let hint = w.hint.as_ref().map(|h| format!(" (hint: {h})")).unwrap_or_default();
         let _ = writeln!(out, "{place}: warning: {}{hint}", w.message);
     }
     let _ = writeln!(
@@ -359,11 +324,7 @@ fn check(opts: &Opts) -> Result<u8, Failure> {
         parsed.errors.len(),
         parsed.warnings.len()
     );
-    Ok(if parsed.errors.is_empty() {
-        0
-    } else {
-        agent::EXIT_RULES
-    })
+    Ok(if parsed.errors.is_empty() { 0 } else { agent::EXIT_RULES })
 }
 
 /// A present device's `add` event, built from sysfs.
@@ -386,10 +347,8 @@ fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
     let parsed = load_rules(&opts.rules, db.as_ref());
     rules_or_fail(&parsed)?;
     let (devpath, datagram) = present_event(&sysfs, name)?;
-    let event = Uevent::parse(&datagram).map_err(|e| Failure {
-        code: crate::replay::EXIT_INPUT,
-        message: format!("{devpath}: {e}"),
-    })?;
+    let event = Uevent::parse(&datagram)
+        .map_err(|e| Failure { code: crate::replay::EXIT_INPUT, message: format!("{devpath}: {e}") })?;
     let mut report = String::new();
     let _ = writeln!(report, "device {devpath}\n  {}", sysfs.identity(&devpath));
     let _ = writeln!(
@@ -409,10 +368,7 @@ fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
         return Ok(EXIT_NO_MATCH);
     }
     let mut matcher = rules::Matcher::new(&parsed.set);
-    let mut explain = Explain {
-        out: report,
-        parents_started: false,
-    };
+    let mut explain = Explain { out: report, parents_started: false };
     let first = matcher.explain(&sysfs, &parsed.set, &event, &mut explain);
     let mut report = explain.out;
     match first {
@@ -423,12 +379,7 @@ fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
         }
         Some(i) => {
             let rule = &parsed.set.rules[i];
-            let _ = writeln!(
-                report,
-                "\nfirst match: {} -> ATTACH=\"{}\"",
-                rule.location(),
-                rule.attach
-            );
+            let _ = writeln!(report, "\nfirst match: {} -> ATTACH=\"{}\"", rule.location(), rule.attach);
             let mut engine = Engine::new(parsed.set, config(opts));
             let mut effects = Vec::new();
             engine.on_event(&sysfs, &event, 0, &mut effects);
@@ -446,16 +397,8 @@ fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
                     engine.on_verdict(epoch, &target.devpath, verdict, 0, &mut calls);
                     for c in calls {
                         if let agent::Effect::Call { call, .. } = c {
-                            let client = opts
-                                .client
-                                .clone()
-                                .unwrap_or_else(|| "qrexec-client-vm".into());
-                            let _ = writeln!(
-                                report,
-                                "would call: {} dom0 {}",
-                                client.display(),
-                                call.service_arg()
-                            );
+                            let client = opts.client.clone().unwrap_or_else(|| "qrexec-client-vm".into());
+                            let _ = writeln!(report, "would call: {} dom0 {}", client.display(), call.service_arg());
                         }
                     }
                 }
@@ -474,22 +417,11 @@ struct Explain {
 
 impl Trace for Explain {
     fn rule(&mut self, _index: usize, rule: &Rule) {
-        let _ = writeln!(
-            self.out,
-            "\nrule {} (ATTACH=\"{}\")",
-            rule.location(),
-            rule.attach
-        );
+        let _ = writeln!(self.out, "\nrule {} (ATTACH=\"{}\")", rule.location(), rule.attach);
         self.parents_started = false;
     }
 
-    fn test(
-        &mut self,
-        level: Option<(usize, &str)>,
-        test: &Test,
-        value: Option<&[u8]>,
-        pass: bool,
-    ) {
+    fn test(&mut self, level: Option<(usize, &str)>, test: &Test, value: Option<&[u8]>, pass: bool) {
         let mut seen = String::new();
         rules::show_value(&mut seen, value);
         let mark = if pass { "pass" } else { "FAIL" };
@@ -499,17 +431,11 @@ impl Trace for Explain {
             }
             Some((depth, devpath)) => {
                 if !self.parents_started {
-                    let _ = writeln!(
-                        self.out,
-                        "  parent keys, all on one device, walking up from the device:"
-                    );
+                    let _ = writeln!(self.out, "  parent keys, all on one device, walking up from the device:");
                     self.parents_started = true;
                 }
                 let name = crate::uevent::kernel_name(devpath);
-                let _ = writeln!(
-                    self.out,
-                    "    [{depth}] {name:<14} {mark}  {test:<36} value {seen}"
-                );
+                let _ = writeln!(self.out, "    [{depth}] {name:<14} {mark}  {test:<36} value {seen}");
             }
         }
     }
@@ -528,11 +454,7 @@ impl Trace for Explain {
     }
 
     fn verdict(&mut self, matched: bool) {
-        let _ = writeln!(
-            self.out,
-            "  => {}",
-            if matched { "MATCH" } else { "no match" }
-        );
+        let _ = writeln!(self.out, "  => {}", if matched { "MATCH" } else { "no match" });
     }
 }
 
@@ -553,27 +475,15 @@ fn list(opts: &Opts) -> Result<u8, Failure> {
             continue;
         }
         let rule = match matcher.first_match(&sysfs, &parsed.set, &event) {
-            Some(i) => format!(
-                "{} -> ATTACH=\"{}\"",
-                parsed.set.rules[i].location(),
-                parsed.set.rules[i].attach
-            ),
+            Some(i) => format!("{} -> ATTACH=\"{}\"", parsed.set.rules[i].location(), parsed.set.rules[i].attach),
             None => "no rule".into(),
         };
         let identity = sysfs.identity(&devpath);
-        let interfaces = identity
-            .usb
-            .as_ref()
-            .map(|u| u.interfaces.clone())
-            .unwrap_or_default();
+        let interfaces = identity.usb.as_ref().map(|u| u.interfaces.clone()).unwrap_or_default();
         let _ = writeln!(
             out,
             "{identity}{}{interfaces}\n    {devpath}\n    {rule}",
-            if interfaces.is_empty() {
-                ""
-            } else {
-                " interfaces "
-            }
+            if interfaces.is_empty() { "" } else { " interfaces " }
         );
     }
     Ok(0)
@@ -582,10 +492,8 @@ fn list(opts: &Opts) -> Result<u8, Failure> {
 fn record(opts: &Opts, name: &str) -> Result<u8, Failure> {
     let sysfs = sysfs(opts)?;
     let (devpath, _) = present_event(&sysfs, name)?;
-    let io_fail = |e: std::io::Error| Failure {
-        code: crate::replay::EXIT_INPUT,
-        message: format!("recording {devpath}: {e}"),
-    };
+    let io_fail =
+        |e: std::io::Error| Failure { code: crate::replay::EXIT_INPUT, message: format!("recording {devpath}: {e}") };
     match &opts.output {
         Some(path) => {
             let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(io_fail)?);
@@ -593,8 +501,7 @@ fn record(opts: &Opts, name: &str) -> Result<u8, Failure> {
             file.flush().map_err(io_fail)?;
             info!("recorded {devpath} and its parents to {}", path.display());
         }
-        None => crate::umockdev::record(&sysfs, &devpath, &mut std::io::stdout().lock())
-            .map_err(io_fail)?,
+        None => crate::umockdev::record(&sysfs, &devpath, &mut std::io::stdout().lock()).map_err(io_fail)?,
     }
     Ok(0)
 }
@@ -605,14 +512,8 @@ fn replay(opts: &Opts) -> Result<u8, Failure> {
         events: opts.args.get(1).map(PathBuf::from),
         rules: (!opts.rules.is_empty()).then(|| opts.rules.clone()),
         dev: opts.dev.clone(),
-        qubesdb: opts.qubesdb_read.clone().map(|reader| Qubesdb {
-            reader,
-            bound: Duration::from_secs(2),
-        }),
-        client: opts
-            .client
-            .as_ref()
-            .map_or_else(|| "qrexec-client-vm".into(), |c| c.display().to_string()),
+        qubesdb: opts.qubesdb_read.clone().map(|reader| Qubesdb { reader, bound: Duration::from_secs(2) }),
+        client: opts.client.as_ref().map_or_else(|| "qrexec-client-vm".into(), |c| c.display().to_string()),
         config: config(opts),
     };
     let calls = crate::replay::replay(&ropts, &|paths| {
@@ -622,10 +523,7 @@ fn replay(opts: &Opts) -> Result<u8, Failure> {
         }
         parsed
     })
-    .map_err(|e| Failure {
-        code: e.code,
-        message: e.message,
-    })?;
+    .map_err(|e| Failure { code: e.code, message: e.message })?;
     let mut out = std::io::stdout().lock();
     for call in calls {
         let _ = writeln!(out, "{call}");

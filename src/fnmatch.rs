@@ -169,11 +169,7 @@ fn bracket(pattern: &[u8], mut p: usize, c: u8) -> Bracket {
             break;
         }
     }
-    if negate {
-        Bracket::Match(p)
-    } else {
-        Bracket::NoMatch
-    }
+    if negate { Bracket::Match(p) } else { Bracket::NoMatch }
 }
 
 enum ClassAt {
@@ -278,11 +274,7 @@ fn skip_rest(pattern: &[u8], mut p: usize, negate: bool) -> Bracket {
             _ => {}
         }
     }
-    if negate {
-        Bracket::NoMatch
-    } else {
-        Bracket::Match(p)
-    }
+    if negate { Bracket::NoMatch } else { Bracket::Match(p) }
 }
 
 /// The test for a `[:name:]` class.
@@ -357,11 +349,7 @@ mod tests {
         ];
         for &(p, v, want) in cases {
             assert_eq!(fnmatch(p.as_bytes(), v.as_bytes()), want, "{p:?} vs {v:?}");
-            assert_eq!(
-                libc_fnmatch(p.as_bytes(), v.as_bytes()),
-                want,
-                "libc {p:?} vs {v:?}"
-            );
+            assert_eq!(libc_fnmatch(p.as_bytes(), v.as_bytes()), want, "libc {p:?} vs {v:?}");
         }
     }
 
@@ -408,10 +396,7 @@ mod tests {
         };
         let rounds = std::env::var("FNMATCH_ROUNDS").map_or(200_000, |r| r.parse().unwrap());
         for _ in 0..rounds {
-            let pattern: Vec<u8> = (0..next(6))
-                .flat_map(|_| pieces[next(pieces.len())])
-                .copied()
-                .collect();
+            let pattern: Vec<u8> = (0..next(6)).flat_map(|_| pieces[next(pieces.len())]).copied().collect();
             let value: Vec<u8> = (0..next(6)).map(|_| chars[next(chars.len())]).collect();
             assert_eq!(
                 fnmatch(&pattern, &value),

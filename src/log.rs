@@ -40,10 +40,7 @@ static JOURNAL: AtomicBool = AtomicBool::new(false);
 /// Sets the most verbose level printed, and whether to use journald's `<N>` prefixes.
 pub fn init(max: Level) {
     MAX_LEVEL.store(max as u8, Ordering::Relaxed);
-    JOURNAL.store(
-        std::env::var_os("JOURNAL_STREAM").is_some(),
-        Ordering::Relaxed,
-    );
+    JOURNAL.store(std::env::var_os("JOURNAL_STREAM").is_some(), Ordering::Relaxed);
 }
 
 pub fn enabled(level: Level) -> bool {
@@ -55,10 +52,7 @@ pub fn write(level: Level, args: fmt::Arguments<'_>) {
     if !enabled(level) {
         return;
     }
-    let mut line = Line {
-        buf: [0; 2048],
-        len: 0,
-    };
+    let mut line = Line { buf: [0; 2048], len: 0 };
     if JOURNAL.load(Ordering::Relaxed) {
         let _ = write!(line, "<{}>", level as u8);
     } else {
@@ -144,18 +138,12 @@ mod tests {
     #[test]
     fn escapes_everything_a_device_could_abuse() {
         let hostile = b"a\"b\\c\nd\x1b[31me\xff$(rm -rf /)";
-        assert_eq!(
-            Escaped(hostile).to_string(),
-            "a\\\"b\\\\c\\x0ad\\x1b[31me\\xff$(rm -rf /)"
-        );
+        assert_eq!(Escaped(hostile).to_string(), "a\\\"b\\\\c\\x0ad\\x1b[31me\\xff$(rm -rf /)");
     }
 
     #[test]
     fn long_lines_are_cut_not_grown() {
-        let mut line = Line {
-            buf: [0; 2048],
-            len: 0,
-        };
+        let mut line = Line { buf: [0; 2048], len: 0 };
         let long = "x".repeat(5000);
         assert!(write!(line, "{long}").is_err());
         line.finish();

@@ -20,9 +20,17 @@ pub enum NameError {
         max: usize,
     },
     BadFirst,
-    /// A byte qrexec would rewrite, or that could split the argument.
+    /// A byte qrexec would rewrite (outside `[A-Za-z0-9_.+-]`), or `+`, which splits the
+    /// argument.
     BadByte(u8),
+    /// Bytes qrexec would pass, in a shape this kind of name never has.
+    Shape(&'static str),
     Reserved(&'static str),
+}
+
+/// True for bytes qrexec passes unchanged in a service argument.
+fn qrexec_safe(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"_.+-".contains(&b)
 }
 
 impl fmt::Display for NameError {
@@ -31,15 +39,12 @@ impl fmt::Display for NameError {
             NameError::Empty => f.write_str("empty"),
             NameError::TooLong { max } => write!(f, "longer than {max} bytes"),
             NameError::BadFirst => f.write_str("must start with a letter"),
+            NameError::BadByte(b'+') => f.write_str("'+' is not allowed (it separates the qrexec argument's fields)"),
             NameError::BadByte(b) if b.is_ascii_graphic() || *b == b' ' => {
-                write!(
-                    f,
-                    "'{}' is not allowed (qrexec would rewrite it to '_')",
-                    *b as char
-                )
+                write!(f, "'{}' is not allowed (qrexec would rewrite it to '_')", *b as char)
             }
-            NameError::BadByte(b) => write!(f, "byte \\x{b:02x} is not allowed"),
-            NameError::Reserved(why) => f.write_str(why),
+            NameError::BadByte(b) => write!(f, "byte \\x{b:02x} is not allowed (qrexec would rewrite it to '_')"),
+            NameError::Shape(what) | NameError::Reserved(what) => f.write_str(what),
         }
     }
 }
@@ -58,18 +63,13 @@ pub fn check_qube(name: &str) -> Result<(), NameError> {
     if !first.is_ascii_alphabetic() {
         return Err(NameError::BadFirst);
     }
-    if let Some(&bad) = b
-        .iter()
-        .find(|&&c| !(c.is_ascii_alphanumeric() || b"_.-".contains(&c)))
-    {
+    if let Some(&bad) = b.iter().find(|&&c| !(c.is_ascii_alphanumeric() || b"_.-".contains(&c))) {
         return Err(NameError::BadByte(bad));
     }
     match name {
         "none" | "default" | "Domain-0" => Err(NameError::Reserved("reserved by Qubes")),
         "dom0" => Err(NameError::Reserved("dom0 is never a target")),
-        _ if name.ends_with("-dm") => Err(NameError::Reserved(
-            "names ending in -dm are reserved by Qubes",
-        )),
+        _ if name.ends_with("-dm") => Err(NameError::Reserved("names ending in -dm are reserved by Qubes")),
         _ => Ok(()),
     }
 }
@@ -83,44 +83,35 @@ pub fn check_block(name: &str) -> Result<(), NameError> {
     if b.len() > 32 {
         return Err(NameError::TooLong { max: 32 });
     }
+    if let Some(&bad) = b.iter().find(|&&c| !qrexec_safe(c) || c == b'+') {
+        return Err(NameError::BadByte(bad));
+    }
     if !first.is_ascii_alphabetic() {
         return Err(NameError::BadFirst);
     }
-    match b
-        .iter()
-        .find(|&&c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'-'))
-    {
-        Some(&bad) => Err(NameError::BadByte(bad)),
-        None => Ok(()),
+    if b.iter().any(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'-')) {
+        return Err(NameError::Shape("block device names are letters, digits, '_' and '-'"));
     }
+    Ok(())
 }
 
 /// A USB bus id: `BUS-PORT(.PORT)*` with 1-3 digit numbers and at most 7 ports (`2-1`,
 /// `2-1.4`), the kernel's naming for a usb_device.
 pub fn check_busid(id: &str) -> Result<(), NameError> {
+    const SHAPE: NameError = NameError::Shape("not a USB bus id (BUS-PORT[.PORT...], like 2-1 or 2-1.4)");
     if id.is_empty() {
         return Err(NameError::Empty);
     }
     if id.len() > 31 {
         return Err(NameError::TooLong { max: 31 });
     }
-    if let Some(&bad) = id
-        .as_bytes()
-        .iter()
-        .find(|&&c| !(c.is_ascii_digit() || c == b'-' || c == b'.'))
-    {
+    if let Some(&bad) = id.as_bytes().iter().find(|&&c| !qrexec_safe(c) || c == b'+') {
         return Err(NameError::BadByte(bad));
     }
     let number = |s: &str| (1..=3).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_digit());
-    let (bus, ports) = id
-        .split_once('-')
-        .ok_or(NameError::Reserved("not BUS-PORT"))?;
+    let (bus, ports) = id.split_once('-').ok_or(SHAPE)?;
     let ports: Vec<&str> = ports.split('.').collect();
-    if number(bus) && ports.len() <= 7 && ports.iter().all(|p| number(p)) {
-        Ok(())
-    } else {
-        Err(NameError::Reserved("not BUS-PORT(.PORT)*"))
-    }
+    if number(bus) && ports.len() <= 7 && ports.iter().all(|p| number(p)) { Ok(()) } else { Err(SHAPE) }
 }
 
 /// How a device is attached.
@@ -152,24 +143,14 @@ pub struct Call {
 
 impl Call {
     /// Checks both names and builds the call; an unsafe name is refused, never rewritten.
-    pub fn new(
-        service: &'static str,
-        qube: &str,
-        kind: Kind,
-        dev: &str,
-    ) -> Result<Call, CallError> {
+    pub fn new(service: &'static str, qube: &str, kind: Kind, dev: &str) -> Result<Call, CallError> {
         check_qube(qube).map_err(|e| CallError::Qube(qube.to_owned(), e))?;
         let dev_check = match kind {
             Kind::Block => check_block(dev),
             Kind::Usb => check_busid(dev),
         };
         dev_check.map_err(|e| CallError::Device(dev.as_bytes().to_vec(), e))?;
-        Ok(Call {
-            service,
-            qube: qube.to_owned(),
-            dev: dev.to_owned(),
-            kind,
-        })
+        Ok(Call { service, qube: qube.to_owned(), dev: dev.to_owned(), kind })
     }
 
     /// The qrexec service with its argument: `custom.USBDeviceAttach+QUBE+__+DEV`.
@@ -211,21 +192,12 @@ mod tests {
 
     #[test]
     fn qube_names_follow_qubes_rules() {
-        for ok in [
-            "work",
-            "a",
-            "Vault-2",
-            "sys.usb_x",
-            "a234567890123456789012345678901",
-        ] {
+        for ok in ["work", "a", "Vault-2", "sys.usb_x", "a234567890123456789012345678901"] {
             assert_eq!(check_qube(ok), Ok(()), "{ok}");
         }
         let bad = [
             ("", NameError::Empty),
-            (
-                "a2345678901234567890123456789012",
-                NameError::TooLong { max: 31 },
-            ),
+            ("a2345678901234567890123456789012", NameError::TooLong { max: 31 }),
             ("1work", NameError::BadFirst),
             ("-work", NameError::BadFirst),
             ("my work", NameError::BadByte(b' ')),
@@ -237,55 +209,32 @@ mod tests {
             assert_eq!(check_qube(name), Err(want), "{name:?}");
         }
         for reserved in ["none", "default", "Domain-0", "dom0", "work-dm"] {
-            assert!(
-                matches!(check_qube(reserved), Err(NameError::Reserved(_))),
-                "{reserved}"
-            );
+            assert!(matches!(check_qube(reserved), Err(NameError::Reserved(_))), "{reserved}");
         }
     }
 
     #[test]
     fn device_names_cannot_be_confused() {
-        for ok in [
-            "sda",
-            "sdb1",
-            "mmcblk0p1",
-            "nvme0n1p2",
-            "loop200",
-            "dm-0",
-            "sr0",
-        ] {
+        for ok in ["sda", "sdb1", "mmcblk0p1", "nvme0n1p2", "loop200", "dm-0", "sr0"] {
             assert_eq!(check_block(ok), Ok(()), "{ok}");
         }
-        for bad in [
-            "",
-            "0sda",
-            "sd a",
-            "sda+x",
-            "../sda",
-            "sda\n",
-            "cciss!c0d0",
-            "a.b",
-        ] {
+        for bad in ["", "0sda", "sd a", "sda+x", "../sda", "sda\n", "cciss!c0d0", "a.b"] {
             assert!(check_block(bad).is_err(), "{bad:?}");
         }
         for ok in ["1-1", "2-1.4", "10-1.2.3.4.5.6.7", "255-999"] {
             assert_eq!(check_busid(ok), Ok(()), "{ok}");
         }
-        for bad in [
-            "",
-            "2",
-            "2-",
-            "-1",
-            "2-1.",
-            "2-1..4",
-            "2-1:1.0",
-            "usb2",
-            "1234-1",
-            "1-1.2.3.4.5.6.7.8",
-        ] {
+        for bad in ["", "2", "2-", "-1", "2-1.", "2-1..4", "2-1:1.0", "usb2", "1234-1", "1-1.2.3.4.5.6.7.8", "2-1+x"] {
             assert!(check_busid(bad).is_err(), "{bad:?}");
         }
+        assert_eq!(
+            check_busid("usb1").unwrap_err().to_string(),
+            "not a USB bus id (BUS-PORT[.PORT...], like 2-1 or 2-1.4)"
+        );
+        assert_eq!(
+            check_block("sdb+x").unwrap_err().to_string(),
+            "'+' is not allowed (it separates the qrexec argument's fields)"
+        );
     }
 
     #[test]

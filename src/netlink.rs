@@ -97,12 +97,8 @@ impl UeventSocket {
     pub fn open(rcvbuf: usize) -> Result<UeventSocket, OpenError> {
         let err = |step| move |source| OpenError { step, source };
         let mut socket = Socket::new(NETLINK_KOBJECT_UEVENT).map_err(err("socket"))?;
-        socket
-            .bind(&SocketAddr::new(0, KERNEL_GROUP))
-            .map_err(err("bind to group 1"))?;
-        socket
-            .set_non_blocking(true)
-            .map_err(err("set non-blocking"))?;
+        socket.bind(&SocketAddr::new(0, KERNEL_GROUP)).map_err(err("bind to group 1"))?;
+        socket.set_non_blocking(true).map_err(err("set non-blocking"))?;
         // SAFETY: `into_raw_fd` gives up the socket's only owner (it was created above with
         // SOCK_CLOEXEC and never shared), so the OwnedFd becomes the sole owner of a valid fd.
         let fd = unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) };
@@ -136,18 +132,9 @@ impl UeventSocket {
         if flags & libc::MSG_TRUNC != 0 || len > buf.len() {
             return Ok(Received::Truncated(len));
         }
-        let sender = Sender {
-            portid: addr.nl_pid,
-            groups: addr.nl_groups,
-            creds: creds.map(|c| (c.pid, c.uid)),
-        };
-        let from_kernel =
-            sender.portid == 0 && sender.groups == KERNEL_GROUP && sender.creds == Some((0, 0));
-        Ok(if from_kernel {
-            Received::Kernel(&buf[..len])
-        } else {
-            Received::Refused(sender)
-        })
+        let sender = Sender { portid: addr.nl_pid, groups: addr.nl_groups, creds: creds.map(|c| (c.pid, c.uid)) };
+        let from_kernel = sender.portid == 0 && sender.groups == KERNEL_GROUP && sender.creds == Some((0, 0));
+        Ok(if from_kernel { Received::Kernel(&buf[..len]) } else { Received::Refused(sender) })
     }
 }
 
@@ -163,17 +150,11 @@ struct CmsgBuf([u8; 64]);
 
 /// One `recvmsg(MSG_TRUNC)`: the datagram's real length, the message flags, the source
 /// address and the sender's credentials.
-fn recvmsg(
-    fd: BorrowedFd<'_>,
-    buf: &mut [u8],
-) -> Result<(usize, i32, libc::sockaddr_nl, Option<libc::ucred>), Errno> {
+fn recvmsg(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(usize, i32, libc::sockaddr_nl, Option<libc::ucred>), Errno> {
     // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
     let mut addr: libc::sockaddr_nl = unsafe { zeroed() };
     let mut control = CmsgBuf([0; 64]);
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: msghdr is plain old data; all-zero is a valid value, fields are set below.
     let mut msg: libc::msghdr = unsafe { zeroed() };
     msg.msg_name = (&raw mut addr).cast();
@@ -184,13 +165,7 @@ fn recvmsg(
     msg.msg_controllen = control.0.len();
     // SAFETY: `msg` points at `addr`, `iov` (which covers exactly `buf`) and `control`, all
     // live and writable for the sizes given; the kernel writes at most those sizes.
-    let n = unsafe {
-        libc::recvmsg(
-            fd.as_raw_fd(),
-            &mut msg,
-            libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-        )
-    };
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
     let len = usize::try_from(n).map_err(|_| Errno::last())?;
     Ok((len, msg.msg_flags, addr, credentials(&msg)))
 }
@@ -206,10 +181,7 @@ fn credentials(msg: &libc::msghdr) -> Option<libc::ucred> {
         let want = size_of::<libc::ucred>() as u32;
         // SAFETY: CMSG_LEN is a pure computation.
         let full = unsafe { libc::CMSG_LEN(want) } as usize;
-        if hdr.cmsg_level == libc::SOL_SOCKET
-            && hdr.cmsg_type == libc::SCM_CREDENTIALS
-            && hdr.cmsg_len >= full
-        {
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_CREDENTIALS && hdr.cmsg_len >= full {
             // SAFETY: the header says its data holds a whole ucred; read_unaligned copies it
             // without assuming the data pointer is aligned for ucred.
             let data = unsafe { libc::CMSG_DATA(cmsg) };
@@ -254,9 +226,7 @@ mod tests {
         let mut sender = Socket::new(NETLINK_KOBJECT_UEVENT).unwrap();
         sender.bind_auto().unwrap();
         let forged = crate::testing::datagram("add", "/devices/virtual/block/loop9", "block", &[]);
-        sender
-            .send_to(&forged, &SocketAddr::new(ours.nl_pid, 0), 0)
-            .unwrap();
+        sender.send_to(&forged, &SocketAddr::new(ours.nl_pid, 0), 0).unwrap();
         let mut buf = [0u8; 8192];
         for _ in 0..1000 {
             match s.recv(&mut buf).unwrap() {

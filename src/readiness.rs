@@ -113,17 +113,11 @@ impl Qubesdb {
                     }
                     return Ok(status.success().then_some(out));
                 }
-                Ok(None) if start.elapsed() < self.bound => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
+                Ok(None) if start.elapsed() < self.bound => std::thread::sleep(Duration::from_millis(5)),
                 Ok(None) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(format!(
-                        "{} {key} took longer than {:?}",
-                        self.reader.display(),
-                        self.bound
-                    ));
+                    return Err(format!("{} {key} took longer than {:?}", self.reader.display(), self.bound));
                 }
                 Err(e) => return Err(format!("waiting for {}: {e}", self.reader.display())),
             }
@@ -166,9 +160,7 @@ impl Prober {
     fn block(&self, target: &Target) -> Verdict {
         let mut buf = [0u8; MAX_ATTR];
         let size = match self.sysfs.attr(&target.devpath, "size", &mut buf) {
-            Ok(v) => std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok()),
+            Ok(v) => std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u64>().ok()),
             Err(_) => None,
         };
         match size {
@@ -187,10 +179,7 @@ impl Prober {
                     return Verdict::Wait(format!("{} is not a block device", node.display()));
                 }
                 let rdev = meta.rdev();
-                let (major, minor) = (
-                    nix::sys::stat::major(rdev) as u32,
-                    nix::sys::stat::minor(rdev) as u32,
-                );
+                let (major, minor) = (nix::sys::stat::major(rdev) as u32, nix::sys::stat::minor(rdev) as u32);
                 if let Some(want) = target.devnum.filter(|&want| want != (major, minor)) {
                     return Verdict::Wait(format!(
                         "{} is {major}:{minor}, expected {}:{}",
@@ -207,10 +196,7 @@ impl Prober {
         }
         match read_first_sector(&node) {
             Ok(()) => Verdict::Ready,
-            Err(why) => Verdict::NoMedia(format!(
-                "cannot read the first sector of {}: {why}",
-                node.display()
-            )),
+            Err(why) => Verdict::NoMedia(format!("cannot read the first sector of {}: {why}", node.display())),
         }
     }
 
@@ -259,13 +245,7 @@ mod tests {
     }
 
     fn disk() -> Target {
-        Target {
-            kind: Kind::Block,
-            devpath: STICK_DISK.into(),
-            dev: "sdb".into(),
-            devnum: Some((8, 16)),
-            bound: false,
-        }
+        Target { kind: Kind::Block, devpath: STICK_DISK.into(), dev: "sdb".into(), devnum: Some((8, 16)), bound: false }
     }
 
     #[test]
@@ -292,9 +272,7 @@ mod tests {
         std::fs::write(dev.path().join("sdb"), [0u8; 512]).unwrap();
         let mut p = prober(&tree, &dev, None);
         p.nodes = Nodes::Real;
-        assert!(
-            matches!(p.check(&disk()), Verdict::Wait(w) if w.ends_with("is not a block device"))
-        );
+        assert!(matches!(p.check(&disk()), Verdict::Wait(w) if w.ends_with("is not a block device")));
     }
 
     #[test]
@@ -302,13 +280,8 @@ mod tests {
         let tree = Tree::stick(b"S1");
         let dev = TempDir::new("dev");
         let p = prober(&tree, &dev, None);
-        let mut usb = Target {
-            kind: Kind::Usb,
-            devpath: STICK_USB.into(),
-            dev: "2-1".into(),
-            devnum: None,
-            bound: false,
-        };
+        let mut usb =
+            Target { kind: Kind::Usb, devpath: STICK_USB.into(), dev: "2-1".into(), devnum: None, bound: false };
         assert_eq!(p.check(&usb), Verdict::Ready);
         std::fs::remove_file(tree.root().join(&STICK_USB[1..]).join("driver")).unwrap();
         assert_eq!(p.check(&usb), Verdict::Wait("no driver bound".into()));
@@ -331,37 +304,18 @@ mod tests {
             ),
         )
         .unwrap();
-        std::os::unix::fs::PermissionsExt::set_mode(
-            &mut std::fs::metadata(&reader).unwrap().permissions(),
-            0o755,
-        );
-        std::fs::set_permissions(&reader, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let db = Qubesdb {
-            reader: reader.clone(),
-            bound: Duration::from_secs(5),
-        };
+        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&reader).unwrap().permissions(), 0o755);
+        std::fs::set_permissions(&reader, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let db = Qubesdb { reader: reader.clone(), bound: Duration::from_secs(5) };
         let p = prober(&tree, &dev, Some(db));
-        assert_eq!(
-            p.check(&disk()),
-            Verdict::Wait("not yet published to dom0 in qubesdb".into())
-        );
+        assert_eq!(p.check(&disk()), Verdict::Wait("not yet published to dom0 in qubesdb".into()));
         std::fs::write(&published, "").unwrap();
         assert_eq!(p.check(&disk()), Verdict::Ready);
         std::fs::write(&reader, "#!/bin/sh\nexec sleep 10\n").unwrap();
-        let slow = Prober {
-            qubesdb: Some(Qubesdb {
-                reader,
-                bound: Duration::from_millis(100),
-            }),
-            ..p
-        };
+        let slow = Prober { qubesdb: Some(Qubesdb { reader, bound: Duration::from_millis(100) }), ..p };
         let start = Instant::now();
         assert!(matches!(slow.check(&disk()), Verdict::Wait(w) if w.contains("took longer than")));
         assert!(start.elapsed() < Duration::from_secs(5));
-        assert_eq!(
-            Qubesdb::key(Kind::Usb, "2-1.4"),
-            "/qubes-usb-devices/2-1_4/desc"
-        );
+        assert_eq!(Qubesdb::key(Kind::Usb, "2-1.4"), "/qubes-usb-devices/2-1_4/desc");
     }
 }

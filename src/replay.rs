@@ -57,10 +57,7 @@ impl fmt::Display for ReplayError {
 pub const EXIT_INPUT: u8 = 5;
 
 fn input_error(message: String) -> ReplayError {
-    ReplayError {
-        code: EXIT_INPUT,
-        message,
-    }
+    ReplayError { code: EXIT_INPUT, message }
 }
 
 /// The longest a replay lets virtual time run after the last event.
@@ -101,8 +98,7 @@ fn work_dir() -> Result<Work, ReplayError> {
 /// directory (directives change the copy, never the fixture).
 fn layout(opts: &ReplayOptions) -> Result<Layout, ReplayError> {
     let fixture = &opts.fixture;
-    let meta = std::fs::metadata(fixture)
-        .map_err(|e| input_error(format!("{}: {e}", fixture.display())))?;
+    let meta = std::fs::metadata(fixture).map_err(|e| input_error(format!("{}: {e}", fixture.display())))?;
     let work = work_dir()?;
     let mut rules = Vec::new();
     let mut events = opts.events.clone();
@@ -116,11 +112,7 @@ fn layout(opts: &ReplayOptions) -> Result<Layout, ReplayError> {
             .find(|p| p.extension().is_some_and(|x| x == "umockdev"));
         found.filter(|_| !fixture.join("sys").is_dir())
     };
-    let case = if meta.is_dir() {
-        Some(fixture.as_path())
-    } else {
-        None
-    };
+    let case = if meta.is_dir() { Some(fixture.as_path()) } else { None };
     if let Some(case) = case {
         if events.is_none() && case.join("events").is_file() {
             events = Some(case.join("events"));
@@ -130,10 +122,10 @@ fn layout(opts: &ReplayOptions) -> Result<Layout, ReplayError> {
         }
     }
     let (sys, dev) = if let Some(recording) = recording {
-        let text = std::fs::read_to_string(&recording)
-            .map_err(|e| input_error(format!("{}: {e}", recording.display())))?;
-        let devices = crate::umockdev::parse(&text)
-            .map_err(|e| input_error(format!("{}: {e}", recording.display())))?;
+        let text =
+            std::fs::read_to_string(&recording).map_err(|e| input_error(format!("{}: {e}", recording.display())))?;
+        let devices =
+            crate::umockdev::parse(&text).map_err(|e| input_error(format!("{}: {e}", recording.display())))?;
         crate::umockdev::write_tree(&devices, &work.0)
             .map_err(|e| input_error(format!("{}: {e}", recording.display())))?;
         (work.0.join("sys"), work.0.join("dev"))
@@ -143,13 +135,11 @@ fn layout(opts: &ReplayOptions) -> Result<Layout, ReplayError> {
         } else {
             (fixture.clone(), None)
         };
-        copy_tree(&tree, &work.0.join("sys"))
-            .map_err(|e| input_error(format!("copying {}: {e}", tree.display())))?;
+        copy_tree(&tree, &work.0.join("sys")).map_err(|e| input_error(format!("copying {}: {e}", tree.display())))?;
         let dev = work.0.join("dev");
         std::fs::create_dir_all(&dev).map_err(|e| input_error(e.to_string()))?;
         if let Some(nodes) = nodes.filter(|n| n.is_dir()) {
-            copy_tree(&nodes, &dev)
-                .map_err(|e| input_error(format!("copying {}: {e}", nodes.display())))?;
+            copy_tree(&nodes, &dev).map_err(|e| input_error(format!("copying {}: {e}", nodes.display())))?;
         }
         (work.0.join("sys"), dev)
     };
@@ -160,13 +150,7 @@ fn layout(opts: &ReplayOptions) -> Result<Layout, ReplayError> {
     if let Some(r) = &opts.rules {
         rules = r.clone();
     }
-    Ok(Layout {
-        sys,
-        dev,
-        events,
-        rules,
-        _work: Some(work),
-    })
+    Ok(Layout { sys, dev, events, rules, _work: Some(work) })
 }
 
 /// Copies a directory, keeping symlinks as symlinks.
@@ -188,10 +172,7 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// Runs the replay and returns the calls, one line each.
-pub fn replay(
-    opts: &ReplayOptions,
-    load_rules: &dyn Fn(&[PathBuf]) -> Parsed,
-) -> Result<Vec<String>, ReplayError> {
+pub fn replay(opts: &ReplayOptions, load_rules: &dyn Fn(&[PathBuf]) -> Parsed) -> Result<Vec<String>, ReplayError> {
     let layout = layout(opts)?;
     let parsed = load_rules(&layout.rules);
     if !crate::agent::report_rules(&parsed) {
@@ -223,14 +204,12 @@ pub fn replay(
             run.perform(effects);
         }
         Some(path) => {
-            let text =
-                std::fs::read(path).map_err(|e| input_error(format!("{}: {e}", path.display())))?;
+            let text = std::fs::read(path).map_err(|e| input_error(format!("{}: {e}", path.display())))?;
             for record in MonitorText::new(&text) {
                 match record.map_err(|e| input_error(format!("{}: {e}", path.display())))? {
                     Record::Event(event, _) => {
                         let mut effects = Vec::new();
-                        run.engine
-                            .on_event(&run.sysfs, &event, run.now, &mut effects);
+                        run.engine.on_event(&run.sysfs, &event, run.now, &mut effects);
                         run.perform(effects);
                     }
                     Record::Directive(directive, line) => run
@@ -262,18 +241,11 @@ impl Run {
                 match effect {
                     Effect::Probe { epoch, target } => {
                         let verdict = self.prober.check(&target);
-                        self.engine.on_verdict(
-                            epoch,
-                            &target.devpath,
-                            verdict,
-                            self.now,
-                            &mut next,
-                        );
+                        self.engine.on_verdict(epoch, &target.devpath, verdict, self.now, &mut next);
                     }
                     Effect::Call { call, device } => {
                         info!("{device}: would call {call}");
-                        self.calls
-                            .push(format!("{} dom0 {}", self.client, call.service_arg()));
+                        self.calls.push(format!("{} dom0 {}", self.client, call.service_arg()));
                     }
                 }
             }
@@ -299,10 +271,7 @@ impl Run {
         let verb = words.next().unwrap_or_default();
         match verb {
             "wait" => {
-                let d = words
-                    .next()
-                    .and_then(crate::rules::parse_duration)
-                    .ok_or("wait needs a duration, e.g. 5s")?;
+                let d = words.next().and_then(crate::rules::parse_duration).ok_or("wait needs a duration, e.g. 5s")?;
                 self.advance(self.now + d.as_millis() as u64, false);
                 Ok(())
             }
@@ -313,10 +282,7 @@ impl Run {
                 let done = match verb {
                     "set" => std::fs::write(&path, format!("{}\n", rest.join(" "))),
                     "fill" => {
-                        let n: usize = rest
-                            .first()
-                            .and_then(|n| n.parse().ok())
-                            .ok_or("fill needs a byte count")?;
+                        let n: usize = rest.first().and_then(|n| n.parse().ok()).ok_or("fill needs a byte count")?;
                         std::fs::write(&path, vec![0u8; n])
                     }
                     _ if path.is_dir() => std::fs::remove_dir_all(&path),
@@ -334,9 +300,7 @@ fn fixture_path(root: &Path, rel: &str) -> Result<PathBuf, String> {
     let path = Path::new(rel);
     let plain = path.components().all(|c| matches!(c, Component::Normal(_)));
     if !plain || !(rel.starts_with("sys/") || rel.starts_with("dev/")) {
-        return Err(format!(
-            "{rel}: directive paths are relative, under sys/ or dev/"
-        ));
+        return Err(format!("{rel}: directive paths are relative, under sys/ or dev/"));
     }
     Ok(root.join(path))
 }

@@ -95,10 +95,7 @@ pub enum Key {
 
 impl Key {
     fn is_parent(&self) -> bool {
-        matches!(
-            self,
-            Key::Kernels | Key::Subsystems | Key::Drivers | Key::Attrs(..)
-        )
+        matches!(self, Key::Kernels | Key::Subsystems | Key::Drivers | Key::Attrs(..))
     }
 
     /// Evaluation order on the event device: event values before sysfs reads.
@@ -131,11 +128,7 @@ impl fmt::Display for Key {
 
 impl fmt::Display for Test {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let op = if self.negate != self.pattern.flipped {
-            "!="
-        } else {
-            "=="
-        };
+        let op = if self.negate != self.pattern.flipped { "!=" } else { "==" };
         write!(f, "{}{}\"{}\"", self.key, op, self.pattern.source)
     }
 }
@@ -194,14 +187,7 @@ impl Pattern {
         }
         let attr = matches!(key, Key::Attr(..) | Key::Attrs(..));
         let trim_value = attr && bytes.last().is_some_and(|b| !b.is_ascii_whitespace());
-        Pattern {
-            kind,
-            alts,
-            or_empty,
-            trim_value,
-            flipped,
-            source: source.into(),
-        }
+        Pattern { kind, alts, or_empty, trim_value, flipped, source: source.into() }
     }
 
     /// True if `value` matches (before the operator is applied).
@@ -209,12 +195,8 @@ impl Pattern {
         match self.kind {
             PatternKind::Empty => value.is_empty(),
             PatternKind::Subsystem => matches!(value, b"subsystem" | b"bus" | b"class"),
-            PatternKind::Plain => {
-                (self.or_empty && value.is_empty()) || self.alts.iter().any(|a| **a == *value)
-            }
-            PatternKind::Glob => {
-                (self.or_empty && value.is_empty()) || self.alts.iter().any(|a| fnmatch(a, value))
-            }
+            PatternKind::Plain => (self.or_empty && value.is_empty()) || self.alts.iter().any(|a| **a == *value),
+            PatternKind::Glob => (self.or_empty && value.is_empty()) || self.alts.iter().any(|a| fnmatch(a, value)),
         }
     }
 }
@@ -259,11 +241,7 @@ impl fmt::Display for RuleError {
         if self.line == 0 {
             write!(f, "{}: {}", self.origin, self.message)?;
         } else {
-            write!(
-                f,
-                "{}:{}:{}: {}",
-                self.origin, self.line, self.col, self.message
-            )?;
+            write!(f, "{}:{}:{}: {}", self.origin, self.line, self.col, self.message)?;
         }
         if let Some(hint) = &self.hint {
             write!(f, " (hint: {hint})")?;
@@ -303,13 +281,7 @@ impl Parsed {
 
     /// An error that is not tied to a line (unreadable file).
     pub fn file_error(&mut self, origin: &str, message: String) {
-        self.errors.push(RuleError {
-            origin: origin.into(),
-            line: 0,
-            col: 0,
-            message,
-            hint: None,
-        });
+        self.errors.push(RuleError { origin: origin.into(), line: 0, col: 0, message, hint: None });
     }
 
     /// Reads files and directories in order: a directory contributes its `*.rules` files in
@@ -331,11 +303,8 @@ impl Parsed {
             Ok(entries) => entries,
             Err(e) => return self.file_error(&shown, format!("cannot list: {}", io_reason(&e))),
         };
-        let mut files: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "rules"))
-            .collect();
+        let mut files: Vec<PathBuf> =
+            entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "rules")).collect();
         files.sort();
         for file in files {
             self.add_path(&file, true);
@@ -365,18 +334,9 @@ struct LogicalLine {
 impl LogicalLine {
     /// The line and column of byte `offset` of the joined text.
     fn place(&self, offset: usize) -> (usize, usize) {
-        let &(start, line, col) = self
-            .pieces
-            .iter()
-            .rev()
-            .find(|(start, ..)| *start <= offset)
-            .unwrap_or(&self.pieces[0]);
-        (
-            line,
-            col + self.text[start..offset.min(self.text.len())]
-                .chars()
-                .count(),
-        )
+        let &(start, line, col) =
+            self.pieces.iter().rev().find(|(start, ..)| *start <= offset).unwrap_or(&self.pieces[0]);
+        (line, col + self.text[start..offset.min(self.text.len())].chars().count())
     }
 }
 
@@ -401,10 +361,7 @@ fn logical_lines(text: &str) -> Vec<LogicalLine> {
                 if trimmed.is_empty() && !continued || trimmed.starts_with('#') {
                     continue;
                 }
-                LogicalLine {
-                    text: body.to_owned(),
-                    pieces: vec![(0, n + 1, 1)],
-                }
+                LogicalLine { text: body.to_owned(), pieces: vec![(0, n + 1, 1)] }
             }
         };
         if continued {
@@ -419,19 +376,10 @@ fn logical_lines(text: &str) -> Vec<LogicalLine> {
 
 /// Keys of udev's rule language that autoattach does not have, and why.
 const UDEV_ONLY: &[(&str, &str)] = &[
-    (
-        "RUN",
-        "autoattach runs nothing; its only action is ATTACH=\"qube\"",
-    ),
-    (
-        "PROGRAM",
-        "autoattach runs nothing; match on sysfs attributes instead",
-    ),
+    ("RUN", "autoattach runs nothing; its only action is ATTACH=\"qube\""),
+    ("PROGRAM", "autoattach runs nothing; match on sysfs attributes instead"),
     ("RESULT", "autoattach runs no PROGRAM"),
-    (
-        "IMPORT",
-        "there is no udev database here; match on ATTRS{...} of the device",
-    ),
+    ("IMPORT", "there is no udev database here; match on ATTRS{...} of the device"),
     ("GOTO", "rules have no labels; write one rule per device"),
     ("LABEL", "rules have no labels; write one rule per device"),
     ("NAME", "autoattach names nothing"),
@@ -441,14 +389,8 @@ const UDEV_ONLY: &[(&str, &str)] = &[
     ("MODE", "autoattach changes no permissions"),
     ("TAG", "there are no tags without udev"),
     ("TAGS", "there are no tags without udev"),
-    (
-        "TEST",
-        "use ATTR{file}==\"?*\" to test that an attribute exists",
-    ),
-    (
-        "OPTIONS",
-        "use TIMEOUT, DEBOUNCE or RATELIMIT for autoattach's options",
-    ),
+    ("TEST", "use ATTR{file}==\"?*\" to test that an attribute exists"),
+    ("OPTIONS", "use TIMEOUT, DEBOUNCE or RATELIMIT for autoattach's options"),
     ("SYSCTL", "autoattach reads no sysctls"),
     ("CONST", "not supported"),
     ("SECLABEL", "not supported"),
@@ -456,19 +398,8 @@ const UDEV_ONLY: &[(&str, &str)] = &[
     ("ENV_ASSIGN", ""),
 ];
 
-const MATCH_KEYS: &[&str] = &[
-    "ACTION",
-    "DEVPATH",
-    "KERNEL",
-    "SUBSYSTEM",
-    "DRIVER",
-    "ENV",
-    "ATTR",
-    "KERNELS",
-    "SUBSYSTEMS",
-    "DRIVERS",
-    "ATTRS",
-];
+const MATCH_KEYS: &[&str] =
+    &["ACTION", "DEVPATH", "KERNEL", "SUBSYSTEM", "DRIVER", "ENV", "ATTR", "KERNELS", "SUBSYSTEMS", "DRIVERS", "ATTRS"];
 const ACTION_KEYS: &[&str] = &["ATTACH", "TIMEOUT", "DEBOUNCE", "RATELIMIT"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -516,13 +447,7 @@ struct Token<'t> {
 impl<'a> LineParser<'a> {
     fn error(&mut self, offset: usize, message: String, hint: Option<String>) {
         let (line, col) = self.line.place(offset);
-        self.errors.push(RuleError {
-            origin: self.origin.clone(),
-            line,
-            col,
-            message,
-            hint,
-        });
+        self.errors.push(RuleError { origin: self.origin.clone(), line, col, message, hint });
     }
 
     fn rest(&self) -> &str {
@@ -559,11 +484,7 @@ impl<'a> LineParser<'a> {
             self.apply(token, &mut rule, &mut attach_at);
         }
         if attach_at.is_none() && self.errors.len() == errors_before {
-            self.error(
-                first_at,
-                "rule has no action".into(),
-                Some("end it with ATTACH=\"qube\"".into()),
-            );
+            self.error(first_at, "rule has no action".into(), Some("end it with ATTACH=\"qube\"".into()));
         }
         if self.errors.len() > errors_before {
             return None;
@@ -576,17 +497,10 @@ impl<'a> LineParser<'a> {
     /// cannot be trusted).
     fn token(&mut self) -> Option<Token<'a>> {
         let key_at = self.pos;
-        let key_len = self
-            .rest()
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(self.rest().len());
+        let key_len = self.rest().find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(self.rest().len());
         if key_len == 0 {
             let c = self.rest().chars().next().unwrap_or(' ');
-            self.error(
-                key_at,
-                format!("expected a key, found '{}'", c.escape_default()),
-                None,
-            );
+            self.error(key_at, format!("expected a key, found '{}'", c.escape_default()), None);
             return None;
         }
         self.pos += key_len;
@@ -613,11 +527,7 @@ impl<'a> LineParser<'a> {
         .find(|(s, _)| self.rest().starts_with(s));
         let Some((op_text, op)) = op else {
             let key = self.line.text[key_at..key_at + key_len].to_owned();
-            self.error(
-                op_at,
-                format!("expected an operator after {key}"),
-                Some("use == or != to match".into()),
-            );
+            self.error(op_at, format!("expected an operator after {key}"), Some("use == or != to match".into()));
             return None;
         };
         self.pos += op_text.len();
@@ -690,11 +600,7 @@ impl<'a> LineParser<'a> {
         let wants_attr = matches!(t.key, "ENV" | "ATTR" | "ATTRS");
         match (wants_attr, t.attr) {
             (true, None) | (true, Some("")) => {
-                return self.error(
-                    key_at,
-                    format!("{} needs a name: {}{{name}}", t.key, t.key),
-                    None,
-                );
+                return self.error(key_at, format!("{} needs a name: {}{{name}}", t.key, t.key), None);
             }
             (false, Some(_)) => {
                 return self.error(key_at, format!("{} takes no {{...}}", t.key), None);
@@ -714,11 +620,7 @@ impl<'a> LineParser<'a> {
                 ),
                 _ => format!("to match, write {}==\"{}\"", t.key, t.value),
             };
-            let message = format!(
-                "{} can only be matched with == or !=, not {}",
-                t.key,
-                t.op.as_str()
-            );
+            let message = format!("{} can only be matched with == or !=, not {}", t.key, t.op.as_str());
             return self.error(op_at, message, Some(hint));
         }
         if t.value.contains('\0') {
@@ -746,11 +648,7 @@ impl<'a> LineParser<'a> {
                     return self.error(key_at, format!("{attr_key}{{{name}}}: {why}"), None);
                 }
                 let id = intern(self.attrs, name);
-                if attr_key == "ATTR" {
-                    Key::Attr(name.into(), id)
-                } else {
-                    Key::Attrs(name.into(), id)
-                }
+                if attr_key == "ATTR" { Key::Attr(name.into(), id) } else { Key::Attrs(name.into(), id) }
             }
         };
         let test = Test {
@@ -772,35 +670,24 @@ impl<'a> LineParser<'a> {
         }
         if t.op != Op::Assign {
             let hint = format!("{} is an action: write {}=\"{}\"", t.key, t.key, t.value);
-            return self.error(
-                t.op_at,
-                format!("{} takes =, not {}", t.key, t.op.as_str()),
-                Some(hint),
-            );
+            return self.error(t.op_at, format!("{} takes =, not {}", t.key, t.op.as_str()), Some(hint));
         }
         match t.key {
             "ATTACH" => {
                 if let Some(first) = *attach_at {
                     let (line, col) = self.line.place(first);
                     let message = format!("second ATTACH (the first is at {line}:{col})");
-                    return self.error(
-                        t.key_at,
-                        message,
-                        Some("a rule attaches to one qube".into()),
-                    );
+                    return self.error(t.key_at, message, Some("a rule attaches to one qube".into()));
                 }
                 *attach_at = Some(t.key_at);
                 if let Err(e) = names::check_qube(&t.value) {
                     let hint = match e {
-                        names::NameError::BadByte(_) | names::NameError::BadFirst => Some(
-                            "qube names are 1-31 of [A-Za-z0-9_.-], starting with a letter".into(),
-                        ),
+                        names::NameError::BadByte(_) | names::NameError::BadFirst => {
+                            Some("qube names are 1-31 of [A-Za-z0-9_.-], starting with a letter".into())
+                        }
                         _ => None,
                     };
-                    let message = format!(
-                        "ATTACH=\"{}\": {e}",
-                        crate::log::Escaped(t.value.as_bytes())
-                    );
+                    let message = format!("ATTACH=\"{}\": {e}", crate::log::Escaped(t.value.as_bytes()));
                     return self.error(t.value_at, message, hint);
                 }
                 rule.attach = t.value.into();
@@ -827,11 +714,7 @@ impl<'a> LineParser<'a> {
 
     fn unknown_key(&mut self, t: &Token<'_>) {
         if let Some((_, why)) = UDEV_ONLY.iter().find(|(k, _)| *k == t.key) {
-            return self.error(
-                t.key_at,
-                format!("udev key {} is not supported", t.key),
-                Some((*why).into()),
-            );
+            return self.error(t.key_at, format!("udev key {} is not supported", t.key), Some((*why).into()));
         }
         let upper = t.key.to_ascii_uppercase();
         let all = MATCH_KEYS.iter().chain(ACTION_KEYS);
@@ -868,11 +751,7 @@ fn check_attr_name(name: &str) -> Result<(), &'static str> {
     if name.contains(['*', '?']) {
         return Err("wildcards in attribute names are not supported");
     }
-    if name.starts_with('/')
-        || name
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == "..")
-    {
+    if name.starts_with('/') || name.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
         return Err("must be a relative path without '.' or '..'");
     }
     if name.len() > 255 || name.bytes().any(|b| b.is_ascii_control() || b == b' ') {
@@ -883,9 +762,7 @@ fn check_attr_name(name: &str) -> Result<(), &'static str> {
 
 /// `30`, `30s`, `2m`, `1h`, `500ms`: from 1 ms to 24 h.
 pub fn parse_duration(text: &str) -> Option<Duration> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let n: u64 = number.parse().ok()?;
     let ms = match unit.trim() {
@@ -895,9 +772,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "h" => n.checked_mul(3_600_000)?,
         _ => return None,
     };
-    (1..=86_400_000)
-        .contains(&ms)
-        .then(|| Duration::from_millis(ms))
+    (1..=86_400_000).contains(&ms).then(|| Duration::from_millis(ms))
 }
 
 /// `COUNT/DURATION`, e.g. `3/1m`.
@@ -936,10 +811,7 @@ fn lint(rule: &Rule, line: &LogicalLine) -> Vec<RuleError> {
         })
     };
     let can = |key: &Key, value: &str| {
-        rule.tests
-            .iter()
-            .filter(|t| t.key == *key)
-            .all(|t| t.on_string(Some(value.as_bytes())))
+        rule.tests.iter().filter(|t| t.key == *key).all(|t| t.on_string(Some(value.as_bytes())))
     };
     let kernel_can = |name: &str| can(&Key::Kernel, name);
     let block = can(&Key::Subsystem, "block");
@@ -951,18 +823,8 @@ fn lint(rule: &Rule, line: &LogicalLine) -> Vec<RuleError> {
         );
         return out;
     }
-    const DISKS: &[&str] = &[
-        "sda", "sdb", "sdz", "mmcblk0", "nvme0n1", "vda", "sr0", "loop0",
-    ];
-    const PARTS: &[&str] = &[
-        "sda1",
-        "sdb2",
-        "sdz15",
-        "mmcblk0p1",
-        "nvme0n1p1",
-        "vda1",
-        "loop0p1",
-    ];
+    const DISKS: &[&str] = &["sda", "sdb", "sdz", "mmcblk0", "nvme0n1", "vda", "sr0", "loop0"];
+    const PARTS: &[&str] = &["sda1", "sdb2", "sdz15", "mmcblk0p1", "nvme0n1p1", "vda1", "loop0p1"];
     let disk = can(&Key::Env("DEVTYPE".into()), "disk") && DISKS.iter().any(|n| kernel_can(n));
     let part = can(&Key::Env("DEVTYPE".into()), "partition") && PARTS.iter().any(|n| kernel_can(n));
     if block && disk && part {
@@ -972,16 +834,12 @@ fn lint(rule: &Rule, line: &LogicalLine) -> Vec<RuleError> {
         );
     }
     let identity = ["serial", "idVendor", "idProduct", "product", "manufacturer"];
-    let has_identity = rule
-        .tests
-        .iter()
-        .chain(&rule.parent_tests)
-        .any(|t| match &t.key {
-            Key::Attr(a, _) | Key::Attrs(a, _) => identity.contains(&&**a),
-            Key::Env(e) => e.starts_with("ID_"),
-            Key::Devpath | Key::Kernels => true,
-            _ => false,
-        });
+    let has_identity = rule.tests.iter().chain(&rule.parent_tests).any(|t| match &t.key {
+        Key::Attr(a, _) | Key::Attrs(a, _) => identity.contains(&&**a),
+        Key::Env(e) => e.starts_with("ID_"),
+        Key::Devpath | Key::Kernels => true,
+        _ => false,
+    });
     if !has_identity {
         warn(
             "this rule matches any device of its kind, not one device".into(),
@@ -1051,14 +909,7 @@ impl Matcher {
         Matcher {
             attrs: set.attrs.clone(),
             names,
-            slots: vec![
-                Slot {
-                    stamp: 0,
-                    start: 0,
-                    len: 0
-                };
-                names * MAX_DEPTH
-            ],
+            slots: vec![Slot { stamp: 0, start: 0, len: 0 }; names * MAX_DEPTH],
             arena: Vec::with_capacity(64 * 1024),
             stamp: 0,
             chain: heapless::Vec::new(),
@@ -1068,22 +919,11 @@ impl Matcher {
     }
 
     /// The index of the first rule of `set` that matches `event`, reading `sysfs`.
-    pub fn first_match(
-        &mut self,
-        sysfs: &Sysfs,
-        set: &RuleSet,
-        event: &Uevent<'_>,
-    ) -> Option<usize> {
+    pub fn first_match(&mut self, sysfs: &Sysfs, set: &RuleSet, event: &Uevent<'_>) -> Option<usize> {
         debug_assert_eq!(self.attrs, set.attrs, "matcher built for another rule set");
         self.begin(event);
-        let mut cx = Cx {
-            m: self,
-            sysfs,
-            event,
-        };
-        set.rules
-            .iter()
-            .position(|rule| cx.rule_matches(rule, &mut Silent, false))
+        let mut cx = Cx { m: self, sysfs, event };
+        set.rules.iter().position(|rule| cx.rule_matches(rule, &mut Silent, false))
     }
 
     /// Like [`Matcher::first_match`], but evaluates every key of every rule and reports them.
@@ -1095,11 +935,7 @@ impl Matcher {
         trace: &mut dyn Trace,
     ) -> Option<usize> {
         self.begin(event);
-        let mut cx = Cx {
-            m: self,
-            sysfs,
-            event,
-        };
+        let mut cx = Cx { m: self, sysfs, event };
         let mut first = None;
         for (i, rule) in set.rules.iter().enumerate() {
             trace.rule(i, rule);
@@ -1193,11 +1029,7 @@ impl Cx<'_, '_> {
             Key::Attr(_, id) => (self.cached(0, *id as usize + 2), true),
             _ => unreachable!("parent keys are evaluated on the parent walk"),
         };
-        let pass = if attr {
-            test.on_attr(value)
-        } else {
-            test.on_string(value)
-        };
+        let pass = if attr { test.on_attr(value) } else { test.on_string(value) };
         trace.test(None, test, value, pass);
         pass
     }
@@ -1206,10 +1038,7 @@ impl Cx<'_, '_> {
         let event = self.event;
         let len = self.m.chain[level] as usize;
         let (value, attr) = match &test.key {
-            Key::Kernels => (
-                Some(crate::uevent::kernel_name(&event.devpath[..len]).as_bytes()),
-                false,
-            ),
+            Key::Kernels => (Some(crate::uevent::kernel_name(&event.devpath[..len]).as_bytes()), false),
             Key::Subsystems if level == 0 => (Some(event.subsystem.as_bytes()), false),
             Key::Subsystems => (self.cached(level, SUBSYSTEM_LINK), false),
             Key::Drivers => match event.get("DRIVER").filter(|_| level == 0) {
@@ -1219,11 +1048,7 @@ impl Cx<'_, '_> {
             Key::Attrs(_, id) => (self.cached(level, *id as usize + 2), true),
             _ => unreachable!("event keys are evaluated on the event device"),
         };
-        let pass = if attr {
-            test.on_attr(value)
-        } else {
-            test.on_string(value)
-        };
+        let pass = if attr { test.on_attr(value) } else { test.on_string(value) };
         trace.test(Some((level, &event.devpath[..len])), test, value, pass);
         pass
     }
@@ -1247,15 +1072,10 @@ impl Cx<'_, '_> {
                 }
                 None => MISSING,
             };
-            m.slots[index] = Slot {
-                stamp: m.stamp,
-                start,
-                len,
-            };
+            m.slots[index] = Slot { stamp: m.stamp, start, len };
         }
         let slot = m.slots[index];
-        (slot.len != MISSING)
-            .then(|| &m.arena[slot.start as usize..(slot.start + slot.len) as usize])
+        (slot.len != MISSING).then(|| &m.arena[slot.start as usize..(slot.start + slot.len) as usize])
     }
 }
 
@@ -1266,13 +1086,7 @@ impl Trace for Tracer<'_> {
     fn rule(&mut self, i: usize, r: &Rule) {
         self.0.rule(i, r)
     }
-    fn test(
-        &mut self,
-        level: Option<(usize, &str)>,
-        test: &Test,
-        value: Option<&[u8]>,
-        pass: bool,
-    ) {
+    fn test(&mut self, level: Option<(usize, &str)>, test: &Test, value: Option<&[u8]>, pass: bool) {
         self.0.test(level, test, value, pass)
     }
     fn parents(&mut self, found: Option<(usize, &str)>) {
@@ -1310,11 +1124,7 @@ mod tests {
     use crate::testing::{STICK_DISK, STICK_PART, Tree, datagram};
 
     fn errors(text: &str) -> Vec<String> {
-        parse("rules", text)
-            .errors
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+        parse("rules", text).errors.iter().map(ToString::to_string).collect()
     }
 
     #[test]
@@ -1350,11 +1160,7 @@ mod tests {
         ];
         assert_eq!(got, want);
         let parsed = parse("rules", text);
-        assert_eq!(
-            parsed.set.rules.len(),
-            1,
-            "only the last line is a valid rule"
-        );
+        assert_eq!(parsed.set.rules.len(), 1, "only the last line is a valid rule");
         assert_eq!(parsed.set.rules[0].line, 13);
     }
 
@@ -1380,40 +1186,26 @@ mod tests {
         assert_eq!(r.timeout, Some(Duration::from_secs(90)));
         assert_eq!(r.debounce, Some(Duration::from_secs(2)));
         assert_eq!(r.rate_limit, Some((3, Duration::from_secs(60))));
-        assert_eq!(
-            errors("SUBSYSTEM==\"block\", ATTACH=\"w\", TIMEOUT=\"soon\"\n").len(),
-            1
-        );
-        assert_eq!(
-            errors("SUBSYSTEM==\"block\", ATTACH=\"w\", RATELIMIT=\"0/1m\"\n").len(),
-            1
-        );
+        assert_eq!(errors("SUBSYSTEM==\"block\", ATTACH=\"w\", TIMEOUT=\"soon\"\n").len(), 1);
+        assert_eq!(errors("SUBSYSTEM==\"block\", ATTACH=\"w\", RATELIMIT=\"0/1m\"\n").len(), 1);
     }
 
     #[test]
     fn lint_warns_about_risky_rules() {
-        let warnings = |text: &str| -> Vec<String> {
-            parse("r", text)
-                .warnings
-                .iter()
-                .map(|w| w.message.clone())
-                .collect()
-        };
-        let both =
-            warnings("SUBSYSTEM==\"block\", KERNEL==\"sd*\", ATTRS{serial}==\"1\", ATTACH=\"w\"\n");
+        let warnings =
+            |text: &str| -> Vec<String> { parse("r", text).warnings.iter().map(|w| w.message.clone()).collect() };
+        let both = warnings("SUBSYSTEM==\"block\", KERNEL==\"sd*\", ATTRS{serial}==\"1\", ATTACH=\"w\"\n");
         assert_eq!(
             both,
             [
                 "this rule can match both a disk and its partitions: the disk would be attached and then its partitions, or the other way round"
             ]
         );
+        assert!(warnings("SUBSYSTEM==\"block\", KERNEL==\"sd[a-z]\", ATTRS{serial}==\"1\", ATTACH=\"w\"\n").is_empty());
         assert!(
-            warnings(
-                "SUBSYSTEM==\"block\", KERNEL==\"sd[a-z]\", ATTRS{serial}==\"1\", ATTACH=\"w\"\n"
-            )
-            .is_empty()
+            warnings("SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{serial}==\"1\", ATTACH=\"w\"\n")
+                .is_empty()
         );
-        assert!(warnings("SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{serial}==\"1\", ATTACH=\"w\"\n").is_empty());
         assert_eq!(
             warnings("SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"disk\", ATTACH=\"w\"\n"),
             ["this rule matches any device of its kind, not one device"]
@@ -1423,9 +1215,7 @@ mod tests {
             ["this rule can never attach anything"]
         );
         assert_eq!(
-            warnings(
-                "SUBSYSTEM==\"usb\", ENV{DEVTYPE}==\"usb_interface\", ATTRS{serial}==\"1\", ATTACH=\"w\"\n"
-            ),
+            warnings("SUBSYSTEM==\"usb\", ENV{DEVTYPE}==\"usb_interface\", ATTRS{serial}==\"1\", ATTACH=\"w\"\n"),
             ["this rule can never attach anything"]
         );
     }
@@ -1436,30 +1226,18 @@ mod tests {
         assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
         let sysfs = Sysfs::new(tree.root()).unwrap();
         let event = Uevent::parse(datagram).unwrap();
-        Matcher::new(&parsed.set)
-            .first_match(&sysfs, &parsed.set, &event)
-            .is_some()
+        Matcher::new(&parsed.set).first_match(&sysfs, &parsed.set, &event).is_some()
     }
 
     fn disk_add() -> Vec<u8> {
-        datagram(
-            "add",
-            STICK_DISK,
-            "block",
-            &["MAJOR=8", "MINOR=16", "DEVNAME=sdb", "DEVTYPE=disk"],
-        )
+        datagram("add", STICK_DISK, "block", &["MAJOR=8", "MINOR=16", "DEVNAME=sdb", "DEVTYPE=disk"])
     }
 
     #[test]
     fn udev_matching_semantics() {
         let t = Tree::stick(b"ABC123");
         let disk = disk_add();
-        let part = datagram(
-            "add",
-            STICK_PART,
-            "block",
-            &["DEVNAME=sdb1", "DEVTYPE=partition"],
-        );
+        let part = datagram("add", STICK_PART, "block", &["DEVNAME=sdb1", "DEVTYPE=partition"]);
         let cases: &[(&str, &[u8], bool)] = &[
             ("SUBSYSTEM==\"block\"", &disk, true),
             ("SUBSYSTEM!=\"block\"", &disk, false),
@@ -1499,27 +1277,11 @@ mod tests {
             ("DRIVERS==\"nvme\"", &disk, false),
             ("DRIVER==\"sd\"", &disk, false),
             // All parent keys on ONE device: the idVendor is on 2-1, the model on 6:0:0:0.
-            (
-                "ATTRS{idVendor}==\"46f4\", ATTRS{model}==\"QEMU HARDDISK\"",
-                &disk,
-                false,
-            ),
-            (
-                "ATTRS{idVendor}==\"46f4\", ATTRS{serial}==\"ABC123\"",
-                &disk,
-                true,
-            ),
+            ("ATTRS{idVendor}==\"46f4\", ATTRS{model}==\"QEMU HARDDISK\"", &disk, false),
+            ("ATTRS{idVendor}==\"46f4\", ATTRS{serial}==\"ABC123\"", &disk, true),
             ("KERNELS==\"2-1\", ATTRS{serial}==\"ABC123\"", &disk, true),
-            (
-                "KERNELS==\"2-1:1.0\", ATTRS{serial}==\"ABC123\"",
-                &disk,
-                false,
-            ),
-            (
-                "SUBSYSTEMS==\"scsi\", DRIVERS==\"sd\", ATTRS{vendor}==\"QEMU\"",
-                &disk,
-                true,
-            ),
+            ("KERNELS==\"2-1:1.0\", ATTRS{serial}==\"ABC123\"", &disk, false),
+            ("SUBSYSTEMS==\"scsi\", DRIVERS==\"sd\", ATTRS{vendor}==\"QEMU\"", &disk, true),
             ("SUBSYSTEMS==\"usb\", ATTRS{vendor}==\"QEMU\"", &disk, false),
             // != on a parent key holds on the first device where every parent key holds.
             ("ATTRS{serial}!=\"ABC123\", KERNELS==\"usb2\"", &disk, true),
@@ -1535,7 +1297,9 @@ mod tests {
         let t = Tree::stick(b"ABC123");
         let mut text = String::new();
         for i in 0..50 {
-            text.push_str(&format!("SUBSYSTEM==\"block\", ATTRS{{idVendor}}==\"46f4\", ATTRS{{serial}}==\"S{i}\", ATTACH=\"q{i}\"\n"));
+            text.push_str(&format!(
+                "SUBSYSTEM==\"block\", ATTRS{{idVendor}}==\"46f4\", ATTRS{{serial}}==\"S{i}\", ATTACH=\"q{i}\"\n"
+            ));
         }
         text.push_str("SUBSYSTEM==\"block\", ATTRS{idVendor}==\"46f4\", ATTRS{serial}==\"ABC123\", ATTACH=\"mine\"\n");
         text.push_str("SUBSYSTEM==\"block\", ATTRS{serial}==\"ABC123\", ATTACH=\"later\"\n");

@@ -43,10 +43,7 @@ pub struct Spawner {
 impl Spawner {
     /// A spawner for `program`; `envp` is the environment every child gets.
     pub fn new(program: &Path, envp: Vec<CString>) -> Spawner {
-        Spawner {
-            program: CString::new(program.as_os_str().as_bytes()).unwrap_or_default(),
-            envp,
-        }
+        Spawner { program: CString::new(program.as_os_str().as_bytes()).unwrap_or_default(), envp }
     }
 
     /// The current environment, captured once so children get it without touching `environ`
@@ -75,11 +72,7 @@ impl Spawner {
         let mut attr = PosixSpawnAttr::init()?;
         // SETSID has no nix constant: it is glibc's (2.26+) and musl's 0x80.
         let setsid = PosixSpawnFlags::from_bits_retain(nix::libc::POSIX_SPAWN_SETSID as _);
-        attr.set_flags(
-            PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
-                | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF
-                | setsid,
-        )?;
+        attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF | setsid)?;
         attr.set_sigmask(&SigSet::empty())?;
         attr.set_sigdefault(&every_signal())?;
 
@@ -107,41 +100,27 @@ fn every_signal() -> SigSet {
 /// Finds `name` in PATH (or takes it as is if it has a `/`). None if no executable file.
 pub fn find_program(name: &Path) -> Option<PathBuf> {
     let executable = |p: &Path| {
-        p.metadata().is_ok_and(|m| m.is_file())
-            && nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_ok()
+        p.metadata().is_ok_and(|m| m.is_file()) && nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_ok()
     };
     if name.as_os_str().as_bytes().contains(&b'/') {
         return executable(name).then(|| name.to_owned());
     }
     let path = std::env::var_os("PATH")
         .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| executable(p))
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| executable(p))
 }
 
 /// Marks every fd above 2 close-on-exec, so nothing the agent inherited reaches a child.
 pub fn cloexec_inherited_fds() -> std::io::Result<()> {
     // SAFETY: close_range only changes flags of the calling process's fds; the arguments are
     // plain integers.
-    let rc = unsafe {
-        nix::libc::syscall(
-            nix::libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            nix::libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
+    let rc = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, 3u32, u32::MAX, nix::libc::CLOSE_RANGE_CLOEXEC) };
     if rc == 0 {
         return Ok(());
     }
     // Kernels before 5.11: walk /proc/self/fd.
     for entry in std::fs::read_dir("/proc/self/fd")?.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
+        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
         if fd > 2 {
@@ -149,6 +128,44 @@ pub fn cloexec_inherited_fds() -> std::io::Result<()> {
             // (the directory's own fd) just fails with EBADF.
             unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC) };
         }
+    }
+    Ok(())
+}
+
+/// Drops every capability (effective, permitted, inheritable, ambient). The agent needs
+/// CAP_NET_ADMIN only to size its receive buffer; after that nothing it does, and nothing its
+/// children do, needs a capability, so none may leak into `qrexec-client-vm` or
+/// `qubesdb-read`. (A root agent's children still get root's capabilities back at exec, as
+/// any root process does; under the shipped unit the agent is not root.)
+pub fn drop_capabilities() -> std::io::Result<()> {
+    use nix::libc::{PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, SYS_capset, c_long, prctl, syscall};
+    // SAFETY: prctl with these constant arguments only clears this process's ambient set.
+    let rc =
+        unsafe { prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL as c_long, 0 as c_long, 0 as c_long, 0 as c_long) };
+    if rc != 0 && Errno::last() != Errno::EINVAL {
+        return Err(std::io::Error::last_os_error());
+    }
+    /// `struct __user_cap_header_struct` with _LINUX_CAPABILITY_VERSION_3.
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    /// `struct __user_cap_data_struct`: effective, permitted, inheritable.
+    #[repr(C)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let header = Header { version: 0x2008_0522, pid: 0 };
+    let data =
+        [Data { effective: 0, permitted: 0, inheritable: 0 }, Data { effective: 0, permitted: 0, inheritable: 0 }];
+    // SAFETY: `header` and the two-element `data` array are the layout capset(2) expects for
+    // version 3; both live across the call and are only read by the kernel.
+    let rc = unsafe { syscall(SYS_capset, &header as *const Header, data.as_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -184,9 +201,7 @@ impl Exit {
             Exit::Code(65) => "dom0 handler: bad qube name, or target is dom0 or the source",
             Exit::Code(66) => "dom0 handler: bad device name",
             Exit::Code(67) => "dom0 handler: no such target qube",
-            Exit::Code(68) => {
-                "dom0 handler: not in the dom0 allowlist (/etc/qubes/autoattach.conf)"
-            }
+            Exit::Code(68) => "dom0 handler: not in the dom0 allowlist (/etc/qubes/autoattach.conf)",
             Exit::Code(69) => "dom0 handler: target qube not running and not started",
             Exit::Code(70) => "dom0 handler: sys-usb did not expose the device in time",
             Exit::Code(71) => "dom0 handler: device already attached to another qube",
@@ -214,13 +229,7 @@ pub struct Children {
 
 impl Children {
     pub fn add(&mut self, pid: Pid, call: String, device: String, now: u64) {
-        self.list.push(Child {
-            pid,
-            call,
-            device,
-            started: now,
-            overdue: false,
-        });
+        self.list.push(Child { pid, call, device, started: now, overdue: false });
     }
 
     pub fn len(&self) -> usize {
@@ -266,11 +275,7 @@ impl Children {
 
     /// When the next child becomes overdue.
     pub fn next_overdue(&self, bound: Duration) -> Option<u64> {
-        self.list
-            .iter()
-            .filter(|c| !c.overdue)
-            .map(|c| c.started + bound.as_millis() as u64)
-            .min()
+        self.list.iter().filter(|c| !c.overdue).map(|c| c.started + bound.as_millis() as u64).min()
     }
 }
 
@@ -318,10 +323,7 @@ mod tests {
         fds.sort();
         assert_eq!(fds, ["0", "1", "2"]);
         for fd in 0..3 {
-            assert_eq!(
-                std::fs::read_link(proc.join(format!("fd/{fd}"))).unwrap(),
-                Path::new("/dev/null")
-            );
+            assert_eq!(std::fs::read_link(proc.join(format!("fd/{fd}"))).unwrap(), Path::new("/dev/null"));
         }
         let status = std::fs::read_to_string(proc.join("status")).unwrap();
         let field = |name: &str| {
@@ -333,27 +335,46 @@ mod tests {
         // particular not SIGPIPE, which Rust ignores in the agent.
         assert_eq!(field("SigIgn:") & !(3 << 31), 0);
         let stat = std::fs::read_to_string(proc.join("stat")).unwrap();
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .collect();
-        assert_eq!(
-            fields[3],
-            pid.to_string(),
-            "session id is its own pid: {stat}"
-        );
-        assert_eq!(
-            fields[2],
-            pid.to_string(),
-            "process group is its own: {stat}"
-        );
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        assert_eq!(fields[3], pid.to_string(), "session id is its own pid: {stat}");
+        assert_eq!(fields[2], pid.to_string(), "process group is its own: {stat}");
         nix::sys::signal::kill(pid, Signal::SIGKILL).unwrap();
         let mut children = Children::default();
         children.add(pid, "call".into(), "sdb1".into(), 0);
         assert_eq!(wait_exit(&mut children), Exit::Signal(Signal::SIGKILL));
         drop(leak);
+    }
+
+    /// In a child process (so the test runner keeps its capabilities): after the drop, the
+    /// status shows no capability in any set.
+    #[test]
+    fn capabilities_are_dropped() {
+        // SAFETY: the child only calls drop_capabilities, reads a file and exits; the test
+        // harness's other threads are not touched in the child before _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                // Allocation-free from here: other test threads may hold the allocator's lock.
+                let mut status = [0u8; 8192];
+                let mut len = 0;
+                let dropped = drop_capabilities().is_ok();
+                if let Ok(fd) = nix::fcntl::open(c"/proc/self/status", OFlag::O_RDONLY, Mode::empty()) {
+                    while let Ok(n @ 1..) = nix::unistd::read(&fd, &mut status[len..]) {
+                        len += n;
+                    }
+                }
+                let clear = status[..len]
+                    .split(|&b| b == b'\n')
+                    .filter(|l| l.starts_with(b"Cap") && !l.starts_with(b"CapBnd"))
+                    .all(|l| l.ends_with(b"0000000000000000"));
+                let ok = dropped && len > 0 && clear;
+                // SAFETY: _exit ends the forked child at once, without running the parent's
+                // destructors or atexit handlers twice.
+                unsafe { nix::libc::_exit(if ok { 0 } else { 1 }) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                assert_eq!(waitpid(child, None).unwrap(), WaitStatus::Exited(child, 0));
+            }
+        }
     }
 
     #[test]
@@ -369,10 +390,7 @@ mod tests {
         let pid = spawner.spawn(&[c"-c", c"exit 126"]).unwrap();
         children.add(pid, "c".into(), "d".into(), 0);
         let exit = wait_exit(&mut children);
-        assert_eq!(
-            exit.to_string(),
-            "exit 126: refused by dom0's qrexec policy"
-        );
+        assert_eq!(exit.to_string(), "exit 126: refused by dom0's qrexec policy");
         let pid = spawner.spawn(&[c"-c", c"sleep 0.5"]).unwrap();
         children.add(pid, "c".into(), "d".into(), 1000);
         assert_eq!(children.next_overdue(Duration::from_secs(1)), Some(2000));

@@ -67,11 +67,7 @@ impl Sysfs {
             let kind = io::Error::from(e).kind();
             io::Error::new(kind, format!("{}: {}", root.display(), e.desc()))
         })?;
-        Ok(Sysfs {
-            root,
-            dir,
-            reads: AtomicU64::new(0),
-        })
+        Ok(Sysfs { root, dir, reads: AtomicU64::new(0) })
     }
 
     pub fn root(&self) -> &Path {
@@ -86,12 +82,7 @@ impl Sysfs {
     /// Reads attribute `name` of the device at `devpath` into `buf`, as sd-device does:
     /// trailing newlines removed, cut at the first NUL. Link attributes (`driver`,
     /// `subsystem`, `module`) read as the basename of their target.
-    pub fn attr<'b>(
-        &self,
-        devpath: &str,
-        name: &str,
-        buf: &'b mut [u8; MAX_ATTR],
-    ) -> Result<&'b [u8], AttrError> {
+    pub fn attr<'b>(&self, devpath: &str, name: &str, buf: &'b mut [u8; MAX_ATTR]) -> Result<&'b [u8], AttrError> {
         if matches!(name, "driver" | "subsystem" | "module") {
             return self.link(devpath, name, buf).ok_or(AttrError::Missing);
         }
@@ -117,12 +108,7 @@ impl Sysfs {
     }
 
     /// The basename of the target of link `name` under `devpath` (`driver`, `subsystem`).
-    pub fn link<'b>(
-        &self,
-        devpath: &str,
-        name: &str,
-        buf: &'b mut [u8; MAX_ATTR],
-    ) -> Option<&'b [u8]> {
+    pub fn link<'b>(&self, devpath: &str, name: &str, buf: &'b mut [u8; MAX_ATTR]) -> Option<&'b [u8]> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         let mut path = [0u8; MAX_PATH];
         let cpath = rel_path(&mut path, devpath, name).ok()?;
@@ -136,9 +122,7 @@ impl Sysfs {
                 buf.len(),
             )
         };
-        let n = usize::try_from(n)
-            .ok()
-            .filter(|&n| n > 0 && n < buf.len())?;
+        let n = usize::try_from(n).ok().filter(|&n| n > 0 && n < buf.len())?;
         let target = &buf[..n];
         let start = target.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
         Some(&target[start..])
@@ -217,14 +201,9 @@ impl Sysfs {
     /// `/devices/...` or a path `/sys/devices/...`.
     pub fn resolve(&self, name: &str) -> Option<String> {
         let name = name.strip_prefix("/dev/").unwrap_or(name);
-        if let Some(rel) = Path::new(name)
-            .strip_prefix(&self.root)
-            .ok()
-            .and_then(Path::to_str)
-        {
+        if let Some(rel) = Path::new(name).strip_prefix(&self.root).ok().and_then(Path::to_str) {
             let devpath = format!("/{}", rel.trim_start_matches('/'));
-            return (devpath_is_safe(&devpath) && self.exists(&devpath, "uevent"))
-                .then_some(devpath);
+            return (devpath_is_safe(&devpath) && self.exists(&devpath, "uevent")).then_some(devpath);
         }
         if name.starts_with("/devices/") {
             return (devpath_is_safe(name) && self.exists(name, "uevent")).then(|| name.to_owned());
@@ -232,9 +211,7 @@ impl Sysfs {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return None;
         }
-        ["class/block", "bus/usb/devices"]
-            .iter()
-            .find_map(|dir| self.devpath_of_link(&self.root.join(dir).join(name)))
+        ["class/block", "bus/usb/devices"].iter().find_map(|dir| self.devpath_of_link(&self.root.join(dir).join(name)))
     }
 
     /// The devpath a `class/...` or `bus/.../devices` link points to.
@@ -250,9 +227,7 @@ impl Sysfs {
     /// used for matched devices and commands, not on the per-event path.
     pub fn identity(&self, devpath: &str) -> Identity {
         let mut buf = [0u8; MAX_ATTR];
-        let text = |dp: &str, name: &str, buf: &mut [u8; MAX_ATTR]| {
-            self.attr(dp, name, buf).ok().map(<[u8]>::to_vec)
-        };
+        let text = |dp: &str, name: &str, buf: &mut [u8; MAX_ATTR]| self.attr(dp, name, buf).ok().map(<[u8]>::to_vec);
         let uevent = self.uevent_file(devpath).unwrap_or_default();
         let prop = |key: &str| {
             uevent
@@ -281,13 +256,7 @@ impl Sysfs {
             interfaces: self.usb_interfaces(&dp),
             devpath: dp,
         });
-        Identity {
-            devpath: devpath.to_owned(),
-            subsystem,
-            devtype,
-            block,
-            usb,
-        }
+        Identity { devpath: devpath.to_owned(), subsystem, devtype, block, usb }
     }
 
     /// The USB device (`usb_device`) at or above `devpath`, if any.
@@ -319,11 +288,7 @@ impl Sysfs {
         for name in names {
             let dp = format!("{usb_devpath}/{name}");
             let mut triple = String::new();
-            for attr in [
-                "bInterfaceClass",
-                "bInterfaceSubClass",
-                "bInterfaceProtocol",
-            ] {
+            for attr in ["bInterfaceClass", "bInterfaceSubClass", "bInterfaceProtocol"] {
                 match self.attr(&dp, attr, &mut buf) {
                     Ok(v) if v.len() == 2 && v.iter().all(u8::is_ascii_hexdigit) => {
                         triple.push_str(&String::from_utf8_lossy(v).to_ascii_lowercase())
@@ -341,11 +306,7 @@ impl Sysfs {
 }
 
 /// Builds `devpath/name` (without the leading `/`) NUL-terminated in `buf`.
-fn rel_path<'b>(
-    buf: &'b mut [u8; MAX_PATH],
-    devpath: &str,
-    name: &str,
-) -> Result<&'b CStr, AttrError> {
+fn rel_path<'b>(buf: &'b mut [u8; MAX_PATH], devpath: &str, name: &str) -> Result<&'b CStr, AttrError> {
     let devpath = devpath.strip_prefix('/').ok_or(AttrError::BadPath)?;
     let len = devpath.len() + 1 + name.len();
     if len >= buf.len() || name.is_empty() || name.starts_with('/') || name.contains('\0') {
@@ -398,11 +359,7 @@ impl fmt::Display for Identity {
         match (&self.block, &self.usb) {
             (Some(b), _) => write!(f, "{}", Escaped(b.name.as_bytes()))?,
             (None, Some(u)) => write!(f, "usb {}", Escaped(u.busid.as_bytes()))?,
-            (None, None) => write!(
-                f,
-                "{}",
-                Escaped(crate::uevent::kernel_name(&self.devpath).as_bytes())
-            )?,
+            (None, None) => write!(f, "{}", Escaped(crate::uevent::kernel_name(&self.devpath).as_bytes()))?,
         }
         if let Some(u) = &self.usb {
             write!(f, " {}:{}", Escaped(&u.vendor), Escaped(&u.product_id))?;

@@ -36,9 +36,7 @@ pub struct Tree {
 
 impl Tree {
     pub fn new() -> Tree {
-        Tree {
-            dir: TempDir::new("sysfs"),
-        }
+        Tree { dir: TempDir::new("sysfs") }
     }
 
     pub fn root(&self) -> &Path {
@@ -57,17 +55,11 @@ impl Tree {
         let dir = self.root().join(&devpath[1..]);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("uevent"), uevent).unwrap();
-        let class = if subsystem == "block" {
-            format!("class/{subsystem}")
-        } else {
-            format!("bus/{subsystem}")
-        };
+        let class = if subsystem == "block" { format!("class/{subsystem}") } else { format!("bus/{subsystem}") };
         std::fs::create_dir_all(self.root().join(&class)).unwrap();
         std::os::unix::fs::symlink(self.root().join(&class), dir.join("subsystem")).unwrap();
         if let Some(driver) = driver {
-            let target = self
-                .root()
-                .join(format!("bus/{subsystem}/drivers/{driver}"));
+            let target = self.root().join(format!("bus/{subsystem}/drivers/{driver}"));
             std::fs::create_dir_all(&target).unwrap();
             std::os::unix::fs::symlink(target, dir.join("driver")).unwrap();
         }
@@ -77,15 +69,8 @@ impl Tree {
             std::fs::write(path, value).unwrap();
         }
         if subsystem == "block" || (subsystem == "usb" && uevent.contains("DEVTYPE=usb_device")) {
-            let list = if subsystem == "block" {
-                "class/block"
-            } else {
-                "bus/usb/devices"
-            };
-            let link = self
-                .root()
-                .join(list)
-                .join(crate::uevent::kernel_name(devpath));
+            let list = if subsystem == "block" { "class/block" } else { "bus/usb/devices" };
+            let link = self.root().join(list).join(crate::uevent::kernel_name(devpath));
             std::fs::create_dir_all(link.parent().unwrap()).unwrap();
             let _ = std::os::unix::fs::symlink(&dir, link);
         }
@@ -100,23 +85,13 @@ impl Tree {
         let usb = format!("{pci}/usb2/2-1");
         let scsi = format!("{usb}/2-1:1.0/host6/target6:0:0/6:0:0:0");
         t.device("/devices/pci0000:00", "pci_bus", "", None, &[]);
-        t.device(
-            pci,
-            "pci",
-            "DRIVER=xhci_hcd\nPCI_CLASS=C0330\n",
-            Some("xhci_hcd"),
-            &[("vendor", b"0x1b36\n")],
-        );
+        t.device(pci, "pci", "DRIVER=xhci_hcd\nPCI_CLASS=C0330\n", Some("xhci_hcd"), &[("vendor", b"0x1b36\n")]);
         t.device(
             &format!("{pci}/usb2"),
             "usb",
             "DEVTYPE=usb_device\nDRIVER=usb\nBUSNUM=002\nDEVNUM=001\n",
             Some("usb"),
-            &[
-                ("idVendor", b"1d6b\n"),
-                ("idProduct", b"0003\n"),
-                ("serial", b"0000:00:14.0\n"),
-            ],
+            &[("idVendor", b"1d6b\n"), ("idProduct", b"0003\n"), ("serial", b"0000:00:14.0\n")],
         );
         t.device(
             &usb,
@@ -130,36 +105,16 @@ impl Tree {
             "usb",
             "DEVTYPE=usb_interface\nDRIVER=usb-storage\nINTERFACE=8/6/80\n",
             Some("usb-storage"),
-            &[
-                ("bInterfaceClass", b"08\n"),
-                ("bInterfaceSubClass", b"06\n"),
-                ("bInterfaceProtocol", b"50\n"),
-            ],
+            &[("bInterfaceClass", b"08\n"), ("bInterfaceSubClass", b"06\n"), ("bInterfaceProtocol", b"50\n")],
         );
-        t.device(
-            &format!("{usb}/2-1:1.0/host6"),
-            "scsi",
-            "DEVTYPE=scsi_host\n",
-            None,
-            &[],
-        );
-        t.device(
-            &format!("{usb}/2-1:1.0/host6/target6:0:0"),
-            "scsi",
-            "DEVTYPE=scsi_target\n",
-            None,
-            &[],
-        );
+        t.device(&format!("{usb}/2-1:1.0/host6"), "scsi", "DEVTYPE=scsi_host\n", None, &[]);
+        t.device(&format!("{usb}/2-1:1.0/host6/target6:0:0"), "scsi", "DEVTYPE=scsi_target\n", None, &[]);
         t.device(
             &scsi,
             "scsi",
             "DEVTYPE=scsi_device\nDRIVER=sd\n",
             Some("sd"),
-            &[
-                ("vendor", b"QEMU    \n"),
-                ("model", b"QEMU HARDDISK   \n"),
-                ("type", b"0\n"),
-            ],
+            &[("vendor", b"QEMU    \n"), ("model", b"QEMU HARDDISK   \n"), ("type", b"0\n")],
         );
         t.device(
             &format!("{scsi}/block/sdb"),
@@ -181,16 +136,14 @@ impl Tree {
 
 /// The devpaths of [`Tree::stick`].
 pub const STICK_USB: &str = "/devices/pci0000:00/0000:00:14.0/usb2/2-1";
-pub const STICK_DISK: &str =
-    "/devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block/sdb";
+pub const STICK_DISK: &str = "/devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block/sdb";
 pub const STICK_PART: &str =
     "/devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block/sdb/sdb1";
 
 /// A kernel datagram for `action` on `devpath` with the given extra variables.
 pub fn datagram(action: &str, devpath: &str, subsystem: &str, vars: &[&str]) -> Vec<u8> {
     let mut out =
-        format!("{action}@{devpath}\0ACTION={action}\0DEVPATH={devpath}\0SUBSYSTEM={subsystem}\0")
-            .into_bytes();
+        format!("{action}@{devpath}\0ACTION={action}\0DEVPATH={devpath}\0SUBSYSTEM={subsystem}\0").into_bytes();
     for v in vars {
         out.extend_from_slice(v.as_bytes());
         out.push(0);

@@ -147,10 +147,7 @@ impl<'a> Uevent<'a> {
         let body = &buf[..buf.len() - 1];
         let mut fields = body.split(|&b| b == 0);
         let header = fields.next().unwrap_or_default();
-        let at = header
-            .iter()
-            .position(|&b| b == b'@')
-            .ok_or(ParseError::NoHeader)?;
+        let at = header.iter().position(|&b| b == b'@').ok_or(ParseError::NoHeader)?;
         let action = Action::parse(&header[..at]).ok_or(ParseError::UnknownAction)?;
         let devpath = std::str::from_utf8(&header[at + 1..]).map_err(|_| ParseError::BadDevpath)?;
         let mut builder = Builder::default();
@@ -201,13 +198,7 @@ impl<'a> Uevent<'a> {
 
     /// Writes the event as `udevadm monitor --kernel --property` prints it.
     pub fn write_monitor(&self, out: &mut impl Write) -> io::Result<()> {
-        writeln!(
-            out,
-            "KERNEL[0.000000] {:<8} {} ({})",
-            self.action.as_str(),
-            self.devpath,
-            self.subsystem
-        )?;
+        writeln!(out, "KERNEL[0.000000] {:<8} {} ({})", self.action.as_str(), self.devpath, self.subsystem)?;
         for v in &self.vars {
             writeln!(out, "{}={}", v.key, v.value)?;
         }
@@ -244,9 +235,7 @@ pub fn devpath_is_safe(devpath: &str) -> bool {
     };
     !rest.is_empty()
         && !devpath.bytes().any(|b| b < 0x20 || b == 0x7f)
-        && rest
-            .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != "..")
+        && rest.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 /// Collects variables and checks the whole event once they are all seen.
@@ -264,12 +253,8 @@ impl<'a> Builder<'a> {
         }
         let key = std::str::from_utf8(key).map_err(|_| ParseError::BadVariable)?;
         match std::str::from_utf8(value) {
-            Ok(value)
-                if value.len() <= MAX_VALUE && !value.bytes().any(|b| b.is_ascii_control()) =>
-            {
-                self.vars
-                    .push(Var { key, value })
-                    .map_err(|_| ParseError::TooManyVariables)
+            Ok(value) if value.len() <= MAX_VALUE && !value.bytes().any(|b| b.is_ascii_control()) => {
+                self.vars.push(Var { key, value }).map_err(|_| ParseError::TooManyVariables)
             }
             _ => {
                 if self.dropped == 0 {
@@ -376,9 +361,7 @@ pub struct MonitorText<'a> {
 impl<'a> MonitorText<'a> {
     pub fn new(text: &'a [u8]) -> MonitorText<'a> {
         let newline: fn(&u8) -> bool = |&b| b == b'\n';
-        MonitorText {
-            lines: text.split(newline).enumerate(),
-        }
+        MonitorText { lines: text.split(newline).enumerate() }
     }
 
     fn block(&mut self, header: &'a [u8], line: usize) -> Result<Uevent<'a>, TextError> {
@@ -404,13 +387,8 @@ impl<'a> MonitorText<'a> {
                 break;
             }
             let eq = text.iter().position(|&b| b == b'=');
-            let eq = eq.ok_or(TextError {
-                line: n + 1,
-                error: ParseError::BadVariable,
-            })?;
-            builder
-                .push(&text[..eq], &text[eq + 1..])
-                .map_err(|error| TextError { line: n + 1, error })?;
+            let eq = eq.ok_or(TextError { line: n + 1, error: ParseError::BadVariable })?;
+            builder.push(&text[..eq], &text[eq + 1..]).map_err(|error| TextError { line: n + 1, error })?;
         }
         if builder.vars.is_empty() && builder.dropped == 0 {
             // Captured without --property: the header is all there is.
@@ -438,10 +416,7 @@ impl<'a> Iterator for MonitorText<'a> {
             if let Some(directive) = line.strip_prefix(b"#!") {
                 return Some(match std::str::from_utf8(directive) {
                     Ok(d) => Ok(Record::Directive(d.trim(), n + 1)),
-                    Err(_) => Err(TextError {
-                        line: n + 1,
-                        error: ParseError::BadVariable,
-                    }),
+                    Err(_) => Err(TextError { line: n + 1, error: ParseError::BadVariable }),
                 });
             }
             if line.starts_with(b"KERNEL[") {
@@ -481,12 +456,7 @@ mod tests {
     }
 
     fn rejects(buf: &[u8], want: ParseError) {
-        assert_eq!(
-            Uevent::parse(buf).unwrap_err(),
-            want,
-            "{:?}",
-            String::from_utf8_lossy(buf)
-        );
+        assert_eq!(Uevent::parse(buf).unwrap_err(), want, "{:?}", String::from_utf8_lossy(buf));
     }
 
     #[test]
@@ -494,62 +464,23 @@ mod tests {
         rejects(b"", ParseError::Empty);
         rejects(b"libudev\0\xfe\xed\xca\xfe", ParseError::Libudev);
         rejects(&STICK[..STICK.len() - 1], ParseError::NotTerminated);
-        rejects(
-            b"add/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0",
-            ParseError::NoHeader,
-        );
-        rejects(
-            b"plug@/devices/x\0ACTION=plug\0DEVPATH=/devices/x\0SUBSYSTEM=a\0",
-            ParseError::UnknownAction,
-        );
-        rejects(
-            b"add@/devices/x\0ACTION=remove\0DEVPATH=/devices/x\0SUBSYSTEM=a\0",
-            ParseError::Mismatch("ACTION"),
-        );
-        rejects(
-            b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/y\0SUBSYSTEM=a\0",
-            ParseError::Mismatch("DEVPATH"),
-        );
+        rejects(b"add/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0", ParseError::NoHeader);
+        rejects(b"plug@/devices/x\0ACTION=plug\0DEVPATH=/devices/x\0SUBSYSTEM=a\0", ParseError::UnknownAction);
+        rejects(b"add@/devices/x\0ACTION=remove\0DEVPATH=/devices/x\0SUBSYSTEM=a\0", ParseError::Mismatch("ACTION"));
+        rejects(b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/y\0SUBSYSTEM=a\0", ParseError::Mismatch("DEVPATH"));
         rejects(
             b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0DEVPATH=/devices/y\0SUBSYSTEM=a\0",
             ParseError::Mismatch("DEVPATH"),
         );
-        rejects(
-            b"add@/devices/x\0DEVPATH=/devices/x\0SUBSYSTEM=a\0",
-            ParseError::Missing("ACTION"),
-        );
-        rejects(
-            b"add@/devices/x\0ACTION=add\0SUBSYSTEM=a\0",
-            ParseError::Missing("DEVPATH"),
-        );
-        rejects(
-            b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0",
-            ParseError::Missing("SUBSYSTEM"),
-        );
-        rejects(
-            b"add@/devices/../x\0ACTION=add\0DEVPATH=/devices/../x\0SUBSYSTEM=a\0",
-            ParseError::BadDevpath,
-        );
-        rejects(
-            b"add@devices/x\0ACTION=add\0DEVPATH=devices/x\0SUBSYSTEM=a\0",
-            ParseError::BadDevpath,
-        );
-        rejects(
-            b"add@/devices//x\0ACTION=add\0DEVPATH=/devices//x\0SUBSYSTEM=a\0",
-            ParseError::BadDevpath,
-        );
-        rejects(
-            b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0NOEQUALS\0",
-            ParseError::BadVariable,
-        );
-        rejects(
-            b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0=v\0",
-            ParseError::BadVariable,
-        );
-        rejects(
-            b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0K Y=v\0",
-            ParseError::BadVariable,
-        );
+        rejects(b"add@/devices/x\0DEVPATH=/devices/x\0SUBSYSTEM=a\0", ParseError::Missing("ACTION"));
+        rejects(b"add@/devices/x\0ACTION=add\0SUBSYSTEM=a\0", ParseError::Missing("DEVPATH"));
+        rejects(b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0", ParseError::Missing("SUBSYSTEM"));
+        rejects(b"add@/devices/../x\0ACTION=add\0DEVPATH=/devices/../x\0SUBSYSTEM=a\0", ParseError::BadDevpath);
+        rejects(b"add@devices/x\0ACTION=add\0DEVPATH=devices/x\0SUBSYSTEM=a\0", ParseError::BadDevpath);
+        rejects(b"add@/devices//x\0ACTION=add\0DEVPATH=/devices//x\0SUBSYSTEM=a\0", ParseError::BadDevpath);
+        rejects(b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0NOEQUALS\0", ParseError::BadVariable);
+        rejects(b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0=v\0", ParseError::BadVariable);
+        rejects(b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=a\0K Y=v\0", ParseError::BadVariable);
     }
 
     #[test]
@@ -565,9 +496,7 @@ mod tests {
 
     #[test]
     fn a_bad_value_costs_only_its_key() {
-        let mut buf =
-            b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=usb\0SERIAL=\xff\xfe\0"
-                .to_vec();
+        let mut buf = b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=usb\0SERIAL=\xff\xfe\0".to_vec();
         buf.extend_from_slice(b"BIG=");
         buf.extend(std::iter::repeat_n(b'a', MAX_VALUE + 1));
         buf.extend_from_slice(b"\0PRODUCT=46f4/1/0\0");
@@ -602,18 +531,12 @@ KERNEL[3471.000001] remove   /devices/virtual/block/loop200 (block)
 
     #[test]
     fn reads_udevadm_monitor_text() {
-        let records: Vec<_> = MonitorText::new(MONITOR.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let records: Vec<_> = MonitorText::new(MONITOR.as_bytes()).collect::<Result<_, _>>().unwrap();
         assert_eq!(records.len(), 3);
-        let Record::Event(add, 4) = &records[0] else {
-            panic!("{records:?}")
-        };
+        let Record::Event(add, 4) = &records[0] else { panic!("{records:?}") };
         assert_eq!((add.action, add.devnum()), (Action::Add, Some((7, 200))));
         assert!(matches!(records[1], Record::Directive("wait 5s", 19)));
-        let Record::Event(rm, 20) = &records[2] else {
-            panic!("{records:?}")
-        };
+        let Record::Event(rm, 20) = &records[2] else { panic!("{records:?}") };
         assert_eq!((rm.action, rm.subsystem), (Action::Remove, "block"));
         assert_eq!(rm.get("DEVPATH"), Some("/devices/virtual/block/loop200"));
     }
@@ -623,25 +546,16 @@ KERNEL[3471.000001] remove   /devices/virtual/block/loop200 (block)
         let e = Uevent::parse(STICK).unwrap();
         let mut text = Vec::new();
         e.write_monitor(&mut text).unwrap();
-        let Some(Ok(Record::Event(back, 1))) = MonitorText::new(&text).next() else {
-            panic!()
-        };
+        let Some(Ok(Record::Event(back, 1))) = MonitorText::new(&text).next() else { panic!() };
         assert_eq!(back.vars(), e.vars());
         assert_eq!((back.action, back.devpath), (e.action, e.devpath));
     }
 
     #[test]
     fn monitor_text_errors_carry_their_line() {
-        let text =
-            b"KERNEL[1.0] add /devices/x (usb)\nACTION=add\nDEVPATH=/devices/y\nSUBSYSTEM=usb\n";
+        let text = b"KERNEL[1.0] add /devices/x (usb)\nACTION=add\nDEVPATH=/devices/y\nSUBSYSTEM=usb\n";
         let err = MonitorText::new(text).next().unwrap().unwrap_err();
-        assert_eq!(
-            err,
-            TextError {
-                line: 1,
-                error: ParseError::Mismatch("DEVPATH")
-            }
-        );
+        assert_eq!(err, TextError { line: 1, error: ParseError::Mismatch("DEVPATH") });
         let text = b"KERNEL[1.0] add /devices/x (usb)\nACTION=add\nbroken\n";
         let err = MonitorText::new(text).next().unwrap().unwrap_err();
         assert_eq!(err.line, 3);

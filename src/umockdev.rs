@@ -41,10 +41,7 @@ pub struct Device {
 
 impl Device {
     pub fn prop(&self, key: &str) -> Option<&str> {
-        self.props
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.props.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 }
 
@@ -68,10 +65,7 @@ pub fn parse(text: &str) -> Result<Vec<Device>, FormatError> {
     let mut devices: Vec<Device> = Vec::new();
     let mut current: Option<Device> = None;
     for (n, line) in text.lines().enumerate() {
-        let err = |message: String| FormatError {
-            line: n + 1,
-            message,
-        };
+        let err = |message: String| FormatError { line: n + 1, message };
         if line.trim().is_empty() {
             devices.extend(current.take());
             continue;
@@ -79,54 +73,33 @@ pub fn parse(text: &str) -> Result<Vec<Device>, FormatError> {
         if line.starts_with('#') {
             continue;
         }
-        let (tag, rest) = line
-            .split_once(": ")
-            .ok_or_else(|| err("expected 'X: value'".into()))?;
+        let (tag, rest) = line.split_once(": ").ok_or_else(|| err("expected 'X: value'".into()))?;
         if tag == "P" {
             devices.extend(current.take());
             if !devpath_is_safe(rest) || !rest.starts_with("/devices/") {
-                return Err(err(format!(
-                    "devpath {rest:?} is not a plain path under /devices"
-                )));
+                return Err(err(format!("devpath {rest:?} is not a plain path under /devices")));
             }
-            current = Some(Device {
-                devpath: rest.to_owned(),
-                ..Device::default()
-            });
+            current = Some(Device { devpath: rest.to_owned(), ..Device::default() });
             continue;
         }
-        let device = current
-            .as_mut()
-            .ok_or_else(|| err(format!("'{tag}:' before any 'P:' line")))?;
+        let device = current.as_mut().ok_or_else(|| err(format!("'{tag}:' before any 'P:' line")))?;
         let (name, value) = match tag {
             "N" | "S" => rest.split_once('=').unwrap_or((rest, "")),
-            _ => rest
-                .split_once('=')
-                .ok_or_else(|| err(format!("'{tag}:' needs name=value")))?,
+            _ => rest.split_once('=').ok_or_else(|| err(format!("'{tag}:' needs name=value")))?,
         };
         match tag {
             "N" => {
                 check_rel(name).map_err(|m| err(format!("node {name:?}: {m}")))?;
-                let contents = if value.is_empty() {
-                    None
-                } else {
-                    Some(unhex(value).ok_or_else(|| err("bad hex".into()))?)
-                };
+                let contents =
+                    if value.is_empty() { None } else { Some(unhex(value).ok_or_else(|| err("bad hex".into()))?) };
                 device.node = Some((name.to_owned(), contents));
             }
             "S" => {}
             "E" => device.props.push((name.to_owned(), value.to_owned())),
             "A" | "H" => {
                 check_rel(name).map_err(|m| err(format!("attribute {name:?}: {m}")))?;
-                let bytes = if tag == "A" {
-                    unescape(value)
-                } else {
-                    unhex(value)
-                };
-                device.attrs.push((
-                    name.to_owned(),
-                    bytes.ok_or_else(|| err(format!("bad {tag}: value")))?,
-                ));
+                let bytes = if tag == "A" { unescape(value) } else { unhex(value) };
+                device.attrs.push((name.to_owned(), bytes.ok_or_else(|| err(format!("bad {tag}: value")))?));
             }
             "L" => {
                 check_rel(name).map_err(|m| err(format!("link {name:?}: {m}")))?;
@@ -189,11 +162,7 @@ pub fn write_tree(devices: &[Device], root: &Path) -> io::Result<()> {
         std::fs::create_dir_all(&dir)?;
         let mut uevent = String::new();
         for (k, v) in d.props.iter().filter(|(k, _)| !udev_only(k)) {
-            let v = if k == "DEVNAME" {
-                v.strip_prefix("/dev/").unwrap_or(v)
-            } else {
-                v
-            };
+            let v = if k == "DEVNAME" { v.strip_prefix("/dev/").unwrap_or(v) } else { v };
             uevent.push_str(&format!("{k}={v}\n"));
         }
         std::fs::write(dir.join("uevent"), uevent)?;
@@ -217,42 +186,25 @@ pub fn write_tree(devices: &[Device], root: &Path) -> io::Result<()> {
         let depth = d.devpath.matches('/').count();
         let up = "../".repeat(depth);
         if let Some(subsystem) = d.prop("SUBSYSTEM") {
-            check_rel(subsystem).map_err(|m| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("SUBSYSTEM {subsystem:?}: {m}"),
-                )
-            })?;
-            let class = if subsystem == "block" {
-                "class/block".to_owned()
-            } else {
-                format!("bus/{subsystem}")
-            };
+            check_rel(subsystem)
+                .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, format!("SUBSYSTEM {subsystem:?}: {m}")))?;
+            let class = if subsystem == "block" { "class/block".to_owned() } else { format!("bus/{subsystem}") };
             std::fs::create_dir_all(sys.join(&class))?;
             link_fresh(&format!("{up}{class}"), &dir.join("subsystem"))?;
             let kernel = crate::uevent::kernel_name(&d.devpath);
             let listing = match subsystem {
                 "block" => Some("class/block".to_owned()),
-                "usb" if d.prop("DEVTYPE") == Some("usb_device") => {
-                    Some("bus/usb/devices".to_owned())
-                }
+                "usb" if d.prop("DEVTYPE") == Some("usb_device") => Some("bus/usb/devices".to_owned()),
                 _ => None,
             };
             if let Some(listing) = listing {
                 std::fs::create_dir_all(sys.join(&listing))?;
                 let back = "../".repeat(listing.matches('/').count() + 1);
-                link_fresh(
-                    &format!("{}{}", back.trim_end_matches('/'), d.devpath),
-                    &sys.join(&listing).join(kernel),
-                )?;
+                link_fresh(&format!("{}{}", back.trim_end_matches('/'), d.devpath), &sys.join(&listing).join(kernel))?;
             }
             if let Some(driver) = d.prop("DRIVER") {
-                check_rel(driver).map_err(|m| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("DRIVER {driver:?}: {m}"),
-                    )
-                })?;
+                check_rel(driver)
+                    .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, format!("DRIVER {driver:?}: {m}")))?;
                 let drivers = format!("bus/{subsystem}/drivers/{driver}");
                 std::fs::create_dir_all(sys.join(&drivers))?;
                 link_fresh(&format!("{up}{drivers}"), &dir.join("driver"))?;
@@ -261,11 +213,8 @@ pub fn write_tree(devices: &[Device], root: &Path) -> io::Result<()> {
         if let Some((name, contents)) = &d.node {
             let path = dev.join(name);
             std::fs::create_dir_all(path.parent().unwrap_or(&dev))?;
-            let sized = d
-                .attrs
-                .iter()
-                .find(|(n, _)| n == "size")
-                .map(|(_, v)| String::from_utf8_lossy(v).trim() != "0");
+            let sized =
+                d.attrs.iter().find(|(n, _)| n == "size").map(|(_, v)| String::from_utf8_lossy(v).trim() != "0");
             let bytes = match (contents, sized) {
                 (Some(c), _) => c.clone(),
                 (None, Some(true)) => vec![0; 512],
@@ -325,31 +274,20 @@ fn record_one(sysfs: &Sysfs, devpath: &str, out: &mut impl Write) -> io::Result<
         writeln!(out, "N: {name}")?;
     }
     let mut buf = [0u8; crate::sysfs::MAX_ATTR];
-    let subsystem = sysfs
-        .link(devpath, "subsystem", &mut buf)
-        .map(|s| String::from_utf8_lossy(s).into_owned());
+    let subsystem = sysfs.link(devpath, "subsystem", &mut buf).map(|s| String::from_utf8_lossy(s).into_owned());
     if let Some(s) = &subsystem {
         props.push(("SUBSYSTEM", s));
     }
     props.sort();
     for (k, v) in props {
-        let v = if k == "DEVNAME" {
-            format!("/dev/{v}")
-        } else {
-            v.to_owned()
-        };
+        let v = if k == "DEVNAME" { format!("/dev/{v}") } else { v.to_owned() };
         writeln!(out, "E: {k}={v}")?;
     }
-    let mut names: Vec<String> = std::fs::read_dir(&dir)?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir)?.flatten().filter_map(|e| e.file_name().into_string().ok()).collect();
     names.sort();
     for name in names {
-        if matches!(
-            name.as_str(),
-            "subsystem" | "driver" | "firmware_node" | "uevent"
-        ) {
+        if matches!(name.as_str(), "subsystem" | "driver" | "firmware_node" | "uevent") {
             continue;
         }
         let path = dir.join(&name);
@@ -365,9 +303,7 @@ fn record_one(sysfs: &Sysfs, devpath: &str, out: &mut impl Write) -> io::Result<
         } else if meta.is_file() {
             if let Ok(value) = read_limited(&path, 64 * 1024) {
                 match std::str::from_utf8(&value) {
-                    Ok(text) if !text.contains('\0') => {
-                        writeln!(out, "A: {name}={}", escape(text.as_bytes()))?
-                    }
+                    Ok(text) if !text.contains('\0') => writeln!(out, "A: {name}={}", escape(text.as_bytes()))?,
                     _ => writeln!(out, "H: {name}={}", hex(&value))?,
                 }
             }
@@ -378,10 +314,7 @@ fn record_one(sysfs: &Sysfs, devpath: &str, out: &mut impl Write) -> io::Result<
 
 fn read_limited(path: &PathBuf, max: u64) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    io::Read::read_to_end(
-        &mut io::Read::take(std::fs::File::open(path)?, max),
-        &mut out,
-    )?;
+    io::Read::read_to_end(&mut io::Read::take(std::fs::File::open(path)?, max), &mut out)?;
     Ok(out)
 }
 
@@ -454,10 +387,7 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     if text.len() % 2 != 0 {
         return None;
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 #[cfg(test)]
@@ -491,23 +421,13 @@ mod tests {
     #[test]
     fn record_then_replay_tree_round_trips() {
         let tree = Tree::stick(b"AB\"C\\1\xc3\xa9");
-        std::fs::write(
-            tree.root().join(&STICK_DISK[1..]).join("binary"),
-            b"\x00\xff",
-        )
-        .unwrap();
+        std::fs::write(tree.root().join(&STICK_DISK[1..]).join("binary"), b"\x00\xff").unwrap();
         let sysfs = Sysfs::new(tree.root()).unwrap();
         let mut text = Vec::new();
         record(&sysfs, STICK_DISK, &mut text).unwrap();
         let text = String::from_utf8(text).unwrap();
-        assert!(
-            text.starts_with(&format!("P: {STICK_DISK}\nN: sdb\n")),
-            "{text}"
-        );
-        assert!(
-            text.contains("A: serial=AB\\\"C\\\\1\\303\\251\\n\n"),
-            "{text}"
-        );
+        assert!(text.starts_with(&format!("P: {STICK_DISK}\nN: sdb\n")), "{text}");
+        assert!(text.contains("A: serial=AB\\\"C\\\\1\\303\\251\\n\n"), "{text}");
         assert!(text.contains("H: binary=00FF\n"), "{text}");
         let devices = parse(&text).unwrap();
         assert_eq!(devices.len(), 9);
@@ -517,14 +437,7 @@ mod tests {
         let mut text2 = Vec::new();
         record(&again, STICK_DISK, &mut text2).unwrap();
         assert_eq!(text, String::from_utf8(text2).unwrap());
-        assert_eq!(
-            std::fs::read(out.path().join("dev/sdb")).unwrap().len(),
-            512
-        );
-        assert_eq!(
-            again.scan().len(),
-            3,
-            "sdb, usb2 and 2-1 are listed for coldplug"
-        );
+        assert_eq!(std::fs::read(out.path().join("dev/sdb")).unwrap().len(), 512);
+        assert_eq!(again.scan().len(), 3, "sdb, usb2 and 2-1 are listed for coldplug");
     }
 }
