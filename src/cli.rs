@@ -36,7 +36,8 @@ options:
                       directory /etc/autoattach/rules.d, then /rw/config/autoattach, then
                       qubesdb /vm-config/autoattach-rules
   --sysfs DIR         sysfs root (default /sys)
-  --dev DIR           device node directory (default /dev)
+  --dev DIR           device node directory (default /dev); for `test`, a DIR other than
+                      /dev may hold regular files standing in for nodes (fixture trees)
   --qrexec-client PATH  the client to run (default qrexec-client-vm)
   --qubesdb-read PATH wait for qubesdb to publish devices, with this reader
                       (default: qubesdb-read if installed)
@@ -383,12 +384,10 @@ fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
             let mut engine = Engine::new(parsed.set, config(opts));
             let mut effects = Vec::new();
             engine.on_event(&sysfs, &event, 0, &mut effects);
-            let prober = Prober {
-                sysfs: std::sync::Arc::new(sysfs),
-                dev: opts.dev.clone().unwrap_or_else(|| "/dev".into()),
-                nodes: Nodes::Real,
-                qubesdb: db,
-            };
+            // Under the real /dev a node must be a block device; a fixture's nodes are files.
+            let dev = opts.dev.clone().unwrap_or_else(|| "/dev".into());
+            let nodes = if dev == Path::new("/dev") { Nodes::Real } else { Nodes::Fixture };
+            let prober = Prober { sysfs: std::sync::Arc::new(sysfs), dev, nodes, qubesdb: db };
             for effect in effects {
                 if let agent::Effect::Probe { epoch, target } = effect {
                     let verdict = prober.check(&target);
@@ -425,6 +424,7 @@ impl Trace for Explain {
         let mut seen = String::new();
         rules::show_value(&mut seen, value);
         let mark = if pass { "pass" } else { "FAIL" };
+        let test = test.to_string();
         match level {
             None => {
                 let _ = writeln!(self.out, "  {mark}  {test:<40} value {seen}");
