@@ -642,7 +642,10 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
             for _ in 0..256 {
                 match socket.recv(&mut buf) {
                     Ok(Received::Kernel(datagram)) => match Uevent::parse(datagram) {
-                        Ok(event) => engine.on_event(&sysfs, &event, now(), &mut effects),
+                        Ok(event) => {
+                            debug!("uevent {} {} ({})", event.action, event.devpath, event.subsystem);
+                            engine.on_event(&sysfs, &event, now(), &mut effects)
+                        }
                         Err(e) => warning!("dropped a malformed uevent: {e}"),
                     },
                     Ok(Received::Refused(sender)) => refused.note(sender, now()),
@@ -762,6 +765,7 @@ struct RefusalLog {
 
 impl RefusalLog {
     fn note(&mut self, sender: crate::netlink::Sender, now: u64) {
+        debug!("refused a uevent from {sender}");
         if self.next.is_none() {
             warning!("refused a uevent from {sender}: only the kernel (portid 0, pid 0, uid 0) may send them");
             self.next = Some(now + 10_000);
