@@ -479,7 +479,7 @@ fn list(opts: &Opts) -> Result<u8, Failure> {
             None => "no rule".into(),
         };
         let identity = sysfs.identity(&devpath);
-        let interfaces = identity.usb.as_ref().map(|u| u.interfaces.clone()).unwrap_or_default();
+        let interfaces = identity.usb.as_ref().map(|u| sysfs.usb_interfaces(&u.devpath)).unwrap_or_default();
         let _ = writeln!(
             out,
             "{identity}{}{interfaces}\n    {devpath}\n    {rule}",

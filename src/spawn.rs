@@ -315,13 +315,27 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(cmdline, b"/bin/sleep\05\0");
-        let mut fds: Vec<String> = std::fs::read_dir(proc.join("fd"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().into_string().unwrap())
-            .collect();
-        fds.sort();
-        assert_eq!(fds, ["0", "1", "2"]);
+        // Look once `sleep` is asleep (in clock_nanosleep or nanosleep): while it starts it
+        // opens locale files of its own.
+        for _ in 0..1000 {
+            let syscall = std::fs::read_to_string(proc.join("syscall")).unwrap_or_default();
+            if matches!(syscall.split_whitespace().next(), Some("230" | "35")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let fds = || {
+            let mut fds: Vec<String> = std::fs::read_dir(proc.join("fd"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().into_string().unwrap())
+                .collect();
+            fds.sort();
+            fds
+        };
+        let what: Vec<String> =
+            fds().iter().map(|fd| format!("{fd} -> {:?}", std::fs::read_link(proc.join("fd").join(fd)))).collect();
+        assert_eq!(fds(), ["0", "1", "2"], "{what:?}");
         for fd in 0..3 {
             assert_eq!(std::fs::read_link(proc.join(format!("fd/{fd}"))).unwrap(), Path::new("/dev/null"));
         }

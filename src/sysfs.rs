@@ -253,7 +253,6 @@ impl Sysfs {
             serial: text(&dp, "serial", &mut buf),
             manufacturer: text(&dp, "manufacturer", &mut buf),
             product: text(&dp, "product", &mut buf),
-            interfaces: self.usb_interfaces(&dp),
             devpath: dp,
         });
         Identity { devpath: devpath.to_owned(), subsystem, devtype, block, usb }
@@ -347,8 +346,6 @@ pub struct UsbId {
     pub serial: Option<Vec<u8>>,
     pub manufacturer: Option<Vec<u8>>,
     pub product: Option<Vec<u8>>,
-    /// udev's ID_USB_INTERFACES form, `:080650:`.
-    pub interfaces: String,
 }
 
 impl fmt::Display for Identity {
