@@ -94,7 +94,9 @@ fn every_signal() -> SigSet {
     // SAFETY: sigfillset initialises the whole sigset_t it is given.
     unsafe { nix::libc::sigfillset(raw.as_mut_ptr()) };
     // SAFETY: `raw` was initialised by sigfillset just above.
-    unsafe { SigSet::from_sigset_t_unchecked(raw.assume_init()) }
+    let raw = unsafe { raw.assume_init() };
+    // SAFETY: `raw` is a valid, fully initialised sigset_t.
+    unsafe { SigSet::from_sigset_t_unchecked(raw) }
 }
 
 /// Finds `name` in PATH (or takes it as is if it has a `/`). None if no executable file.
@@ -314,7 +316,7 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(cmdline, b"/bin/sleep\05\0");
+        assert_eq!(cmdline, b"/bin/sleep\x005\x00");
         // Look once `sleep` is asleep (in clock_nanosleep or nanosleep): while it starts it
         // opens locale files of its own.
         for _ in 0..1000 {

@@ -327,6 +327,9 @@ impl<'a> Builder<'a> {
 }
 
 /// One item of `udevadm monitor` text.
+// An Event is large (its 64-slot table) and a Directive small; boxing the event would allocate
+// per event for nothing: records are consumed one at a time, never stored.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Record<'a> {
     /// A kernel event, with the line its block starts on.
@@ -350,12 +353,15 @@ impl fmt::Display for TextError {
 
 impl std::error::Error for TextError {}
 
+/// Numbered lines of a text.
+type Lines<'a> = std::iter::Enumerate<std::slice::Split<'a, u8, fn(&u8) -> bool>>;
+
 /// Reads the text printed by `udevadm monitor --kernel --property` (or without `--property`:
 /// the header alone then gives ACTION, DEVPATH and SUBSYSTEM). `UDEV[...]` blocks (udev's own
 /// events) are skipped; lines outside blocks are ignored, except `#!` directives.
 #[derive(Debug)]
 pub struct MonitorText<'a> {
-    lines: std::iter::Enumerate<std::slice::Split<'a, u8, fn(&u8) -> bool>>,
+    lines: Lines<'a>,
 }
 
 impl<'a> MonitorText<'a> {
@@ -378,10 +384,7 @@ impl<'a> MonitorText<'a> {
             .and_then(|s| s.strip_prefix(b"(")?.strip_suffix(b")"))
             .and_then(|s| std::str::from_utf8(s).ok());
         let mut builder = Builder::default();
-        loop {
-            let Some((n, text)) = self.lines.next() else {
-                break;
-            };
+        for (n, text) in self.lines.by_ref() {
             let text = text.strip_suffix(b"\r").unwrap_or(text);
             if text.is_empty() {
                 break;
@@ -424,7 +427,7 @@ impl<'a> Iterator for MonitorText<'a> {
             }
             if line.starts_with(b"UDEV[") {
                 // udev's processed copy of an event: skip its block.
-                while let Some((_, l)) = self.lines.next() {
+                for (_, l) in self.lines.by_ref() {
                     if l.is_empty() || l == b"\r" {
                         break;
                     }
