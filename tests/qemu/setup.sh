@@ -30,6 +30,9 @@ target=${CARGO_TARGET_DIR:-$root/target}
 case $target in /*) ;; *) target=$root/$target ;; esac
 cache=$target/qemu
 mkdir -p "$cache"
+# One setup at a time per cache: two test runs may start together.
+exec 9>"$cache/.lock"
+flock 9
 work=$(mktemp -d "$cache/tmp.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
@@ -122,11 +125,10 @@ fi
 [ -x "$busybox" ] || die "busybox-static has no bin/busybox"
 
 # Kernel: reuse the newest complete cached one; else download the newest known to apt.
-kroot=
-for stamp in $(find "$cache" -maxdepth 2 -name .complete -path '*/kernel-*' 2>/dev/null | sort -V); do
-	kroot=$(dirname "$stamp")
-done
-if [ -z "$kroot" ]; then
+kroot=$(printf '%s\n' "$cache"/kernel-*/.complete | sort -V | tail -n 1)
+if [ -e "$kroot" ]; then
+	kroot=${kroot%/.complete}
+else
 	pkg=$(newest_package '^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$') ||
 		die "apt knows no linux-image-6.1.0-N-amd64-unsigned package (is this Debian 12?)"
 	kroot=$cache/kernel-${pkg#linux-image-}
