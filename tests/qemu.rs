@@ -291,7 +291,7 @@ fn latencies(calls: &str, uevents: &str) -> Vec<Sample> {
             continue;
         }
         let suffix = format!("/{dev}");
-        let add = adds.iter().filter(|(t, path)| *t <= call_ns && path.ends_with(&suffix)).last();
+        let add = adds.iter().rev().find(|(t, path)| *t <= call_ns && path.ends_with(&suffix));
         if let Some((add_ns, _)) = add {
             samples.push(Sample { call: service.to_owned(), micros: (call_ns - add_ns) / 1000 });
         }
