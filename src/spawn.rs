@@ -195,7 +195,7 @@ impl Exit {
     /// What the exit status of `qrexec-client-vm dom0 custom.USBDeviceAttach+...` means.
     pub fn meaning(self) -> &'static str {
         match self {
-            Exit::Code(0) => "done (attached)",
+            Exit::Code(0) => "done",
             Exit::Code(126) => "refused by dom0's qrexec policy",
             Exit::Code(125) => "qrexec failure (service missing in dom0, or qrexec unavailable)",
             Exit::Code(127) => "qrexec-client-vm could not run the call",

@@ -284,3 +284,78 @@ fn tempdir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// A stand-in `qubesdb-read`: answers `key` only from its `after`-th read on (each read is
+/// logged as `KEY hit|miss`), and `/vm-config/autoattach-rules` with `rules` if given.
+fn qubesdb_standin(dir: &Path, key: &str, after: u32, rules: Option<&str>) -> PathBuf {
+    let script = dir.join("qubesdb-read");
+    let rules_file = dir.join("vm-config-rules");
+    if let Some(r) = rules {
+        std::fs::write(&rules_file, r).unwrap();
+    }
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             if [ \"$1\" = /vm-config/autoattach-rules ]; then [ -f {rules} ] && exec cat {rules}; exit 1; fi\n\
+             n=$(cat {dir}/count 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {dir}/count\n\
+             if [ \"$1\" = {key} ] && [ $n -ge {after} ]; then echo \"$1 hit\" >> {dir}/reads; echo 'SanDisk 3.2Gen1'; exit 0; fi\n\
+             echo \"$1 miss\" >> {dir}/reads; exit 1\n",
+            rules = rules_file.display(),
+            dir = dir.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    script
+}
+
+/// Uevents run ahead of Qubes publishing the device to dom0: the agent polls qubesdb and calls
+/// only once the device is published; if it never is, it gives up and calls nothing.
+#[test]
+fn calls_wait_for_qubesdb_publication() {
+    let case = fixtures().join("usb-stick");
+    let dir = tempdir("qubesdb-late");
+    let reader = qubesdb_standin(&dir, "/qubes-block-devices/sda1/desc", 4, None);
+    // The stick as present at start (coldplug), so it stays while the agent waits.
+    let (sys, dev, rules) = (case.join("sys"), case.join("dev"), case.join("rules"));
+    let args = ["replay", sys.to_str().unwrap(), "--dev", dev.to_str().unwrap(), "--rules", rules.to_str().unwrap()];
+    let out = bin().args(args).args(["--qubesdb-read", reader.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "qrexec-client-vm dom0 custom.USBDeviceAttach+backup+__+sda1\n", "{}", stderr(&out));
+    let reads = std::fs::read_to_string(dir.join("reads")).unwrap();
+    assert_eq!(
+        reads,
+        "/qubes-block-devices/sda1/desc miss\n".repeat(3) + "/qubes-block-devices/sda1/desc hit\n",
+        "three polls before publication, the call after the fourth"
+    );
+    // Never published: no call at all, and a warning that says why.
+    let dir = tempdir("qubesdb-never");
+    let reader = qubesdb_standin(&dir, "/qubes-block-devices/sda1/desc", u32::MAX, None);
+    let out = bin().args(args).args(["--qubesdb-read", reader.to_str().unwrap(), "--timeout", "5s"]).output().unwrap();
+    assert_eq!(stdout(&out), "", "{}", stderr(&out));
+    assert!(stderr(&out).contains("gave up after 5000 ms: not yet published to dom0 in qubesdb"), "{}", stderr(&out));
+}
+
+/// Rules set from dom0 (`qvm-features sys-usb vm-config.autoattach-rules ...`) arrive through
+/// qubesdb; their errors name that origin.
+#[test]
+fn rules_from_qubesdb_vm_config() {
+    let dir = tempdir("qubesdb-rules");
+    let reader = qubesdb_standin(
+        &dir,
+        "-",
+        1,
+        Some(
+            "SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"disk\", ATTRS{serial}==\"1\", ATTACH=\"work\"\nKERNEL=\"x\", ATTACH=\"work\"\n",
+        ),
+    );
+    let out = run(&["check", "--qubesdb-read", reader.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("qubesdb:/vm-config/autoattach-rules:2:7: KERNEL can only be matched with == or !="),
+        "{text}"
+    );
+    assert!(text.contains("1 rule(s) loaded, 1 error(s)"), "{text}");
+}

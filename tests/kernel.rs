@@ -255,7 +255,10 @@ fn run_execs_the_client_once_the_node_is_readable_and_detaches_on_removal() {
     let line = calls();
     let fields: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(fields[1..], ["dom0", &format!("custom.USBDeviceAttach+work+__+{name}"), "readable=yes"], "{line}");
-    agent.wait_for(|a| a.stderr().contains("exit 0: done (attached)"), "the child's exit logged");
+    agent.wait_for(
+        |a| a.stderr().contains(&format!("custom.USBDeviceAttach+work+__+{name} exit 0: done")),
+        "the child's exit logged",
+    );
     dev.detach();
     drop(dev);
     agent.wait_for(|_| calls().lines().count() == 2, "the detach call");
