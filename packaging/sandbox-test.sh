@@ -131,6 +131,7 @@ teardown() {
             [ -d "$h$n" ] && echo "sandbox-test: could not remove cgroup $h$n" >&2
         done
     done
+    if [ -n "${e2e_loop-}" ]; then losetup -d "$e2e_loop" 2>/dev/null; fi
     rm -rf "$ct"
 }
 trap teardown EXIT
@@ -158,7 +159,9 @@ running | degraded) ok "systemd boots in the throwaway root ($state)" ;;
 esac
 
 unit_state() { ns systemctl show -p ActiveState -p SubState -p NRestarts -p ExecMainStatus -p ExecMainCode autoattach.service | tr '\n' ' '; }
-journal() { ns journalctl -u autoattach.service --no-pager -o cat 2>/dev/null; }
+# `|| true`: with pipefail, `journal | grep -q` would fail whenever grep stops reading early
+# and journalctl dies of SIGPIPE, even though the line was found.
+journal() { ns journalctl -u autoattach.service --no-pager -o cat 2>/dev/null || true; }
 settle() { # wait until the unit is neither starting nor stopping
     for _ in $(seq 1 50); do
         case $(ns systemctl show -p ActiveState --value autoattach.service) in activating | deactivating | reloading) sleep 0.2 ;; *) return ;; esac
@@ -189,6 +192,38 @@ echo "#    its log:"
 journal | grep -v '^Start\|^Stop\|unmet condition' | tail -n 10 | sed 's/^/#      /'
 ns systemctl stop autoattach.service
 
+# End to end under the sandbox: the real agent matches a real uevent, reads the device node
+# through DevicePolicy/DeviceAllow and its groups, and spawns a client (a static stand-in for
+# qrexec-client-vm, installed in the throwaway root) that runs and exits 0 under the seccomp
+# filter and without capabilities. The rule matches only this test's own backing file.
+# (Built under target/: the throwaway system mounts its own /tmp over the host's.)
+standin=$(cd "$here/.." && pwd)/target/sandbox-standin-client
+cc -O2 -static -o "$standin" "$here/../tests/support/standin-client.c"
+img=$ct/autoattach-sandbox.img
+truncate -s 1M "$img"
+e2e_loop=$(losetup -f)
+e2e_name=$(basename "$e2e_loop")
+ns sh -c "install -m 0755 '$standin' /usr/bin/qrexec-client-vm
+    [ -e '$e2e_loop' ] || { mknod -m 0660 '$e2e_loop' b 7 '${e2e_name#loop}'; chgrp disk '$e2e_loop'; }
+    echo 'SUBSYSTEM==\"block\", KERNEL==\"loop*\", ATTR{loop/backing_file}==\"*/autoattach-sandbox.img\", ATTACH=\"work\"' \
+        >/rw/config/autoattach/test.rules
+    printf '[Service]\nEnvironment=AUTOATTACH_STANDIN_LOG=/tmp/calls.log\n' >/etc/systemd/system/autoattach.service.d/standin.conf"
+ns systemctl daemon-reload
+ns systemctl start autoattach.service
+for _ in $(seq 1 50); do journal | grep -q 'coldplug:' && break; sleep 0.1; done
+losetup "$e2e_loop" "$img"
+want="$e2e_name: custom.USBDeviceAttach+work+__+$e2e_name exit 0: done"
+for _ in $(seq 1 50); do journal | grep -qF "$want" && break; sleep 0.2; done
+if journal | grep -qF "$want"; then
+    ok "under the unit, a real uevent leads to a spawned client that exits 0: $want"
+else
+    bad "under the unit, a real uevent leads to a spawned client that exits 0" "$(journal | tail -n 15)"
+fi
+losetup -d "$e2e_loop"
+ns systemctl stop autoattach.service
+ns sh -c 'echo "# empty" >/rw/config/autoattach/test.rules; rm /etc/systemd/system/autoattach.service.d/standin.conf'
+ns systemctl daemon-reload
+
 # The probe.
 ns sh -c 'printf "[Service]\nExecStart=\nExecStart=/usr/bin/python3 /usr/local/lib/aatest/probe.py\nEnvironment=PYTHONDONTWRITEBYTECODE=1\n" >/etc/systemd/system/autoattach.service.d/probe.conf'
 ns systemctl daemon-reload
@@ -213,7 +248,7 @@ fi
 
 ns systemctl reload autoattach.service
 for _ in $(seq 1 25); do journal | grep -q '^PROBE signal SIGHUP' && break; sleep 0.2; done
-if journal | grep -q '^PROBE signal SIGHUP'; then ok "systemctl reload sends SIGHUP"; else bad "systemctl reload sends SIGHUP"; fi
+if journal | grep -q "^PROBE signal SIGHUP"; then ok "systemctl reload sends SIGHUP"; else bad "systemctl reload sends SIGHUP" "$(unit_state)$(journal | tail -n 12)"; fi
 
 main_before=$(ns systemctl show -p MainPID --value autoattach.service)
 children_before=$(ns pgrep -u autoattach -x sleep | sort)
