@@ -384,7 +384,8 @@ impl Engine {
     }
 
     /// Rescans sysfs after events were lost (and at startup): devices that vanished are
-    /// forgotten, present ones not yet known are handled as new (`add`), replaced ones too.
+    /// forgotten; every present one is handled as an `add`, so unknown and replaced devices
+    /// are matched and devices still waiting for media are probed again.
     pub fn resync(&mut self, sysfs: &Sysfs, now: u64, out: &mut Vec<Effect>) -> usize {
         let present = sysfs.scan();
         let vanished: Vec<Box<str>> =
@@ -401,11 +402,8 @@ impl Engine {
             let Ok(event) = Uevent::parse(&datagram) else {
                 continue;
             };
-            if let Some(entry) = self.devices.get(devpath.as_str()) {
-                if generation(&event).is_none() || generation(&event) == entry.generation.as_deref() {
-                    continue;
-                }
-            }
+            // As an `add`: a device handled stays handled, one of a new generation is new, and
+            // one waiting for media is probed again (its media `change` may be what was lost).
             self.on_event(sysfs, &event, now, out);
         }
         present.len()
@@ -793,5 +791,125 @@ impl RefusalLog {
             Some(at) if at <= now => self.next = None,
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::parse;
+    use crate::testing::{STICK_DISK, STICK_PART, Tree, datagram};
+
+    fn engine(rules: &str) -> Engine {
+        let parsed = parse("r", rules);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        Engine::new(parsed.set, Config::default())
+    }
+
+    fn probes(effects: &[Effect]) -> Vec<&str> {
+        effects
+            .iter()
+            .filter_map(|e| if let Effect::Probe { target, .. } = e { Some(target.dev.as_str()) } else { None })
+            .collect()
+    }
+
+    fn calls(effects: &[Effect]) -> Vec<String> {
+        effects
+            .iter()
+            .filter_map(|e| if let Effect::Call { call, .. } = e { Some(call.service_arg()) } else { None })
+            .collect()
+    }
+
+    /// A card reader waits for media; its media `change` is lost in an overflow; the resync
+    /// probes it again. A handled device is not called again by a resync.
+    #[test]
+    fn resync_reprobes_devices_waiting_for_media_and_calls_nothing_twice() {
+        let tree = Tree::stick(b"S1");
+        let sysfs = Sysfs::new(tree.root()).unwrap();
+        let mut e = engine("SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"disk\", ATTRS{serial}==\"S1\", ATTACH=\"media\"\n");
+        let mut out = Vec::new();
+        let add = datagram("add", STICK_DISK, "block", &["DEVNAME=sdb", "DEVTYPE=disk", "DISKSEQ=9"]);
+        e.on_event(&sysfs, &Uevent::parse(&add).unwrap(), 0, &mut out);
+        let Some(Effect::Probe { epoch, .. }) = out.pop() else { panic!("{out:?}") };
+        e.on_verdict(epoch, STICK_DISK, Verdict::NoMedia("size is 0".into()), 0, &mut out);
+        assert!(out.is_empty(), "no media: no call and no timer");
+        assert_eq!(e.next_wake(), None);
+        e.resync(&sysfs, 100, &mut out);
+        assert_eq!(probes(&out), ["sdb"], "probed again after the resync");
+        let Some(Effect::Probe { epoch, .. }) = out.pop() else { panic!() };
+        e.on_verdict(epoch, STICK_DISK, Verdict::Ready, 100, &mut out);
+        assert_eq!(calls(&out), ["custom.USBDeviceAttach+media+__+sdb"]);
+        out.clear();
+        e.resync(&sysfs, 200, &mut out);
+        assert!(out.is_empty(), "handled: a resync calls nothing again: {out:?}");
+    }
+
+    /// A device that vanished during an overflow is forgotten (no detach: its removal may have
+    /// been handled by Qubes already, and the call would name a device that is not there);
+    /// one of a new generation at the same place is a new device.
+    #[test]
+    fn resync_forgets_vanished_devices_and_sees_replaced_ones() {
+        let tree = Tree::stick(b"S1");
+        let sysfs = Sysfs::new(tree.root()).unwrap();
+        let mut e =
+            engine("SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{serial}==\"S1\", ATTACH=\"work\"\n");
+        let mut out = Vec::new();
+        let add = datagram("add", STICK_PART, "block", &["DEVNAME=sdb1", "DEVTYPE=partition", "DISKSEQ=1"]);
+        e.on_event(&sysfs, &Uevent::parse(&add).unwrap(), 0, &mut out);
+        let Some(Effect::Probe { epoch, .. }) = out.pop() else { panic!() };
+        e.on_verdict(epoch, STICK_PART, Verdict::Ready, 0, &mut out);
+        assert_eq!(calls(&out), ["custom.USBDeviceAttach+work+__+sdb1"]);
+        out.clear();
+        // The tree's sdb1 has no DISKSEQ in its uevent file: the same device, nothing happens.
+        e.resync(&sysfs, 10, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        // Replaced by a new disk (a new DISKSEQ) while events were lost.
+        let uevent = tree.root().join(&STICK_PART[1..]).join("uevent");
+        std::fs::write(&uevent, "MAJOR=8\nMINOR=17\nDEVNAME=sdb1\nDEVTYPE=partition\nDISKSEQ=2\n").unwrap();
+        e.resync(&sysfs, 20, &mut out);
+        assert_eq!(probes(&out), ["sdb1"], "a new generation is a new device");
+        out.clear();
+        // Gone while events were lost.
+        std::fs::remove_dir_all(tree.root().join(&STICK_PART[1..])).unwrap();
+        std::fs::remove_file(tree.root().join("class/block/sdb1")).unwrap();
+        e.resync(&sysfs, 30, &mut out);
+        assert_eq!(e.tracked(), 0);
+        assert!(out.is_empty());
+    }
+
+    /// Debounce holds a ready device back until it has stayed; a removal before that cancels.
+    /// The rate limit drops calls beyond its count in its window, and frees up after it.
+    #[test]
+    fn debounce_and_rate_limit() {
+        let tree = Tree::stick(b"S1");
+        let sysfs = Sysfs::new(tree.root()).unwrap();
+        let mut e = engine(
+            "SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{serial}==\"S1\", ATTACH=\"w\", DEBOUNCE=\"2s\", RATELIMIT=\"2/1m\"\n",
+        );
+        let mut out = Vec::new();
+        let add = datagram("add", STICK_PART, "block", &["DEVNAME=sdb1", "DEVTYPE=partition"]);
+        let remove = datagram("remove", STICK_PART, "block", &["DEVNAME=sdb1", "DEVTYPE=partition"]);
+        let mut appear = |e: &mut Engine, at: u64, out: &mut Vec<Effect>| {
+            e.on_event(&sysfs, &Uevent::parse(&add).unwrap(), at, out);
+            let Some(Effect::Probe { epoch, .. }) = out.pop() else { panic!() };
+            e.on_verdict(epoch, STICK_PART, Verdict::Ready, at, out);
+        };
+        appear(&mut e, 0, &mut out);
+        assert!(out.is_empty(), "held back by the debounce");
+        assert_eq!(e.next_wake(), Some(2000));
+        e.on_event(&sysfs, &Uevent::parse(&remove).unwrap(), 1000, &mut out);
+        e.on_tick(2000, &mut out);
+        assert!(out.is_empty(), "removed before it settled: no call");
+        for t in [10_000, 20_000, 30_000] {
+            appear(&mut e, t, &mut out);
+            e.on_tick(t + 2000, &mut out);
+            e.on_event(&sysfs, &Uevent::parse(&remove).unwrap(), t + 5000, &mut out);
+        }
+        let attaches = calls(&out).iter().filter(|c| c.contains("Attach")).count();
+        assert_eq!(attaches, 2, "the third is beyond 2 per minute: {out:?}");
+        out.clear();
+        appear(&mut e, 80_000, &mut out);
+        e.on_tick(82_000, &mut out);
+        assert_eq!(calls(&out), ["custom.USBDeviceAttach+w+__+sdb1"], "the window has moved on");
     }
 }
