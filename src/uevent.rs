@@ -396,10 +396,10 @@ impl<'a> MonitorText<'a> {
         if builder.vars.is_empty() && builder.dropped == 0 {
             // Captured without --property: the header is all there is.
             let subsystem = subsystem.ok_or(err(ParseError::Missing("SUBSYSTEM")))?;
-            let push = |b: &mut Builder<'a>, key, value| b.vars.push(Var { key, value }).ok();
-            push(&mut builder, "ACTION", action.as_str());
-            push(&mut builder, "DEVPATH", devpath);
-            push(&mut builder, "SUBSYSTEM", subsystem);
+            // Checked as a property line would be: a header value is trusted no more.
+            for (key, value) in [("ACTION", action.as_str()), ("DEVPATH", devpath), ("SUBSYSTEM", subsystem)] {
+                builder.push(key.as_bytes(), value.as_bytes()).map_err(err)?;
+            }
         }
         let event = builder.finish(Some((action, devpath))).map_err(err)?;
         match subsystem {
