@@ -889,7 +889,7 @@ mod tests {
         let mut out = Vec::new();
         let add = datagram("add", STICK_PART, "block", &["DEVNAME=sdb1", "DEVTYPE=partition"]);
         let remove = datagram("remove", STICK_PART, "block", &["DEVNAME=sdb1", "DEVTYPE=partition"]);
-        let mut appear = |e: &mut Engine, at: u64, out: &mut Vec<Effect>| {
+        let appear = |e: &mut Engine, at: u64, out: &mut Vec<Effect>| {
             e.on_event(&sysfs, &Uevent::parse(&add).unwrap(), at, out);
             let Some(Effect::Probe { epoch, .. }) = out.pop() else { panic!() };
             e.on_verdict(epoch, STICK_PART, Verdict::Ready, at, out);
