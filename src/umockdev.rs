@@ -159,6 +159,7 @@ pub fn write_tree(devices: &[Device], root: &Path) -> io::Result<()> {
     std::fs::create_dir_all(&dev)?;
     for d in devices {
         let dir = sys.join(&d.devpath[1..]);
+        no_link_on(&sys, &dir)?;
         std::fs::create_dir_all(&dir)?;
         let mut uevent = String::new();
         for (k, v) in d.props.iter().filter(|(k, _)| !udev_only(k)) {
@@ -179,6 +180,7 @@ pub fn write_tree(devices: &[Device], root: &Path) -> io::Result<()> {
                     format!("{}: link {name} -> {target} leaves the tree", d.devpath),
                 ));
             }
+            no_link_on(&sys, link.parent().unwrap_or(&dir))?;
             std::fs::create_dir_all(link.parent().unwrap_or(&dir))?;
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(target, link)?;
@@ -231,7 +233,27 @@ fn link_fresh(target: &str, link: &Path) -> io::Result<()> {
     std::os::unix::fs::symlink(target, link)
 }
 
-/// True if the relative `target` of `link` resolves (lexically) inside `root`.
+/// Refuses a directory under `root` reached through a symbolic link the recording made: the
+/// lexical checks here (link targets, `../` counts) hold only where a path is what it says.
+fn no_link_on(root: &Path, dir: &Path) -> io::Result<()> {
+    let mut at = root.to_path_buf();
+    for c in dir.strip_prefix(root).unwrap_or(dir).components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let shown = at.strip_prefix(root).unwrap_or(&at).display().to_string();
+                let message = format!("{shown} is a link: nothing is written through a link");
+                return Err(io::Error::new(io::ErrorKind::InvalidData, message));
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+/// True if the relative `target` of `link` resolves (lexically) inside `root`: `../` first,
+/// then names (a `..` after a name would go wherever that name, perhaps a link, leads).
 fn stays_inside(root: &Path, link: &Path, target: &str) -> bool {
     if target.starts_with('/') {
         return false;
@@ -240,10 +262,15 @@ fn stays_inside(root: &Path, link: &Path, target: &str) -> bool {
         return false;
     };
     let mut depth = rel.components().count() as isize;
+    let mut named = false;
     for c in Path::new(target).components() {
         match c {
+            Component::ParentDir if named => return false,
             Component::ParentDir => depth -= 1,
-            Component::Normal(_) => depth += 1,
+            Component::Normal(_) => {
+                depth += 1;
+                named = true;
+            }
             Component::CurDir => {}
             _ => return false,
         }
