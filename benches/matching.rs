@@ -1,0 +1,139 @@
+//! Match: 100 rules against each event of a USB stick's plug and unplug, over the recorded
+//! sysfs tree (tests/fixtures/usb-stick/sys), with the sysfs reads counted.
+//!
+//! What it shows (printed before the timings, one line per event): attributes are read lazily
+//! (an event no rule can apply to reads nothing), at most once per device of the parent walk
+//! per event whatever the number of rules testing them, and only the attributes some rule
+//! names. The "naive" column is how many reads the same evaluation would make without the
+//! per-event cache: one per attribute test evaluated.
+//!
+//! `cargo bench --bench matching`
+
+mod common;
+
+use std::hint::black_box;
+
+use autoattach::agent::attachable;
+use autoattach::rules::{Matcher, Rule, RuleSet, Test, Trace};
+use autoattach::sysfs::Sysfs;
+use autoattach::uevent::{Action, Uevent};
+use criterion::{Criterion, criterion_group, criterion_main};
+
+/// Counts the reads a matcher without the per-event cache would make: one per sysfs-backed
+/// test that `first_match` evaluates. `Matcher::explain` reports every test of every rule, so
+/// this replays `first_match`'s short-circuits: a rule stops at its first failing event test
+/// (before any parent walk), a device of the walk at its first failing parent test, and the
+/// whole evaluation at the first matching rule.
+#[derive(Default)]
+struct NaiveReads {
+    reads: u64,
+    event_has_driver: bool,
+    /// An event test of this rule failed: nothing after it runs.
+    rule_failed: bool,
+    /// The walk level whose parent tests are being evaluated, and whether one failed there.
+    level: Option<usize>,
+    level_failed: bool,
+    matched: bool,
+}
+
+impl Trace for NaiveReads {
+    fn rule(&mut self, _: usize, _: &Rule) {
+        (self.rule_failed, self.level, self.level_failed) = (false, None, false);
+    }
+    fn test(&mut self, level: Option<(usize, &str)>, test: &Test, _: Option<&[u8]>, pass: bool) {
+        use autoattach::rules::Key;
+        if self.matched || self.rule_failed {
+            return;
+        }
+        let level = level.map(|(l, _)| l);
+        if level.is_some() && level != self.level {
+            (self.level, self.level_failed) = (level, false);
+        }
+        if self.level_failed {
+            return;
+        }
+        let read = match (&test.key, level) {
+            (Key::Attr(..) | Key::Attrs(..), _) => true,
+            (Key::Driver, _) | (Key::Drivers, Some(0)) => !self.event_has_driver,
+            (Key::Subsystems | Key::Drivers, Some(l)) => l > 0,
+            _ => false,
+        };
+        self.reads += u64::from(read);
+        match level {
+            None => self.rule_failed |= !pass,
+            Some(_) => self.level_failed |= !pass,
+        }
+    }
+    fn parents(&mut self, _: Option<(usize, &str)>) {}
+    fn verdict(&mut self, matched: bool) {
+        self.matched |= matched;
+    }
+}
+
+/// What `Engine::on_event` does before any rule runs: only an appearance (`add`, `change`,
+/// `bind`, `online`) of a block device or `usb_device` is matched (only those can be
+/// attached; a `remove` looks up what is tracked).
+fn first_match(matcher: &mut Matcher, sysfs: &Sysfs, set: &RuleSet, event: &Uevent<'_>) -> Option<usize> {
+    if !matches!(event.action, Action::Add | Action::Change | Action::Bind | Action::Online) {
+        return None;
+    }
+    attachable(event)?;
+    matcher.first_match(sysfs, set, event)
+}
+
+fn bench(c: &mut Criterion) {
+    let sysfs = Sysfs::new(common::stick().join("sys")).expect("the stick's tree");
+    let set = common::hundred_rule_set();
+    let mut matcher = Matcher::new(&set);
+    let datagrams = common::stick_datagrams();
+
+    println!("100 rules naming {} distinct attributes: {:?}", set.attr_names().len(), set.attr_names());
+    println!("{:>5} {:>6} {:>22}  event", "reads", "naive", "first match");
+    let mut total = (0, 0);
+    for d in &datagrams {
+        let event = Uevent::parse(d).unwrap();
+        let before = sysfs.reads();
+        let found = first_match(&mut matcher, &sysfs, &set, &event);
+        let reads = sysfs.reads() - before;
+        let mut naive = NaiveReads { event_has_driver: event.get("DRIVER").is_some(), ..NaiveReads::default() };
+        if reads > 0 {
+            Matcher::new(&set).explain(&sysfs, &set, &event, &mut naive);
+        }
+        let label = found.map_or("-".to_owned(), |i| format!("#{} ({})", i + 1, set.rules[i].location()));
+        println!("{reads:>5} {:>6} {label:>22}  {}", naive.reads, common::header(d));
+        total = (total.0 + reads, total.1 + naive.reads);
+    }
+    println!(
+        "stick plug+unplug: {} events, {} sysfs reads ({:.2} per event), naive {}",
+        datagrams.len(),
+        total.0,
+        total.0 as f64 / datagrams.len() as f64,
+        total.1
+    );
+
+    let partition = datagrams
+        .iter()
+        .find(|d| common::header(d).starts_with("add@") && common::header(d).ends_with("/sda1"))
+        .unwrap();
+    let mut group = c.benchmark_group("match/100-rules");
+    group.bench_function("stick-partition-add (matches rule #100)", |b| {
+        b.iter(|| {
+            let event = Uevent::parse(black_box(partition)).unwrap();
+            first_match(&mut matcher, &sysfs, &set, &event)
+        })
+    });
+    group.bench_function(format!("whole plug+unplug ({} events)", datagrams.len()), |b| {
+        b.iter(|| {
+            let mut n = 0;
+            for d in &datagrams {
+                let event = Uevent::parse(black_box(d)).unwrap();
+                n += usize::from(first_match(&mut matcher, &sysfs, &set, &event).is_some());
+            }
+            n
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
