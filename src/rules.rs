@@ -186,7 +186,8 @@ impl Pattern {
             }
         }
         let attr = matches!(key, Key::Attr(..) | Key::Attrs(..));
-        let trim_value = attr && bytes.last().is_some_and(|b| !b.is_ascii_whitespace());
+        // udev asks C's isspace(), which also counts \v.
+        let trim_value = attr && bytes.last().is_some_and(|b| !(b.is_ascii_whitespace() || *b == 0x0b));
         Pattern { kind, alts, or_empty, trim_value, flipped, source: source.into() }
     }
 
@@ -212,7 +213,8 @@ impl Test {
         let Some(mut value) = value else { return false };
         if self.pattern.trim_value {
             while let [rest @ .., last] = value {
-                if !last.is_ascii_whitespace() {
+                // udev's WHITESPACE: not \f or \v.
+                if !matches!(last, b' ' | b'\t' | b'\n' | b'\r') {
                     break;
                 }
                 value = rest;
