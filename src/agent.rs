@@ -690,12 +690,7 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
         }
         let t = now();
         for child in children.overdue(t, opts.child_bound) {
-            info!(
-                "{}: {} still running after {}s (detached; left alone)",
-                child.device,
-                child.call,
-                opts.child_bound.as_secs()
-            );
+            info!("{}: {} still running after {:?} (detached; left alone)", child.device, child.call, opts.child_bound);
         }
         refused.report(t);
         engine.on_tick(t, &mut effects);

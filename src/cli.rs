@@ -48,6 +48,8 @@ options:
   --rate-limit N/DURATION
                       at most N calls per rule per window (default 10/1m; 0 disables)
   --no-detach         do not call custom.USBDeviceDetach when an attached block device goes
+  --slow-call DURATION  log a call still running after this long (default 2m); calls are
+                      detached and never killed (dom0 may be waiting for the user)
   --rcvbuf BYTES      receive buffer to ask for (default 64 MiB)
   -o, --output FILE   where `record` writes (default stdout)
   -v, --verbose       debug logging;  -q, --quiet: warnings and errors only
@@ -92,6 +94,7 @@ struct Opts {
     rate_limit: Option<Option<(u32, Duration)>>,
     no_detach: bool,
     rcvbuf: Option<usize>,
+    slow_call: Option<Duration>,
     output: Option<PathBuf>,
     verbosity: i8,
 }
@@ -131,6 +134,7 @@ fn parse_args(args: Vec<OsString>) -> Result<Opts, Failure> {
             "-o" | "--output" => opts.output = Some(value("a file")?.into()),
             "--timeout" => opts.timeout = Some(duration(value("a duration")?, &name)?),
             "--debounce" => opts.debounce = Some(duration(value("a duration")?, &name)?),
+            "--slow-call" => opts.slow_call = Some(duration(value("a duration")?, &name)?),
             "--rate-limit" => {
                 let text = value("N/DURATION")?;
                 opts.rate_limit = Some(match text.as_str() {
@@ -301,7 +305,7 @@ fn run(opts: &Opts) -> Result<u8, Failure> {
         dry_run: opts.dry_run,
         config: config(opts),
         rcvbuf: opts.rcvbuf.unwrap_or(crate::netlink::DEFAULT_RCVBUF),
-        child_bound: Duration::from_secs(120),
+        child_bound: opts.slow_call.unwrap_or(Duration::from_secs(120)),
         workers: 4,
     };
     agent::run(options).map(|()| 0).map_err(|f| Failure { code: f.code, message: f.message })

@@ -267,6 +267,46 @@ fn run_execs_the_client_once_the_node_is_readable_and_detaches_on_removal() {
     assert!(agent.stop().success());
 }
 
+/// A call that takes long (dom0 waiting for the user's answer) is logged once after the bound
+/// and left alone; its exit is logged when it comes. SIGTERM leaves a call in flight running.
+#[test]
+fn slow_calls_are_logged_and_left_alone() {
+    if !can_run("slow_calls_are_logged_and_left_alone") {
+        return;
+    }
+    let dir = tempdir("slow");
+    let client = compile("standin-client.c", &dir, "qrexec-client-vm");
+    let log = dir.join("calls.log");
+    let file = backing_file(&dir);
+    let r = rules(&dir, "SUBSYSTEM==\"block\", KERNEL==\"loop23[0-9]\", ATTACH=\"work\"\n");
+    let sleep = Path::new("2");
+    let args = ["--rules", r.to_str().unwrap(), "--qrexec-client", client.to_str().unwrap(), "--slow-call", "500ms"];
+    let mut agent = Agent::start(&dir, &args, &[("AUTOATTACH_STANDIN_LOG", &log), ("AUTOATTACH_STANDIN_SLEEP", sleep)]);
+    let dev = Loop::create(230);
+    let name = dev.name();
+    dev.attach(&file);
+    let call = format!("custom.USBDeviceAttach+work+__+{name}");
+    agent.wait_for(
+        |a| a.stderr().contains(&format!("{call} still running after 500ms (detached; left alone)")),
+        "the slow-call line",
+    );
+    agent.wait_for(|a| a.stderr().contains(&format!("{call} exit 0: done")), "the exit, later");
+    assert_eq!(agent.stderr().matches("still running").count(), 1, "logged once");
+    // Another call in flight when the agent is stopped: the call outlives the agent.
+    dev.synthetic("remove");
+    agent.wait_for(
+        |_| std::fs::read_to_string(&log).unwrap_or_default().contains("USBDeviceDetach"),
+        "the detach call started",
+    );
+    assert!(agent.stop().success());
+    let argv = format!("{}\0dom0\0custom.USBDeviceDetach+work+__+{name}\0", client.display());
+    let alive = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .any(|p| std::fs::read(p.path().join("cmdline")).is_ok_and(|c| c == argv.as_bytes()));
+    assert!(alive, "the call in flight survived the agent's exit");
+}
+
 /// zram: `hot_add` makes a disk of size 0 (no call); sizing it announces nothing, so a
 /// synthetic `change` written to its uevent file makes the agent look again (one call);
 /// `hot_remove` removes it (detach).
@@ -355,6 +395,7 @@ fn forged_uevents_are_refused_and_real_ones_accepted() {
         "set -e\n\
          {bin} run -v --dry-run --no-qubesdb --rules {r} > {out} 2> {err} &\n\
          agent=$!\n\
+         trap 'kill $agent 2>/dev/null || true' EXIT\n\
          for i in $(seq 100); do grep -q coldplug: {err} && break; sleep 0.05; done\n\
          {forge} multicast /devices/virtual/block/forged1\n\
          {forge} kernel /devices/virtual/block/forged2\n\
