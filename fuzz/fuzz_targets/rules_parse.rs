@@ -1,0 +1,30 @@
+//! The rules parser: any text parses without panic, and every error and warning points at a
+//! line and column that exist in the text (users jump there from `autoattach check`).
+#![no_main]
+
+use autoattach::rules::{RuleError, parse};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    // The parser's own notion of lines: `str::lines` (a trailing "\r" belongs to the break).
+    let lines: Vec<&str> = text.lines().collect();
+    let parsed = parse("fuzz.rules", text);
+    let within = |e: &RuleError| {
+        assert!((1..=lines.len()).contains(&e.line), "{e}: line {} of {}", e.line, lines.len());
+        let width = lines[e.line - 1].chars().count();
+        assert!((1..=width + 1).contains(&e.col), "{e}: column {} of a {width}-character line", e.col);
+        assert!(e.to_string().starts_with(&format!("fuzz.rules:{}:{}: ", e.line, e.col)));
+    };
+    parsed.errors.iter().for_each(within);
+    parsed.warnings.iter().for_each(within);
+    for rule in &parsed.set.rules {
+        assert!((1..=lines.len()).contains(&rule.line));
+        assert!(autoattach::names::check_qube(&rule.attach).is_ok(), "rule loaded with ATTACH={:?}", rule.attach);
+        for t in rule.tests.iter().chain(&rule.parent_tests) {
+            let _ = t.to_string();
+        }
+    }
+});
