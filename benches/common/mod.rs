@@ -4,7 +4,6 @@
 //! Each bench is its own crate and uses only part of this module.
 #![allow(dead_code)]
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use autoattach::uevent::{MonitorText, Record};
@@ -31,43 +30,17 @@ pub fn header(datagram: &[u8]) -> String {
     String::from_utf8_lossy(&datagram[..end]).into_owned()
 }
 
-/// 100 rules of the kinds people write (a partition by vendor, product and serial; a whole USB
-/// device by its own attributes; a disk by kernel name and manufacturer; a partition by driver
-/// and product string). The first 99 name other devices; the last one is the stick's, so a
-/// stick event is tried against all 100 (the worst case for first-match-wins).
+/// 100 rules of the kinds people write (bench/hundred.rules, shared with bench/kernel.sh): the
+/// first 99 name other devices; the last one is the stick's, so a stick event is tried against
+/// all 100 (the worst case for first-match-wins).
 pub fn hundred_rules() -> String {
-    let mut text = String::from("# 100 rules: 99 for other devices, then the stick's\n");
-    for i in 0..99 {
-        let (vendor, product) = (format!("{:04x}", 0x1000 + i), format!("{:04x}", 0x2000 + i));
-        let line = match i % 4 {
-            0 => format!(
-                "SUBSYSTEM==\"block\", ENV{{DEVTYPE}}==\"partition\", ATTRS{{idVendor}}==\"{vendor}\", \
-                 ATTRS{{idProduct}}==\"{product}\", ATTRS{{serial}}==\"SERIAL{i:04}\", ATTACH=\"q{i}\""
-            ),
-            1 => format!(
-                "SUBSYSTEM==\"usb\", ENV{{DEVTYPE}}==\"usb_device\", ATTR{{idVendor}}==\"{vendor}\", \
-                 ATTR{{idProduct}}==\"{product}\", ATTACH=\"q{i}\""
-            ),
-            2 => format!(
-                "SUBSYSTEM==\"block\", KERNEL==\"sd[a-z]\", ATTRS{{manufacturer}}==\"Maker {i}*\", ATTACH=\"q{i}\""
-            ),
-            _ => format!(
-                "SUBSYSTEM==\"block\", ENV{{DEVTYPE}}==\"partition\", SUBSYSTEMS==\"usb\", DRIVERS==\"usb-storage\", \
-                 ATTRS{{product}}==\"Product {i}|Product {i} Plus\", ATTACH=\"q{i}\""
-            ),
-        };
-        writeln!(text, "{line}").unwrap();
-    }
-    text.push_str(
-        "SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{idVendor}==\"0781\", \
-         ATTRS{idProduct}==\"5581\", ATTRS{serial}==\"4C530001230101115543\", ATTACH=\"backup\"\n",
-    );
-    text
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/hundred.rules"))
+        .expect("read bench/hundred.rules")
 }
 
 /// The 100 rules, parsed.
 pub fn hundred_rule_set() -> autoattach::rules::RuleSet {
-    let parsed = autoattach::rules::parse("bench.rules", &hundred_rules());
+    let parsed = autoattach::rules::parse("hundred.rules", &hundred_rules());
     assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
     assert_eq!(parsed.set.rules.len(), 100);
     parsed.set

@@ -1,0 +1,64 @@
+/*
+ * The latency floor: the least a program can do between a kernel uevent and starting the
+ * qrexec client. It listens on the kernel's uevent group, and on the first datagram whose
+ * header is exactly "add@DEVPATH" it posix_spawns
+ *     CLIENT dom0 custom.USBDeviceAttach+QUBE+__+NAME
+ * (NAME: the last component of DEVPATH), as autoattach does, with no parsing, no rules, no
+ * sender check and no readiness check. Children are not waited for (SIGCHLD ignored).
+ *
+ * Usage: floor CLIENT DEVPATH QUBE
+ * Build: cc -O2 -o floor floor.c
+ */
+#define _GNU_SOURCE
+#include <linux/netlink.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+extern char **environ;
+
+int main(int argc, char **argv)
+{
+    if (argc != 4) {
+        fprintf(stderr, "usage: floor CLIENT DEVPATH QUBE\n");
+        return 2;
+    }
+    const char *client = argv[1], *devpath = argv[2], *qube = argv[3];
+    const char *name = strrchr(devpath, '/');
+    name = name ? name + 1 : devpath;
+
+    char want[4096], arg[512];
+    snprintf(want, sizeof want, "add@%s", devpath);
+    snprintf(arg, sizeof arg, "custom.USBDeviceAttach+%s+__+%s", qube, name);
+    char *child_argv[] = {(char *)client, "dom0", arg, NULL};
+
+    signal(SIGCHLD, SIG_IGN);
+    int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_KOBJECT_UEVENT);
+    struct sockaddr_nl addr = {.nl_family = AF_NETLINK, .nl_groups = 1};
+    int size = 64 << 20;
+    if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        perror("floor: uevent socket");
+        return 4;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size);
+    fprintf(stderr, "floor: listening\n");
+
+    static char buf[16384];
+    for (;;) {
+        ssize_t n = recv(fd, buf, sizeof buf - 1, 0);
+        if (n <= 0)
+            continue;
+        buf[n] = 0;
+        /* The header is the first NUL-terminated string of the datagram. */
+        if (strcmp(buf, want) != 0)
+            continue;
+        pid_t pid;
+        int rc = posix_spawn(&pid, client, NULL, NULL, child_argv, environ);
+        if (rc != 0)
+            fprintf(stderr, "floor: posix_spawn %s: %s\n", client, strerror(rc));
+    }
+}
