@@ -6,10 +6,16 @@
  * (NAME: the last component of DEVPATH), as autoattach does, with no parsing, no rules, no
  * sender check and no readiness check. Children are not waited for (SIGCHLD ignored).
  *
- * Usage: floor CLIENT DEVPATH QUBE
+ * With --ready it first makes, inline, the block readiness checks autoattach makes on its
+ * probe threads (sysfs `size` non-zero; /dev/NAME a block device; its first 512 bytes
+ * readable): the floor of a listener that checks readiness, which tells how much of
+ * autoattach's latency is the checks themselves.
+ *
+ * Usage: floor CLIENT DEVPATH QUBE [--ready]
  * Build: cc -O2 -o floor floor.c
  */
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <linux/netlink.h>
 #include <signal.h>
 #include <spawn.h>
@@ -17,14 +23,38 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 extern char **environ;
 
+/* autoattach's block readiness checks (src/readiness.rs), in the same order. */
+static int ready(const char *devpath, const char *name)
+{
+    char path[4096], text[64], sector[512];
+    snprintf(path, sizeof path, "/sys%s/size", devpath);
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    ssize_t n = fd < 0 ? -1 : read(fd, text, sizeof text - 1);
+    if (fd >= 0)
+        close(fd);
+    if (n <= 0 || atoll((text[n] = 0, text)) == 0)
+        return 0;
+    struct stat st;
+    snprintf(path, sizeof path, "/dev/%s", name);
+    if (stat(path, &st) < 0 || !S_ISBLK(st.st_mode))
+        return 0;
+    fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    n = fd < 0 ? -1 : pread(fd, sector, sizeof sector, 0);
+    if (fd >= 0)
+        close(fd);
+    return n == (ssize_t)sizeof sector;
+}
+
 int main(int argc, char **argv)
 {
-    if (argc != 4) {
-        fprintf(stderr, "usage: floor CLIENT DEVPATH QUBE\n");
+    int check = argc == 5 && strcmp(argv[4], "--ready") == 0;
+    if (argc != 4 && !check) {
+        fprintf(stderr, "usage: floor CLIENT DEVPATH QUBE [--ready]\n");
         return 2;
     }
     const char *client = argv[1], *devpath = argv[2], *qube = argv[3];
@@ -56,6 +86,10 @@ int main(int argc, char **argv)
         /* The header is the first NUL-terminated string of the datagram. */
         if (strcmp(buf, want) != 0)
             continue;
+        if (check && !ready(devpath, name)) {
+            fprintf(stderr, "floor: %s not ready\n", name);
+            continue;
+        }
         pid_t pid;
         int rc = posix_spawn(&pid, client, NULL, NULL, child_argv, environ);
         if (rc != 0)

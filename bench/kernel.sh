@@ -10,8 +10,9 @@
 #   latency  LATENCY (200) synthetic `add`s of an attached loop device, each timed from the
 #            write(2) to the first instruction of the stand-in qrexec client: autoattach (a real
 #            run, readiness checks included), the seed recipe (systemd-udevd with
-#            RUN+="/bin/sh -c 'CLIENT ... &'"), and the floor (bench/floor.c), in ROUNDS
-#            interleaved rounds so that a change in the machine's load hits all three alike.
+#            RUN+="/bin/sh -c 'CLIENT ... &'"), the floor (bench/floor.c), and the floor
+#            making autoattach's readiness checks inline (floor --ready), in ROUNDS
+#            interleaved rounds so that a change in the machine's load hits all alike.
 #   memory   RSS and private dirty memory (/proc/PID/smaps_rollup), idle with 100 rules and at
 #            peak during the storm, beside systemd-udevd's and mdev's.
 #   size     the stripped release binary, dynamic and static (glibc, +crt-static).
@@ -115,7 +116,7 @@ done
 # The stand-in client, static so that exec costs the same for every contestant; one copy per
 # contestant, each writing calls.log beside itself.
 cc -O2 -static -o "$work/qrexec-client-vm" "$root/tests/support/standin-client.c"
-for who in floor autoattach udev; do
+for who in floor floor-ready autoattach udev; do
 	mkdir -p "$work/$who"
 	cp "$work/qrexec-client-vm" "$work/$who/"
 done
@@ -347,11 +348,14 @@ stop "$wrapper"
 
 per_round=$(((LATENCY + ROUNDS - 1) / ROUNDS))
 for round in $(seq "$ROUNDS"); do
-	for who in floor autoattach udev; do
+	for who in floor floor-ready autoattach udev; do
 		say "latency round $round/$ROUNDS: $who"
 		log=$work/$who/calls.log
 		case $who in
 		floor) start_host "$work/floor.log" "$work/bin/floor" "$work/floor/qrexec-client-vm" "$lat_dev" work ;;
+		floor-ready)
+			start_host "$work/floor.log" "$work/bin/floor" "$work/floor-ready/qrexec-client-vm" "$lat_dev" work --ready
+			;;
 		autoattach)
 			start_agent "$work/agent-latency.log"
 			# Coldplug attaches the device present at start: wait for that call first.
@@ -359,7 +363,7 @@ for round in $(seq "$ROUNDS"); do
 			;;
 		udev) start_udevd "$work/udevd-latency.log" ;;
 		esac
-		[[ $who == floor ]] && wait_line "$work/floor.log" listening
+		[[ $who == floor* ]] && wait_line "$work/floor.log" listening
 		"$work/bin/latency" "$lat_uevent" "$log" "$per_round" "$GAP_MS" "$WARMUP" >>"$work/$who.latency" ||
 			say "$who: some events got no call within 5 s"
 		stop "$wrapper"
@@ -379,6 +383,7 @@ stats() { # stats FILE: "median p99 count timeouts" in ms (nearest rank)
 }
 read -r lat_agent_med lat_agent_p99 lat_agent_n lat_agent_to < <(stats "$work/autoattach.latency")
 read -r lat_floor_med lat_floor_p99 lat_floor_n lat_floor_to < <(stats "$work/floor.latency")
+read -r lat_ready_med lat_ready_p99 lat_ready_n lat_ready_to < <(stats "$work/floor-ready.latency")
 read -r lat_udev_med lat_udev_p99 lat_udev_n lat_udev_to < <(stats "$work/udev.latency")
 
 # Formatting for the table.
@@ -401,7 +406,7 @@ if [[ ${SKIP_STATIC:-0} != 1 ]]; then
 		static_kind='static build failed'
 	fi
 fi
-size_udevd=$(stat -c %s "$udevd")
+size_udevd=$(stat -L -c %s "$udevd") # a link to udevadm on Debian
 # Some builds link systemd's code as a shared library (libsystemd-shared): count it too.
 udevd_lib=$(ldd "$udevd" | awk '/libsystemd-shared/ { print $3 }')
 udevd_size_text=$(mib "$size_udevd")
@@ -423,9 +428,9 @@ Load before/after: $load_before / $(cut -d' ' -f1-3 /proc/loadavg); kernel $(una
 | storm: events received (autoattach, mdev: a second storm at -v; udevd: processed, group 2) | $(r agent.received) | mdev $(r mdev.received); udevd $(r udevd.received) | | all: zero loss |
 | storm: receive-buffer overflows (ENOBUFS) | $(r agent.overflows) ($(r agent.rcvbuf)) | mdev alive after storm: $(r mdev.alive); udevd alive: $(r udevd.alive) | | 0 |
 | storm: time to write the events | $(r agent.write_ms) ms | mdev $(r mdev.write_ms) ms; udevd $(r udevd.write_ms) ms | | |
-| latency add -> client, median | $lat_agent_med ms | floor $lat_floor_med ms; udev recipe $lat_udev_med ms | $(ratio "$lat_agent_med" "$lat_floor_med") vs floor; $(ratio "$lat_agent_med" "$lat_udev_med") vs udev | <= 1.25 vs floor |
-| latency add -> client, p99 | $lat_agent_p99 ms | floor $lat_floor_p99 ms; udev recipe $lat_udev_p99 ms | $(ratio "$lat_agent_p99" "$lat_floor_p99") vs floor | |
-| latency events measured (timeouts) | $lat_agent_n ($lat_agent_to) | floor $lat_floor_n ($lat_floor_to); udev $lat_udev_n ($lat_udev_to) | | |
+| latency add -> client, median | $lat_agent_med ms | floor $lat_floor_med ms; floor with autoattach's readiness checks $lat_ready_med ms; udev recipe $lat_udev_med ms | $(ratio "$lat_agent_med" "$lat_floor_med") vs floor; $(ratio "$lat_agent_med" "$lat_ready_med") vs floor+checks; $(ratio "$lat_agent_med" "$lat_udev_med") vs udev | <= 1.25 vs floor |
+| latency add -> client, p99 | $lat_agent_p99 ms | floor $lat_floor_p99 ms; floor+checks $lat_ready_p99 ms; udev recipe $lat_udev_p99 ms | $(ratio "$lat_agent_p99" "$lat_floor_p99") vs floor; $(ratio "$lat_agent_p99" "$lat_udev_p99") vs udev | |
+| latency events measured (timeouts) | $lat_agent_n ($lat_agent_to) | floor $lat_floor_n ($lat_floor_to); floor+checks $lat_ready_n ($lat_ready_to); udev $lat_udev_n ($lat_udev_to) | | |
 | memory idle: RSS | $(r agent.idle_rss) kB | udevd $(r udevd.idle_rss) kB; mdev $(r mdev.idle_rss) kB | $(ratio "$(r agent.idle_rss)" "$(r udevd.idle_rss)") vs udevd | |
 | memory idle: private dirty | $(r agent.idle_dirty) kB | udevd $(r udevd.idle_dirty) kB (with workers $(r udevd.idle_tree_dirty) kB); mdev $(r mdev.idle_dirty) kB | $(ratio "$(r agent.idle_dirty)" "$(r udevd.idle_dirty)") vs udevd | <= 256 kB |
 | memory storm peak: private dirty (sampled every 50 ms, with children) | $(r agent.peak_dirty) kB | udevd $(r udevd.peak_dirty) kB; mdev $(r mdev.peak_dirty) kB | $(ratio "$(r agent.peak_dirty)" "$(r udevd.peak_dirty)") vs udevd | <= 2048 kB |
