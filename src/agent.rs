@@ -103,6 +103,21 @@ struct Entry {
     state: State,
 }
 
+/// A rule's recent calls, and the calls its rate limit dropped since it last said so.
+#[derive(Debug, Default)]
+struct RateWindow {
+    times: VecDeque<u64>,
+    window: u64,
+    dropped: u32,
+}
+
+impl RateWindow {
+    /// When the oldest call leaves the window (a call is allowed again), if calls were dropped.
+    fn frees_at(&self) -> Option<u64> {
+        (self.dropped > 0).then(|| self.times.front().map_or(0, |t| t + self.window))
+    }
+}
+
 /// The decision logic.
 #[derive(Debug)]
 pub struct Engine {
@@ -111,8 +126,8 @@ pub struct Engine {
     config: Config,
     /// Tracked devices by devpath (ordered, so replay is deterministic).
     devices: BTreeMap<Box<str>, Entry>,
-    /// Call times per rule, for the rate limit.
-    calls: BTreeMap<String, VecDeque<u64>>,
+    /// Call times and held-back calls per rule, for the rate limit.
+    calls: BTreeMap<String, RateWindow>,
     epochs: u64,
 }
 
@@ -161,15 +176,10 @@ impl Engine {
             Action::Remove => {
                 if let Some(entry) = self.devices.remove(event.devpath) {
                     match entry.state {
-                        State::Done { called: true } if entry.target.kind == Kind::Block && self.config.detach => {
-                            info!("{}: removed; detaching it from {}", entry.identity, entry.qube);
-                            if let Ok(call) = Call::new(DETACH_SERVICE, &entry.qube, Kind::Block, &entry.target.dev) {
-                                out.push(Effect::Call { call, device: entry.identity });
-                            }
-                        }
                         State::Done { .. } => info!("{}: removed", entry.identity),
                         _ => info!("{}: removed before it was attached", entry.identity),
                     }
+                    self.detach(entry, out);
                 }
             }
             Action::Move => {
@@ -181,6 +191,20 @@ impl Engine {
             }
             Action::Add | Action::Change | Action::Bind | Action::Online => self.appear(sysfs, event, now, out),
             Action::Offline | Action::Unbind => {}
+        }
+    }
+
+    /// The Detach call for a removed device, if it is a block device this agent attached.
+    fn detach(&self, entry: Entry, out: &mut Vec<Effect>) {
+        if !(matches!(entry.state, State::Done { called: true })
+            && entry.target.kind == Kind::Block
+            && self.config.detach)
+        {
+            return;
+        }
+        info!("{}: detaching it from {}", entry.identity, entry.qube);
+        if let Ok(call) = Call::new(DETACH_SERVICE, &entry.qube, Kind::Block, &entry.target.dev) {
+            out.push(Effect::Call { call, device: entry.identity });
         }
     }
 
@@ -328,21 +352,25 @@ impl Engine {
         };
         entry.state = State::Done { called: false };
         if let Some((count, window)) = entry.rate {
-            let times = self.calls.entry(entry.rule.clone()).or_default();
-            let window_ms = window.as_millis() as u64;
-            while times.front().is_some_and(|&t| t + window_ms <= now) {
-                times.pop_front();
-            }
-            if times.len() >= count as usize {
-                warning!(
-                    "{}: not attached: rule {} reached its rate limit of {count} calls per {}s (plug it again later)",
-                    entry.identity,
-                    entry.rule,
-                    window.as_secs()
-                );
+            let rate = self.calls.entry(entry.rule.clone()).or_default();
+            rate.window = window.as_millis() as u64;
+            Self::expire(&entry.rule, rate, now);
+            if rate.times.len() >= count as usize {
+                if rate.dropped == 0 {
+                    warning!(
+                        "{}: not attached: rule {} reached its rate limit of {count} calls per {}s (plug it again later; \
+                         further calls held back now are counted)",
+                        entry.identity,
+                        entry.rule,
+                        window.as_secs()
+                    );
+                } else {
+                    debug!("{}: not attached: rate limit of rule {}", entry.identity, entry.rule);
+                }
+                rate.dropped += 1;
                 return;
             }
-            times.push_back(now);
+            rate.times.push_back(now);
         }
         match Call::new(ATTACH_SERVICE, &entry.qube, entry.target.kind, &entry.target.dev) {
             Ok(call) => {
@@ -353,8 +381,25 @@ impl Engine {
         }
     }
 
-    /// Timers: probes due again, debounces over.
+    /// Forgets calls that left the window; says how many were dropped once a call is allowed
+    /// again.
+    fn expire(rule: &str, rate: &mut RateWindow, now: u64) {
+        if rate.frees_at().is_some_and(|at| at <= now) {
+            if rate.dropped > 1 {
+                warning!("rule {rule}: {} more call(s) were held back by its rate limit", rate.dropped - 1);
+            }
+            rate.dropped = 0;
+        }
+        while rate.times.front().is_some_and(|&t| t + rate.window <= now) {
+            rate.times.pop_front();
+        }
+    }
+
+    /// Timers: probes due again, debounces over, rate-limit summaries.
     pub fn on_tick(&mut self, now: u64, out: &mut Vec<Effect>) {
+        for (rule, rate) in &mut self.calls {
+            Self::expire(rule, rate, now);
+        }
         let mut settled = Vec::new();
         for (devpath, entry) in &mut self.devices {
             match &mut entry.state {
@@ -373,14 +418,12 @@ impl Engine {
 
     /// When [`Engine::on_tick`] next has something to do.
     pub fn next_wake(&self) -> Option<u64> {
-        self.devices
-            .values()
-            .filter_map(|e| match e.state {
-                State::Waiting { next, probing: false, .. } => Some(next),
-                State::Settling { at } => Some(at),
-                _ => None,
-            })
-            .min()
+        let devices = self.devices.values().filter_map(|e| match e.state {
+            State::Waiting { next, probing: false, .. } => Some(next),
+            State::Settling { at } => Some(at),
+            _ => None,
+        });
+        devices.chain(self.calls.values().filter_map(RateWindow::frees_at)).min()
     }
 
     /// Rescans sysfs after events were lost (and at startup): devices that vanished are
@@ -393,6 +436,7 @@ impl Engine {
         for devpath in vanished {
             if let Some(entry) = self.devices.remove(&devpath) {
                 warning!("{}: vanished while events were lost; forgotten", entry.identity);
+                self.detach(entry, out);
             }
         }
         for devpath in &present {
@@ -839,9 +883,9 @@ mod tests {
         assert!(out.is_empty(), "handled: a resync calls nothing again: {out:?}");
     }
 
-    /// A device that vanished during an overflow is forgotten (no detach: its removal may have
-    /// been handled by Qubes already, and the call would name a device that is not there);
-    /// one of a new generation at the same place is a new device.
+    /// A device that vanished during an overflow is forgotten (and detached, if it was
+    /// attached: tested in tests/reliability.rs); one of a new generation at the same place is
+    /// a new device.
     #[test]
     fn resync_forgets_vanished_devices_and_sees_replaced_ones() {
         let tree = Tree::stick(b"S1");

@@ -287,7 +287,8 @@ impl Parsed {
     }
 
     /// Reads files and directories in order: a directory contributes its `*.rules` files in
-    /// name order. A path that does not exist is an error if `required`.
+    /// name order (not subdirectories, even named `*.rules`; a dangling link is reported). A
+    /// path that does not exist is an error if `required`.
     pub fn add_path(&mut self, path: &Path, required: bool) {
         let shown = path.display().to_string();
         let meta = match std::fs::metadata(path) {
@@ -305,8 +306,11 @@ impl Parsed {
             Ok(entries) => entries,
             Err(e) => return self.file_error(&shown, format!("cannot list: {}", io_reason(&e))),
         };
-        let mut files: Vec<PathBuf> =
-            entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "rules")).collect();
+        let mut files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "rules") && !p.is_dir())
+            .collect();
         files.sort();
         for file in files {
             self.add_path(&file, true);
@@ -1175,6 +1179,31 @@ mod tests {
                 "rules:1:14: ATTRS can only be matched with == or !=, not = (hint: ATTRS{serial}=\"...\" would set a value in udev; autoattach only matches: write ATTRS{serial}==\"ABC\")"
             ]
         );
+    }
+
+    #[test]
+    fn a_directory_contributes_its_rules_files_only() {
+        let dir = crate::testing::TempDir::new("rulesdir");
+        std::fs::write(dir.path().join("20-b.rules"), "SUBSYSTEM==\"block\", ATTRS{serial}==\"2\", ATTACH=\"b\"\n")
+            .unwrap();
+        std::fs::write(dir.path().join("10-a.rules"), "SUBSYSTEM==\"block\", ATTRS{serial}==\"1\", ATTACH=\"a\"\n")
+            .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not rules").unwrap();
+        std::fs::create_dir(dir.path().join("old.rules")).unwrap();
+        std::fs::write(
+            dir.path().join("old.rules/x.rules"),
+            "SUBSYSTEM==\"block\", ATTRS{serial}==\"9\", ATTACH=\"old\"\n",
+        )
+        .unwrap();
+        let mut parsed = Parsed::default();
+        parsed.add_path(dir.path(), true);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let order: Vec<&str> = parsed.set.rules.iter().map(|r| &*r.attach).collect();
+        assert_eq!(order, ["a", "b"]);
+        std::os::unix::fs::symlink("/nonexistent", dir.path().join("30-c.rules")).unwrap();
+        let mut parsed = Parsed::default();
+        parsed.add_path(dir.path(), true);
+        assert_eq!(parsed.errors.len(), 1, "a dangling link is an error: {:?}", parsed.errors);
     }
 
     #[test]
