@@ -50,7 +50,17 @@ impl Action {
     ];
 
     pub fn parse(s: &[u8]) -> Option<Action> {
-        Action::ALL.into_iter().find(|a| a.as_str().as_bytes() == s)
+        Some(match s {
+            b"add" => Action::Add,
+            b"remove" => Action::Remove,
+            b"change" => Action::Change,
+            b"move" => Action::Move,
+            b"online" => Action::Online,
+            b"offline" => Action::Offline,
+            b"bind" => Action::Bind,
+            b"unbind" => Action::Unbind,
+            _ => return None,
+        })
     }
 
     pub fn as_str(self) -> &'static str {
@@ -127,13 +137,91 @@ pub struct Uevent<'a> {
     pub devpath: &'a str,
     pub subsystem: &'a str,
     pub seqnum: Option<u64>,
-    vars: heapless::Vec<Var<'a>, MAX_VARS>,
+    /// The bytes the variables lie in: the datagram, or the monitor text.
+    base: &'a [u8],
+    /// Where each kept variable lies in `base` (8 bytes each, so the event stays small).
+    vars: heapless::Vec<Span, MAX_VARS>,
+    /// A monitor block captured without `--property`: the variables are the header's ACTION,
+    /// DEVPATH and SUBSYSTEM (the fields above) and nothing else.
+    header_only: bool,
     dropped: u8,
     first_dropped: &'a [u8],
 }
 
+/// Where one `KEY=VALUE` lies: its key starts at `start`, its value after the `=`. A kept
+/// value is valid UTF-8 without control bytes, checked when it was pushed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    key: u16,
+    value: u16,
+}
+
+impl Span {
+    fn key(self, base: &[u8]) -> &[u8] {
+        &base[self.start as usize..][..self.key as usize]
+    }
+
+    fn value(self, base: &[u8]) -> &str {
+        let at = self.start as usize + self.key as usize + 1;
+        std::str::from_utf8(&base[at..][..self.value as usize]).unwrap_or_default()
+    }
+
+    fn var(self, base: &[u8]) -> Var<'_> {
+        Var { key: std::str::from_utf8(self.key(base)).unwrap_or_default(), value: self.value(base) }
+    }
+}
+
+/// The variables of an event, in order (see [`Uevent::vars`]). Two of them are equal when
+/// they yield the same variables.
+#[derive(Clone, Debug)]
+pub struct Vars<'e, 'a> {
+    event: &'e Uevent<'a>,
+    next: usize,
+}
+
+impl<'a> Iterator for Vars<'_, 'a> {
+    type Item = Var<'a>;
+
+    fn next(&mut self) -> Option<Var<'a>> {
+        let e = self.event;
+        let var = if e.header_only {
+            let (key, value) = match self.next {
+                0 => ("ACTION", e.action.as_str()),
+                1 => ("DEVPATH", e.devpath),
+                2 => ("SUBSYSTEM", e.subsystem),
+                _ => return None,
+            };
+            Var { key, value }
+        } else {
+            e.vars.get(self.next)?.var(e.base)
+        };
+        self.next += 1;
+        Some(var)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let total = if self.event.header_only { 3 } else { self.event.vars.len() };
+        let left = total.saturating_sub(self.next);
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for Vars<'_, '_> {}
+
+impl PartialEq for Vars<'_, '_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.clone().eq(other.clone())
+    }
+}
+
 impl<'a> Uevent<'a> {
     /// Parses a kernel datagram (`ACTION@DEVPATH\0KEY=VALUE\0...`).
+    ///
+    /// A datagram of printable UTF-8 (the kernel's usual) is checked as UTF-8 once, scanned a
+    /// word at a time for its NULs and sliced in place; one with control bytes or invalid
+    /// UTF-8 anywhere takes the general path, which checks each value on its own so that a
+    /// bad value costs only its key.
     pub fn parse(buf: &'a [u8]) -> Result<Uevent<'a>, ParseError> {
         if buf.is_empty() {
             return Err(ParseError::Empty);
@@ -145,12 +233,18 @@ impl<'a> Uevent<'a> {
             return Err(ParseError::NotTerminated);
         }
         let body = &buf[..buf.len() - 1];
+        // The fast path keeps offsets in 16 bits: kernel datagrams are under 8 KiB.
+        if body.len() <= usize::from(u16::MAX) && !has_control_bytes(body) {
+            if let Ok(text) = std::str::from_utf8(body) {
+                return Self::parse_clean(text);
+            }
+        }
         let mut fields = body.split(|&b| b == 0);
         let header = fields.next().unwrap_or_default();
         let at = header.iter().position(|&b| b == b'@').ok_or(ParseError::NoHeader)?;
         let action = Action::parse(&header[..at]).ok_or(ParseError::UnknownAction)?;
         let devpath = std::str::from_utf8(&header[at + 1..]).map_err(|_| ParseError::BadDevpath)?;
-        let mut builder = Builder::default();
+        let mut builder = Builder::new(body);
         for field in fields {
             let eq = field.iter().position(|&b| b == b'=');
             let eq = eq.ok_or(ParseError::BadVariable)?;
@@ -159,14 +253,46 @@ impl<'a> Uevent<'a> {
         builder.finish(Some((action, devpath)))
     }
 
+    /// The fast path of [`Uevent::parse`]: `text` is valid UTF-8 without control bytes but
+    /// the NUL separators, so fields need no check of their own beyond their shape.
+    fn parse_clean(text: &'a str) -> Result<Uevent<'a>, ParseError> {
+        let bytes = text.as_bytes();
+        let end = find_nul(bytes, 0);
+        let header = &text[..end];
+        let at = header.find('@').ok_or(ParseError::NoHeader)?;
+        let action = Action::parse(&bytes[..at]).ok_or(ParseError::UnknownAction)?;
+        let devpath = &header[at + 1..];
+        let mut builder = Builder { clean: true, ..Builder::new(bytes) };
+        let mut pos = end + 1;
+        while pos <= bytes.len() {
+            let end = find_nul(bytes, pos);
+            let field = &bytes[pos..end];
+            // The key: [A-Za-z0-9_]+ up to the first '='.
+            let mut eq = 0;
+            while eq < field.len() && KEY_BYTE[field[eq] as usize] {
+                eq += 1;
+            }
+            if eq == 0 || field.get(eq) != Some(&b'=') {
+                return Err(ParseError::BadVariable);
+            }
+            builder.push_clean(pos, &text[pos..pos + eq], &text[pos + eq + 1..end])?;
+            pos = end + 1;
+        }
+        builder.finish(Some((action, devpath)))
+    }
+
     /// The value of `key`, if the event carries it (first occurrence).
     pub fn get(&self, key: &str) -> Option<&'a str> {
-        self.vars.iter().find(|v| v.key == key).map(|v| v.value)
+        if self.header_only {
+            return self.vars().find(|v| v.key == key).map(|v| v.value);
+        }
+        let base = self.base;
+        self.vars.iter().find(|s| s.key(base) == key.as_bytes()).map(|s| s.value(base))
     }
 
     /// Every variable, in order.
-    pub fn vars(&self) -> &[Var<'a>] {
-        &self.vars
+    pub fn vars(&self) -> Vars<'_, 'a> {
+        Vars { event: self, next: 0 }
     }
 
     /// How many variables were dropped (value not UTF-8, or longer than [`MAX_VALUE`]), and the
@@ -199,7 +325,7 @@ impl<'a> Uevent<'a> {
     /// Writes the event as `udevadm monitor --kernel --property` prints it.
     pub fn write_monitor(&self, out: &mut impl Write) -> io::Result<()> {
         writeln!(out, "KERNEL[0.000000] {:<8} {} ({})", self.action.as_str(), self.devpath, self.subsystem)?;
-        for v in &self.vars {
+        for v in self.vars() {
             writeln!(out, "{}={}", v.key, v.value)?;
         }
         writeln!(out)
@@ -212,7 +338,7 @@ impl<'a> Uevent<'a> {
         out.push(b'@');
         out.extend_from_slice(self.devpath.as_bytes());
         out.push(0);
-        for v in &self.vars {
+        for v in self.vars() {
             out.extend_from_slice(v.key.as_bytes());
             out.push(b'=');
             out.extend_from_slice(v.value.as_bytes());
@@ -230,61 +356,182 @@ pub fn kernel_name(devpath: &str) -> &str {
 /// True for `/a/b/c`: absolute, no empty, `.` or `..` component, no control bytes.
 /// A devpath becomes a path under the sysfs root, so this is what keeps reads inside it.
 pub fn devpath_is_safe(devpath: &str) -> bool {
-    let Some(rest) = devpath.strip_prefix('/') else {
-        return false;
-    };
-    !rest.is_empty()
-        && !devpath.bytes().any(|b| b < 0x20 || b == 0x7f)
-        && rest.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+    !devpath.bytes().any(|c| c < 0x20 || c == 0x7f) && devpath_shape_is_safe(devpath)
 }
+
+/// The shape part of [`devpath_is_safe`]: a leading '/', and after each '/' neither the end,
+/// another '/', nor a "." or ".." component.
+fn devpath_shape_is_safe(devpath: &str) -> bool {
+    let b = devpath.as_bytes();
+    if b.first() != Some(&b'/') || b.last() == Some(&b'/') {
+        return false;
+    }
+    // Eight bytes at a time: no '/' is followed by '/' or '.' (sysfs paths never have one) means
+    // every component is plain; otherwise decide byte by byte.
+    if !slash_then_slash_or_dot(b) {
+        return true;
+    }
+    shape_bytewise(b)
+}
+
+/// The high bit of each byte of `word` that equals `byte`, exactly (no carries across bytes).
+fn bytes_equal(word: u64, byte: u8) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let x = word ^ (u64::from(byte) * 0x0101_0101_0101_0101);
+    !(((x & LOW7) + LOW7) | x | LOW7)
+}
+
+/// True if some '/' in `b` is followed by '/' or '.'.
+fn slash_then_slash_or_dot(b: &[u8]) -> bool {
+    let mut carry = 0u64; // the previous word's last byte was a '/'
+    let mut chunks = b.chunks_exact(8);
+    for chunk in &mut chunks {
+        let word = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+        let slash = bytes_equal(word, b'/');
+        let next = bytes_equal(word, b'/') | bytes_equal(word, b'.');
+        // Byte k+1 of the word sits 8 bits above byte k (little endian).
+        if (slash & (next >> 8)) != 0 || (carry & next & 0x80) != 0 {
+            return true;
+        }
+        carry = slash >> 56;
+    }
+    let tail = chunks.remainder();
+    let mut prev_slash = carry != 0;
+    for &c in tail {
+        if prev_slash && (c == b'/' || c == b'.') {
+            return true;
+        }
+        prev_slash = c == b'/';
+    }
+    false
+}
+
+/// The exact component check, for paths where a '/' is followed by '/' or '.'.
+fn shape_bytewise(b: &[u8]) -> bool {
+    let at = |i: usize| b.get(i).copied();
+    for (i, &c) in b.iter().enumerate() {
+        if c == b'/' {
+            match (at(i + 1), at(i + 2), at(i + 3)) {
+                (None | Some(b'/'), _, _) => return false,
+                (Some(b'.'), None | Some(b'/'), _) => return false,
+                (Some(b'.'), Some(b'.'), None | Some(b'/')) => return false,
+                _ => {}
+            }
+        }
+    }
+    true
+}
+
+/// The bytes a uevent key may hold: `[A-Za-z0-9_]`.
+static KEY_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric() || b == b'_' as usize;
+        b += 1;
+    }
+    table
+};
 
 /// Collects variables and checks the whole event once they are all seen.
 #[derive(Default)]
 struct Builder<'a> {
-    vars: heapless::Vec<Var<'a>, MAX_VARS>,
+    base: &'a [u8],
+    vars: heapless::Vec<Span, MAX_VARS>,
+    header_only: bool,
     dropped: u8,
     first_dropped: &'a [u8],
+    /// Every byte of the datagram was checked for control bytes already (the fast path).
+    clean: bool,
+    /// The first value of each variable the event itself is made of, noted as they come.
+    action: Special<'a>,
+    devpath: Special<'a>,
+    subsystem: Special<'a>,
+    seqnum: Special<'a>,
+}
+
+/// A variable that may appear more than once, but always with the same value.
+#[derive(Default)]
+struct Special<'a> {
+    value: Option<&'a str>,
+    /// It appeared again with another value.
+    mismatch: bool,
+}
+
+impl<'a> Special<'a> {
+    fn note(&mut self, value: &'a str) {
+        match self.value {
+            Some(v) => self.mismatch |= v != value,
+            None => self.value = Some(value),
+        }
+    }
+
+    fn get(&self, key: &'static str) -> Result<Option<&'a str>, ParseError> {
+        if self.mismatch { Err(ParseError::Mismatch(key)) } else { Ok(self.value) }
+    }
 }
 
 impl<'a> Builder<'a> {
+    /// A builder for variables that are slices of `base`.
+    fn new(base: &'a [u8]) -> Builder<'a> {
+        Builder { base, ..Builder::default() }
+    }
+
+    /// Pushes `key=value`, both slices of `base` (the key right before `=` and the value).
     fn push(&mut self, key: &'a [u8], value: &'a [u8]) -> Result<(), ParseError> {
-        if key.is_empty() || !key.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'_') {
+        if key.is_empty() || !key.iter().all(|&b| KEY_BYTE[b as usize]) {
             return Err(ParseError::BadVariable);
         }
-        let key = std::str::from_utf8(key).map_err(|_| ParseError::BadVariable)?;
+        let key_str = std::str::from_utf8(key).map_err(|_| ParseError::BadVariable)?;
+        // Where the key lies in `base` (it is a slice of it).
+        let start = (key.as_ptr() as usize).wrapping_sub(self.base.as_ptr() as usize);
+        debug_assert!(start + key.len() + 1 + value.len() <= self.base.len(), "key outside base");
         match std::str::from_utf8(value) {
-            Ok(value) if value.len() <= MAX_VALUE && !value.bytes().any(|b| b.is_ascii_control()) => {
-                self.vars.push(Var { key, value }).map_err(|_| ParseError::TooManyVariables)
-            }
-            _ => {
-                if self.dropped == 0 {
-                    self.first_dropped = key.as_bytes();
-                }
-                self.dropped = self.dropped.saturating_add(1);
-                if self.vars.len() + usize::from(self.dropped) > MAX_VARS {
-                    return Err(ParseError::TooManyVariables);
-                }
-                Ok(())
-            }
+            Ok(value) if !value.bytes().any(|b| b.is_ascii_control()) => self.push_clean(start, key_str, value),
+            _ => self.drop_var(key_str),
         }
+    }
+
+    /// Pushes a variable whose key is checked and whose value is UTF-8 without control bytes;
+    /// `start` is where its key lies in `base`.
+    fn push_clean(&mut self, start: usize, key: &'a str, value: &'a str) -> Result<(), ParseError> {
+        if value.len() > MAX_VALUE {
+            return self.drop_var(key);
+        }
+        if start > u32::MAX as usize || key.len() > usize::from(u16::MAX) {
+            return Err(ParseError::BadVariable);
+        }
+        let span = Span { start: start as u32, key: key.len() as u16, value: value.len() as u16 };
+        self.vars.push(span).map_err(|_| ParseError::TooManyVariables)?;
+        // Most keys are none of these: the length alone says so.
+        match (key.len(), key) {
+            (6, "ACTION") => self.action.note(value),
+            (7, "DEVPATH") => self.devpath.note(value),
+            (9, "SUBSYSTEM") => self.subsystem.note(value),
+            (6, "SEQNUM") => self.seqnum.note(value),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Counts a variable whose value cannot be kept (the event stays).
+    fn drop_var(&mut self, key: &'a str) -> Result<(), ParseError> {
+        if self.dropped == 0 {
+            self.first_dropped = key.as_bytes();
+        }
+        self.dropped = self.dropped.saturating_add(1);
+        if self.vars.len() + usize::from(self.dropped) > MAX_VARS {
+            return Err(ParseError::TooManyVariables);
+        }
+        Ok(())
     }
 
     /// Checks that ACTION, DEVPATH and SUBSYSTEM are present, consistent with the header (if
     /// any) and with their own repetitions, and builds the event.
     fn finish(self, header: Option<(Action, &'a str)>) -> Result<Uevent<'a>, ParseError> {
-        let one = |key: &'static str| -> Result<Option<&'a str>, ParseError> {
-            let mut found = None;
-            for v in self.vars.iter().filter(|v| v.key == key) {
-                match found {
-                    Some(f) if f != v.value => return Err(ParseError::Mismatch(key)),
-                    _ => found = Some(v.value),
-                }
-            }
-            Ok(found)
-        };
-        let action_var = one("ACTION")?;
-        let devpath_var = one("DEVPATH")?;
-        let subsystem = one("SUBSYSTEM")?.ok_or(ParseError::Missing("SUBSYSTEM"))?;
+        let action_var = self.action.get("ACTION")?;
+        let devpath_var = self.devpath.get("DEVPATH")?;
+        let subsystem = self.subsystem.get("SUBSYSTEM")?.ok_or(ParseError::Missing("SUBSYSTEM"))?;
         let (action, devpath) = match header {
             Some((action, devpath)) => {
                 match action_var {
@@ -307,23 +554,56 @@ impl<'a> Builder<'a> {
                 (action, devpath_var.ok_or(ParseError::Missing("DEVPATH"))?)
             }
         };
-        if !devpath_is_safe(devpath) {
+        let safe = if self.clean { devpath_shape_is_safe(devpath) } else { devpath_is_safe(devpath) };
+        if !safe {
             return Err(ParseError::BadDevpath);
         }
         if subsystem.is_empty() || subsystem.contains('/') {
             return Err(ParseError::Mismatch("SUBSYSTEM"));
         }
-        let seqnum = one("SEQNUM")?.and_then(|s| s.parse().ok());
+        let seqnum = self.seqnum.get("SEQNUM")?.and_then(|s| s.parse().ok());
         Ok(Uevent {
             action,
             devpath,
             subsystem,
             seqnum,
+            base: self.base,
             vars: self.vars,
+            header_only: self.header_only,
             dropped: self.dropped,
             first_dropped: self.first_dropped,
         })
     }
+}
+
+/// True if `bytes` holds a control byte other than NUL, or any byte above 0x7e. Written
+/// without an early exit so the compiler can check many bytes per instruction.
+fn has_control_bytes(bytes: &[u8]) -> bool {
+    let mut bad = 0u8;
+    for &b in bytes {
+        bad |= u8::from(b.wrapping_sub(1) < 0x1f) | u8::from(b >= 0x7f);
+    }
+    bad != 0
+}
+
+/// The index of the first NUL in `bytes` at or after `from` (or `bytes.len()`), eight bytes
+/// at a time.
+fn find_nul(bytes: &[u8], from: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut i = from;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let word = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+        let zeros = word.wrapping_sub(ONES) & !word & HIGHS;
+        if zeros != 0 {
+            return i + (zeros.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < bytes.len() && bytes[i] != 0 {
+        i += 1;
+    }
+    i.min(bytes.len())
 }
 
 /// One item of `udevadm monitor` text.
@@ -361,13 +641,14 @@ type Lines<'a> = std::iter::Enumerate<std::slice::Split<'a, u8, fn(&u8) -> bool>
 /// events) are skipped; lines outside blocks are ignored, except `#!` directives.
 #[derive(Debug)]
 pub struct MonitorText<'a> {
+    text: &'a [u8],
     lines: Lines<'a>,
 }
 
 impl<'a> MonitorText<'a> {
     pub fn new(text: &'a [u8]) -> MonitorText<'a> {
         let newline: fn(&u8) -> bool = |&b| b == b'\n';
-        MonitorText { lines: text.split(newline).enumerate() }
+        MonitorText { text, lines: text.split(newline).enumerate() }
     }
 
     fn block(&mut self, header: &'a [u8], line: usize) -> Result<Uevent<'a>, TextError> {
@@ -383,7 +664,7 @@ impl<'a> MonitorText<'a> {
             .next()
             .and_then(|s| s.strip_prefix(b"(")?.strip_suffix(b")"))
             .and_then(|s| std::str::from_utf8(s).ok());
-        let mut builder = Builder::default();
+        let mut builder = Builder::new(self.text);
         for (n, text) in self.lines.by_ref() {
             let text = text.strip_suffix(b"\r").unwrap_or(text);
             if text.is_empty() {
@@ -397,8 +678,17 @@ impl<'a> MonitorText<'a> {
             // Captured without --property: the header is all there is.
             let subsystem = subsystem.ok_or(err(ParseError::Missing("SUBSYSTEM")))?;
             // Checked as a property line would be: a header value is trusted no more.
+            builder.header_only = true;
             for (key, value) in [("ACTION", action.as_str()), ("DEVPATH", devpath), ("SUBSYSTEM", subsystem)] {
-                builder.push(key.as_bytes(), value.as_bytes()).map_err(err)?;
+                if value.len() > MAX_VALUE || value.bytes().any(|b| b.is_ascii_control()) {
+                    builder.drop_var(key).map_err(err)?;
+                    continue;
+                }
+                match key {
+                    "ACTION" => builder.action.note(value),
+                    "DEVPATH" => builder.devpath.note(value),
+                    _ => builder.subsystem.note(value),
+                }
             }
         }
         let event = builder.finish(Some((action, devpath))).map_err(err)?;
@@ -562,5 +852,40 @@ KERNEL[3471.000001] remove   /devices/virtual/block/loop200 (block)
         let text = b"KERNEL[1.0] add /devices/x (usb)\nACTION=add\nbroken\n";
         let err = MonitorText::new(text).next().unwrap().unwrap_err();
         assert_eq!(err.line, 3);
+    }
+}
+
+#[cfg(test)]
+mod devpath_tests {
+    use super::*;
+
+    /// The word-at-a-time check agrees with a plain split on every short path over a small
+    /// alphabet, whatever the alignment.
+    #[test]
+    fn devpath_checks_agree_with_a_plain_split() {
+        let reference =
+            |p: &str| p.strip_prefix('/').is_some_and(|r| r.split('/').all(|c| !matches!(c, "" | "." | "..")));
+        let alphabet = ['/', '.', 'a'];
+        for len in 1..=11 {
+            let mut idx = vec![0usize; len];
+            loop {
+                let path: String = idx.iter().map(|&i| alphabet[i]).collect();
+                assert_eq!(devpath_shape_is_safe(&path), reference(&path), "{path:?}");
+                assert_eq!(devpath_is_safe(&path), reference(&path), "{path:?}");
+                let mut k = 0;
+                while k < len && idx[k] == alphabet.len() - 1 {
+                    idx[k] = 0;
+                    k += 1;
+                }
+                if k == len {
+                    break;
+                }
+                idx[k] += 1;
+            }
+        }
+        assert!(devpath_is_safe(
+            "/devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/host0/target0:0:0/0:0:0:0/block/sda/sda1"
+        ));
+        assert!(!devpath_is_safe("/devices/x\ny"));
     }
 }
