@@ -31,7 +31,8 @@ extern char **environ;
 /* autoattach's block readiness checks (src/readiness.rs), in the same order. */
 static int ready(const char *devpath, const char *name)
 {
-    char path[4096], text[64], sector[512];
+    static char block[4096] __attribute__((aligned(4096)));
+    char path[4096], text[64];
     snprintf(path, sizeof path, "/sys%s/size", devpath);
     int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
     ssize_t n = fd < 0 ? -1 : read(fd, text, sizeof text - 1);
@@ -43,11 +44,12 @@ static int ready(const char *devpath, const char *name)
     snprintf(path, sizeof path, "/dev/%s", name);
     if (stat(path, &st) < 0 || !S_ISBLK(st.st_mode))
         return 0;
-    fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
-    n = fd < 0 ? -1 : pread(fd, sector, sizeof sector, 0);
+    /* One block read directly, as autoattach reads it (O_DIRECT, 4 KiB, at least 512 back). */
+    fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY | O_DIRECT);
+    n = fd < 0 ? -1 : pread(fd, block, sizeof block, 0);
     if (fd >= 0)
         close(fd);
-    return n == (ssize_t)sizeof sector;
+    return n >= 512;
 }
 
 int main(int argc, char **argv)

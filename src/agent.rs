@@ -28,8 +28,11 @@ use crate::names::{ATTACH_SERVICE, Call, DETACH_SERVICE, Kind};
 use crate::netlink::{Received, UeventSocket};
 use crate::readiness::{Prober, Target, Verdict};
 use crate::rules::{Matcher, Parsed, RuleSet};
+use crate::spawn::Children;
 use crate::sysfs::Sysfs;
 use crate::uevent::{Action, Uevent};
+use nix::errno::Errno;
+use nix::unistd::Pid;
 
 /// Defaults for rules that do not set their own.
 #[derive(Clone, Debug)]
@@ -60,10 +63,25 @@ impl Default for Config {
 /// What the engine asks its driver to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
-    /// Check readiness, then report with [`Engine::on_verdict`].
-    Probe { epoch: u64, target: Target },
+    /// Check readiness, then report with [`Engine::on_verdict`]. With a `call`, a ready device
+    /// is called at once, by whoever probed it (the engine has already counted the call), and
+    /// the report says whether the call was made.
+    Probe { epoch: u64, target: Target, call: Option<Call> },
     /// Make this call.
     Call { call: Call, device: String },
+}
+
+/// Where the engine's effects go: a `Vec` in tests and replay; in `run`, a dispatcher that
+/// hands a probe to a worker the moment the engine asks for it, before the engine goes on
+/// (to describe the device for the log, say).
+pub trait Sink {
+    fn effect(&mut self, effect: Effect);
+}
+
+impl Sink for Vec<Effect> {
+    fn effect(&mut self, effect: Effect) {
+        self.push(effect);
+    }
 }
 
 #[derive(Debug)]
@@ -100,7 +118,16 @@ struct Entry {
     timeout: u64,
     debounce: u64,
     rate: Option<(u32, Duration)>,
+    /// The rate-limit slot counted for the call an in-flight probe may make (its time).
+    reserved: Option<u64>,
     state: State,
+}
+
+impl Entry {
+    /// The device's identity for logs, or its name until [`Engine::describe`] read it.
+    fn who(&self) -> &str {
+        if self.identity.is_empty() { &self.target.dev } else { &self.identity }
+    }
 }
 
 /// A rule's recent calls, and the calls its rate limit dropped since it last said so.
@@ -128,6 +155,8 @@ pub struct Engine {
     devices: BTreeMap<Box<str>, Entry>,
     /// Call times and held-back calls per rule, for the rate limit.
     calls: BTreeMap<String, RateWindow>,
+    /// Devices matched but not yet described in the log (see [`Engine::describe`]).
+    undescribed: Vec<Box<str>>,
     epochs: u64,
 }
 
@@ -151,6 +180,7 @@ impl Engine {
             config,
             devices: BTreeMap::new(),
             calls: BTreeMap::new(),
+            undescribed: Vec::new(),
             epochs: 0,
         }
     }
@@ -170,14 +200,19 @@ impl Engine {
         self.devices.len()
     }
 
+    /// How a tracked device is named in logs.
+    pub fn identity(&self, devpath: &str) -> Option<&str> {
+        self.devices.get(devpath).map(Entry::who)
+    }
+
     /// Handles one event. Allocates nothing for an event that matches no rule.
-    pub fn on_event(&mut self, sysfs: &Sysfs, event: &Uevent<'_>, now: u64, out: &mut Vec<Effect>) {
+    pub fn on_event(&mut self, sysfs: &Sysfs, event: &Uevent<'_>, now: u64, out: &mut impl Sink) {
         match event.action {
             Action::Remove => {
                 if let Some(entry) = self.devices.remove(event.devpath) {
                     match entry.state {
-                        State::Done { .. } => info!("{}: removed", entry.identity),
-                        _ => info!("{}: removed before it was attached", entry.identity),
+                        State::Done { .. } => info!("{}: removed", entry.who()),
+                        _ => info!("{}: removed before it was attached", entry.who()),
                     }
                     self.detach(entry, out);
                 }
@@ -195,28 +230,28 @@ impl Engine {
     }
 
     /// The Detach call for a removed device, if it is a block device this agent attached.
-    fn detach(&self, entry: Entry, out: &mut Vec<Effect>) {
+    fn detach(&self, entry: Entry, out: &mut impl Sink) {
         if !(matches!(entry.state, State::Done { called: true })
             && entry.target.kind == Kind::Block
             && self.config.detach)
         {
             return;
         }
-        info!("{}: detaching it from {}", entry.identity, entry.qube);
+        info!("{}: detaching it from {}", entry.who(), entry.qube);
         if let Ok(call) = Call::new(DETACH_SERVICE, &entry.qube, Kind::Block, &entry.target.dev) {
-            out.push(Effect::Call { call, device: entry.identity });
+            out.effect(Effect::Call { call, device: entry.who().to_owned() });
         }
     }
 
-    fn appear(&mut self, sysfs: &Sysfs, event: &Uevent<'_>, now: u64, out: &mut Vec<Effect>) {
+    fn appear(&mut self, sysfs: &Sysfs, event: &Uevent<'_>, now: u64, out: &mut impl Sink) {
         if let Some(entry) = self.devices.get_mut(event.devpath) {
             let generation = generation(event);
             let replaced =
                 event.action == Action::Add && generation.is_some() && generation != entry.generation.as_deref();
             if !replaced {
-                return Self::update(entry, event, now, out);
+                return Self::update(entry, &mut self.calls, event, now, out);
             }
-            info!("{}: replaced by a new device at the same place (its removal was missed)", entry.identity);
+            info!("{}: replaced by a new device at the same place (its removal was missed)", entry.who());
             self.devices.remove(event.devpath);
         }
         let Some(kind) = attachable(event) else {
@@ -230,8 +265,6 @@ impl Engine {
             Kind::Block => event.get("DEVNAME").unwrap_or_else(|| event.kernel()),
             Kind::Usb => event.kernel(),
         };
-        let identity = sysfs.identity(event.devpath).to_string();
-        info!("{identity}: matches {} (ATTACH=\"{}\")", rule.location(), rule.attach);
         self.epochs += 1;
         let target = Target {
             kind,
@@ -242,42 +275,101 @@ impl Engine {
         };
         let timeout = rule.timeout.unwrap_or(self.config.timeout).as_millis() as u64;
         // A name that could never be sent is refused now, once, not after waiting for it.
-        let state = match Call::new(ATTACH_SERVICE, &rule.attach, kind, dev) {
-            Ok(_) => {
-                out.push(Effect::Probe { epoch: self.epochs, target: target.clone() });
-                State::Waiting {
-                    deadline: now + timeout,
-                    next: now,
-                    backoff: FIRST_BACKOFF,
-                    probing: true,
-                    again: false,
-                }
-            }
-            Err(e) => {
-                error!("{identity}: not attached: {e}");
-                State::Done { called: false }
-            }
-        };
-        self.devices.insert(
-            event.devpath.into(),
-            Entry {
-                epoch: self.epochs,
-                target,
-                qube: rule.attach.clone(),
-                rule: rule.location(),
-                identity,
-                generation: generation(event).map(Into::into),
-                appeared: now,
-                timeout,
-                debounce: rule.debounce.unwrap_or(self.config.debounce).as_millis() as u64,
-                rate: rule.rate_limit.or(self.config.rate_limit),
-                state,
+        let refused = Call::new(ATTACH_SERVICE, &rule.attach, kind, dev).err();
+        let state = match refused {
+            None => State::Waiting {
+                deadline: now + timeout,
+                next: now,
+                backoff: FIRST_BACKOFF,
+                probing: true,
+                again: false,
             },
-        );
+            Some(_) => State::Done { called: false },
+        };
+        let (location, attach) = (rule.location(), rule.attach.clone());
+        let entry = self.devices.entry(event.devpath.into()).or_insert(Entry {
+            epoch: self.epochs,
+            target,
+            qube: attach,
+            rule: location,
+            identity: String::new(),
+            generation: generation(event).map(Into::into),
+            appeared: now,
+            timeout,
+            debounce: rule.debounce.unwrap_or(self.config.debounce).as_millis() as u64,
+            rate: rule.rate_limit.or(self.config.rate_limit),
+            reserved: None,
+            state,
+        });
+        // The probe now; reading the device's identity for the log can wait (the run loop
+        // hands the probe over before it describes the device, see `describe`).
+        match refused {
+            None => {
+                let call = Self::precall(entry, &mut self.calls, now);
+                out.effect(Effect::Probe { epoch: entry.epoch, target: entry.target.clone(), call });
+                self.undescribed.push(event.devpath.into());
+            }
+            Some(e) => {
+                entry.identity = sysfs.identity(event.devpath).to_string();
+                info!("{}: matches {} (ATTACH=\"{}\")", entry.identity, entry.rule, entry.qube);
+                error!("{}: not attached: {e}", entry.identity);
+            }
+        }
+    }
+
+    /// Reads the identity of devices matched since the last call and logs their match. The
+    /// run loop calls it once the probes are on their way; replay right after each event.
+    pub fn describe(&mut self, sysfs: &Sysfs) {
+        for devpath in self.undescribed.drain(..) {
+            if let Some(entry) = self.devices.get_mut(&devpath).filter(|e| e.identity.is_empty()) {
+                entry.identity = sysfs.identity(&devpath).to_string();
+                info!("{}: matches {} (ATTACH=\"{}\")", entry.identity, entry.rule, entry.qube);
+            }
+        }
+    }
+
+    /// The call a probe may make at once if the device is ready. None while a debounce holds
+    /// the device back or its rule's rate limit has no room (the verdict then comes back to
+    /// [`Engine::on_verdict`], which decides); otherwise the call is counted now, and the count
+    /// given back if the device turns out not to be ready.
+    fn precall(entry: &mut Entry, calls: &mut BTreeMap<String, RateWindow>, now: u64) -> Option<Call> {
+        if entry.debounce > 0 && now < entry.appeared + entry.debounce {
+            return None;
+        }
+        if let Some((count, window)) = entry.rate {
+            if !calls.contains_key(&entry.rule) {
+                calls.insert(entry.rule.clone(), RateWindow::default());
+            }
+            let rate = calls.get_mut(&entry.rule)?;
+            rate.window = window.as_millis() as u64;
+            Self::expire(&entry.rule, rate, now);
+            if rate.times.len() >= count as usize {
+                return None;
+            }
+            rate.times.push_back(now);
+            entry.reserved = Some(now);
+        }
+        Call::new(ATTACH_SERVICE, &entry.qube, entry.target.kind, &entry.target.dev).ok()
+    }
+
+    /// Gives back the rate-limit slot counted for a probe whose device was not ready.
+    fn release(entry: &mut Entry, calls: &mut BTreeMap<String, RateWindow>) {
+        let Some(at) = entry.reserved.take() else { return };
+        if let Some(rate) = calls.get_mut(&entry.rule) {
+            if let Some(i) = rate.times.iter().rposition(|&t| t == at) {
+                rate.times.remove(i);
+            }
+        }
     }
 
     /// A later event for a tracked device: it may now be ready (media, driver bound).
-    fn update(entry: &mut Entry, event: &Uevent<'_>, now: u64, out: &mut Vec<Effect>) {
+    fn update(
+        entry: &mut Entry,
+        calls: &mut BTreeMap<String, RateWindow>,
+        event: &Uevent<'_>,
+        now: u64,
+        out: &mut impl Sink,
+    ) {
         if event.action == Action::Bind {
             entry.target.bound = true;
         }
@@ -286,7 +378,7 @@ impl Engine {
             State::Waiting { next, .. } => *next = now,
             State::NoMedia | State::GaveUp => {
                 if event.media_change() {
-                    info!("{}: media changed", entry.identity);
+                    info!("{}: media changed", entry.who());
                 }
                 entry.state = State::Waiting {
                     deadline: now + entry.timeout,
@@ -295,17 +387,38 @@ impl Engine {
                     probing: true,
                     again: false,
                 };
-                out.push(Effect::Probe { epoch: entry.epoch, target: entry.target.clone() });
+                let call = Self::precall(entry, calls, now);
+                out.effect(Effect::Probe { epoch: entry.epoch, target: entry.target.clone(), call });
             }
             State::Settling { .. } | State::Done { .. } => {}
         }
     }
 
-    /// A probe's answer.
-    pub fn on_verdict(&mut self, epoch: u64, devpath: &str, verdict: Verdict, now: u64, out: &mut Vec<Effect>) {
+    /// A probe's answer. `made` says, for a probe that carried a call and found the device
+    /// ready, whether that call was made (`Some(false)`: it could not be started); None
+    /// otherwise.
+    pub fn on_verdict(
+        &mut self,
+        epoch: u64,
+        devpath: &str,
+        verdict: Verdict,
+        made: Option<bool>,
+        now: u64,
+        out: &mut impl Sink,
+    ) {
         let Some(entry) = self.devices.get_mut(devpath).filter(|e| e.epoch == epoch) else {
             return;
         };
+        if !matches!(entry.state, State::Waiting { .. }) {
+            return;
+        }
+        if let Some(called) = made {
+            // The prober made the call the engine counted: it stays counted.
+            entry.reserved = None;
+            entry.state = State::Done { called };
+            return;
+        }
+        Self::release(entry, &mut self.calls);
         let State::Waiting { deadline, next, backoff, probing, again } = &mut entry.state else {
             return;
         };
@@ -313,7 +426,7 @@ impl Engine {
         match verdict {
             Verdict::Ready if entry.debounce > 0 && now < entry.appeared + entry.debounce => {
                 let at = entry.appeared + entry.debounce;
-                info!("{}: ready; debounce: calling in {} ms if it stays", entry.identity, at - now);
+                info!("{}: ready; debounce: calling in {} ms if it stays", entry.who(), at - now);
                 entry.state = State::Settling { at };
             }
             Verdict::Ready => self.call(devpath, now, out),
@@ -324,29 +437,30 @@ impl Engine {
             Verdict::Wait(why) if now >= *deadline => {
                 warning!(
                     "{}: gave up after {} ms: {why} (it will be tried again on its next change event)",
-                    entry.identity,
+                    entry.who(),
                     entry.timeout
                 );
                 entry.state = State::GaveUp;
             }
             Verdict::Wait(why) => {
-                debug!("{}: {why}; trying again in {} ms", entry.identity, *backoff);
-                *next = now + *backoff;
-                *backoff = (*backoff * 2).min(MAX_BACKOFF);
+                let wait = *backoff;
+                *next = now + wait;
+                *backoff = (wait * 2).min(MAX_BACKOFF);
+                debug!("{}: {why}; trying again in {wait} ms", entry.who());
             }
             Verdict::NoMedia(why) => {
-                info!("{}: {why}; waiting for media", entry.identity);
+                info!("{}: {why}; waiting for media", entry.who());
                 entry.state = State::NoMedia;
             }
             Verdict::Gone => {
-                debug!("{}: gone before it was ready", entry.identity);
+                debug!("{}: gone before it was ready", entry.who());
                 self.devices.remove(devpath);
             }
         }
     }
 
     /// Makes the call for a ready device, if its rule's rate limit allows.
-    fn call(&mut self, devpath: &str, now: u64, out: &mut Vec<Effect>) {
+    fn call(&mut self, devpath: &str, now: u64, out: &mut impl Sink) {
         let Some(entry) = self.devices.get_mut(devpath) else {
             return;
         };
@@ -360,12 +474,12 @@ impl Engine {
                     warning!(
                         "{}: not attached: rule {} reached its rate limit of {count} calls per {}s (plug it again later; \
                          further calls held back now are counted)",
-                        entry.identity,
+                        entry.who(),
                         entry.rule,
                         window.as_secs()
                     );
                 } else {
-                    debug!("{}: not attached: rate limit of rule {}", entry.identity, entry.rule);
+                    debug!("{}: not attached: rate limit of rule {}", entry.who(), entry.rule);
                 }
                 rate.dropped += 1;
                 return;
@@ -375,9 +489,9 @@ impl Engine {
         match Call::new(ATTACH_SERVICE, &entry.qube, entry.target.kind, &entry.target.dev) {
             Ok(call) => {
                 entry.state = State::Done { called: true };
-                out.push(Effect::Call { call, device: entry.identity.clone() });
+                out.effect(Effect::Call { call, device: entry.who().to_owned() });
             }
-            Err(e) => error!("{}: not attached: {e}", entry.identity),
+            Err(e) => error!("{}: not attached: {e}", entry.who()),
         }
     }
 
@@ -396,7 +510,7 @@ impl Engine {
     }
 
     /// Timers: probes due again, debounces over, rate-limit summaries.
-    pub fn on_tick(&mut self, now: u64, out: &mut Vec<Effect>) {
+    pub fn on_tick(&mut self, now: u64, out: &mut impl Sink) {
         for (rule, rate) in &mut self.calls {
             Self::expire(rule, rate, now);
         }
@@ -405,7 +519,8 @@ impl Engine {
             match &mut entry.state {
                 State::Waiting { next, probing: probing @ false, .. } if *next <= now => {
                     *probing = true;
-                    out.push(Effect::Probe { epoch: entry.epoch, target: entry.target.clone() });
+                    let call = Self::precall(entry, &mut self.calls, now);
+                    out.effect(Effect::Probe { epoch: entry.epoch, target: entry.target.clone(), call });
                 }
                 State::Settling { at } if *at <= now => settled.push(devpath.clone()),
                 _ => {}
@@ -429,13 +544,13 @@ impl Engine {
     /// Rescans sysfs after events were lost (and at startup): devices that vanished are
     /// forgotten; every present one is handled as an `add`, so unknown and replaced devices
     /// are matched and devices still waiting for media are probed again.
-    pub fn resync(&mut self, sysfs: &Sysfs, now: u64, out: &mut Vec<Effect>) -> usize {
+    pub fn resync(&mut self, sysfs: &Sysfs, now: u64, out: &mut impl Sink) -> usize {
         let present = sysfs.scan();
         let vanished: Vec<Box<str>> =
             self.devices.keys().filter(|k| present.binary_search_by(|p| p.as_str().cmp(k)).is_err()).cloned().collect();
         for devpath in vanished {
             if let Some(entry) = self.devices.remove(&devpath) {
-                warning!("{}: vanished while events were lost; forgotten", entry.identity);
+                warning!("{}: vanished while events were lost; forgotten", entry.who());
                 self.detach(entry, out);
             }
         }
@@ -496,11 +611,12 @@ pub struct RunOptions {
     pub rcvbuf: usize,
     /// After this long a child is logged as still running (and left alone).
     pub child_bound: Duration,
-    pub workers: usize,
+    /// Threads taking turns at the loop and at probes (at least 2: one leads while one probes).
+    pub threads: usize,
 }
 
 /// Reads the rules from wherever they come from (called at start and on SIGHUP).
-pub struct RuleLoader(pub Box<dyn Fn() -> Parsed + Send>);
+pub struct RuleLoader(pub Box<dyn Fn() -> Parsed + Send + Sync>);
 
 impl std::fmt::Debug for RuleLoader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -533,68 +649,291 @@ pub fn report_rules(parsed: &Parsed) -> bool {
     parsed.errors.is_empty()
 }
 
+/// A probe to run, and the call to make if the device is ready.
 struct Job {
     epoch: u64,
     target: Target,
+    call: Option<Call>,
 }
 
+/// A probe's result, reported back to whoever leads the loop.
 struct Outcome {
     epoch: u64,
     devpath: String,
     verdict: Verdict,
+    /// The call the probe made on finding the device ready, and how starting it went.
+    made: Option<(Call, Result<Option<Pid>, Errno>)>,
 }
 
-/// Probe workers: blocking checks off the loop, results back through a channel and a pipe
-/// that wakes `poll`.
-struct Workers {
-    jobs: mpsc::Sender<Job>,
-    results: mpsc::Receiver<Outcome>,
-    wake: OwnedFd,
+/// Makes calls: starts the client detached, or in dry-run prints the command it would run.
+/// Used by whichever thread makes a call (posix_spawn is safe from any thread).
+struct Caller {
+    spawner: crate::spawn::Spawner,
+    /// The client as the user named it, for dry-run output.
+    name: PathBuf,
+    dry_run: bool,
 }
 
-impl Workers {
-    fn start(prober: Arc<Prober>, count: usize) -> Result<Workers, Fatal> {
-        let (jobs, job_rx) = mpsc::channel::<Job>();
-        let (result_tx, results) = mpsc::channel();
-        let (wake, wake_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-            .map_err(|e| fatal(EXIT_STARTUP)(format!("pipe: {}", e.desc())))?;
-        let job_rx = Arc::new(Mutex::new(job_rx));
-        let wake_tx = Arc::new(wake_tx);
-        for n in 0..count.max(1) {
-            let (job_rx, result_tx, wake_tx, prober) =
-                (job_rx.clone(), result_tx.clone(), wake_tx.clone(), prober.clone());
-            std::thread::Builder::new()
-                .name(format!("probe-{n}"))
-                .spawn(move || {
-                    loop {
-                        let job = match job_rx.lock() {
-                            Ok(rx) => rx.recv(),
-                            Err(_) => return,
-                        };
-                        let Ok(Job { epoch, target }) = job else {
-                            return;
-                        };
-                        let verdict = prober.check(&target);
-                        if result_tx.send(Outcome { epoch, devpath: target.devpath, verdict }).is_err() {
-                            return;
-                        }
-                        let _ = nix::unistd::write(wake_tx.as_fd(), b"!");
-                    }
-                })
-                .map_err(|e| fatal(EXIT_STARTUP)(format!("cannot start probe threads: {e}")))?;
+impl Caller {
+    /// `Ok(Some(pid))` started; `Ok(None)` printed (dry run); `Err` could not be started.
+    fn call(&self, call: &Call) -> Result<Option<Pid>, Errno> {
+        if self.dry_run {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{} dom0 {}", self.name.display(), call.service_arg());
+            let _ = out.flush();
+            return Ok(None);
         }
-        Ok(Workers { jobs, results, wake })
+        let arg = std::ffi::CString::new(call.service_arg()).unwrap_or_default();
+        self.spawner.spawn(&[c"dom0", &arg]).map(Some)
+    }
+
+    /// Logs how a call went, and tracks a started child.
+    fn report(
+        &self,
+        call: &Call,
+        device: String,
+        result: Result<Option<Pid>, Errno>,
+        children: &mut Children,
+        now: u64,
+    ) {
+        match result {
+            Ok(Some(pid)) => {
+                info!("{device}: calling {call} (pid {pid})");
+                children.add(pid, call.service_arg(), device, now);
+            }
+            Ok(None) => info!("{device}: would call {call} (dry run)"),
+            Err(e) => error!("{device}: cannot run {}: {}", self.spawner.program().to_string_lossy(), e.desc()),
+        }
     }
 }
 
-/// Runs the agent until SIGTERM or SIGINT.
+/// The leader's [`Sink`]: a probe is queued for the next thread free to run it; a call is
+/// made at once.
+struct Dispatch<'d> {
+    pending: &'d mut VecDeque<Job>,
+    caller: &'d Caller,
+    children: &'d mut Children,
+    now: u64,
+}
+
+impl Sink for Dispatch<'_> {
+    fn effect(&mut self, effect: Effect) {
+        match effect {
+            Effect::Probe { epoch, target, call } => self.pending.push_back(Job { epoch, target, call }),
+            Effect::Call { call, device } => {
+                let result = self.caller.call(&call);
+                self.caller.report(&call, device, result, self.children, self.now);
+            }
+        }
+    }
+}
+
+/// What only the thread leading the loop touches.
+struct LoopState {
+    engine: Engine,
+    children: Children,
+    refused: RefusalLog,
+    pending: VecDeque<Job>,
+    outcomes: mpsc::Receiver<Outcome>,
+    buf: Vec<u8>,
+}
+
+/// The loop, shared by threads that take turns leading it (leader/follower). The leader polls
+/// and decides; when it has a probe to run and another thread is idle, it hands the loop over
+/// and runs the probe itself, then makes the call if the device is ready. The probe and the
+/// call thus run on the thread that received the event, with no thread to wake in between:
+/// the hand-off wake only delays later events, which wait in the socket's buffer. A probe is
+/// never run while no other thread can lead, so the loop is never blocked by a slow device.
+struct Shared {
+    state: Mutex<LoopState>,
+    /// Threads waiting to lead.
+    idle: std::sync::atomic::AtomicUsize,
+    socket: UeventSocket,
+    sigfd: nix::sys::signalfd::SignalFd,
+    /// Written by a thread that finished a probe, to wake the leader.
+    wake: OwnedFd,
+    wake_tx: OwnedFd,
+    outcomes: Mutex<mpsc::Sender<Outcome>>,
+    sysfs: Arc<Sysfs>,
+    prober: Prober,
+    caller: Caller,
+    opts: RunOptions,
+    start: Instant,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// One thread's life: lead the loop until there is a probe to run and another thread to
+    /// lead; run it; report; wait for the next turn.
+    fn take_turns(&self) -> ! {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut outcome = None;
+        loop {
+            // Count ourselves idle first, then wake the leader: it may be waiting for a thread
+            // to hand the loop to, with a probe queued.
+            self.idle.fetch_add(1, SeqCst);
+            if let Some(outcome) = outcome.take() {
+                if let Ok(tx) = self.outcomes.lock() {
+                    let _ = tx.send(outcome);
+                }
+            }
+            let _ = nix::unistd::write(self.wake_tx.as_fd(), b"!");
+            let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.idle.fetch_sub(1, SeqCst);
+            let job = loop {
+                if self.idle.load(SeqCst) > 0 {
+                    if let Some(job) = state.pending.pop_front() {
+                        break job;
+                    }
+                }
+                self.turn(&mut state);
+            };
+            drop(state);
+            outcome = Some(self.run(job));
+        }
+    }
+
+    /// Runs a probe, and the call it carries if the device is ready.
+    fn run(&self, Job { epoch, target, call }: Job) -> Outcome {
+        let verdict = self.prober.check(&target);
+        let made = match call {
+            Some(call) if verdict == Verdict::Ready => {
+                let result = self.caller.call(&call);
+                Some((call, result))
+            }
+            _ => None,
+        };
+        Outcome { epoch, devpath: target.devpath, verdict, made }
+    }
+
+    /// One iteration of the loop: wait for something to do (socket, signals, finished probes,
+    /// timers) and do it.
+    fn turn(&self, st: &mut LoopState) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use nix::sys::signal::Signal;
+        let LoopState { engine, children, refused, pending, outcomes, buf } = st;
+        // Probes already on their way: now the devices they are for can be described.
+        engine.describe(&self.sysfs);
+        let child_bound = self.opts.child_bound;
+        let wake =
+            [engine.next_wake(), children.next_overdue(child_bound), refused.next_report()].into_iter().flatten().min();
+        // Queued probes wait for a thread to come back: outcomes wake us for that.
+        let timeout = match wake {
+            Some(at) => {
+                PollTimeout::try_from(at.saturating_sub(self.now()).min(60_000) as i32).unwrap_or(PollTimeout::MAX)
+            }
+            None => PollTimeout::NONE,
+        };
+        let mut fds = [
+            PollFd::new(self.socket.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => {
+                error!("poll: {}", e.desc());
+                std::process::exit(i32::from(EXIT_STARTUP));
+            }
+        }
+        let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+        let (sock_ready, sig_ready, wake_ready) = (ready(&fds[0]), ready(&fds[1]), ready(&fds[2]));
+        macro_rules! sink {
+            () => {
+                &mut Dispatch {
+                    pending: &mut *pending,
+                    caller: &self.caller,
+                    children: &mut *children,
+                    now: self.now(),
+                }
+            };
+        }
+
+        if sock_ready {
+            // A bounded batch, so signals and results are never starved by a storm.
+            for _ in 0..256 {
+                match self.socket.recv(buf) {
+                    Ok(Received::Kernel(datagram)) => match Uevent::parse(datagram) {
+                        Ok(event) => {
+                            debug!("uevent {} {} ({})", event.action, event.devpath, event.subsystem);
+                            engine.on_event(&self.sysfs, &event, self.now(), sink!());
+                            // A probe to run and a thread to lead: hand over now, the rest of
+                            // this turn (more events, the log) is the next leader's.
+                            if !pending.is_empty() && self.idle.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                                return;
+                            }
+                        }
+                        Err(e) => warning!("dropped a malformed uevent: {e}"),
+                    },
+                    Ok(Received::Refused(sender)) => refused.note(sender, self.now()),
+                    Ok(Received::Truncated(len)) => {
+                        warning!("dropped a uevent of {len} bytes: larger than the {} byte buffer", buf.len())
+                    }
+                    Ok(Received::Overflow) => {
+                        warning!("the receive buffer overflowed and events were lost: rescanning sysfs");
+                        engine.resync(&self.sysfs, self.now(), sink!());
+                    }
+                    Ok(Received::Empty) => break,
+                    Err(e) => {
+                        warning!("receiving uevents: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        if wake_ready {
+            let mut drain = [0u8; 256];
+            while matches!(nix::unistd::read(&self.wake, &mut drain), Ok(n) if n > 0) {}
+        }
+        while let Ok(outcome) = outcomes.try_recv() {
+            let made = outcome.made.map(|(call, result)| {
+                let started = result.is_ok();
+                let device = engine.identity(&outcome.devpath).unwrap_or(&outcome.devpath).to_owned();
+                self.caller.report(&call, device, result, children, self.now());
+                started
+            });
+            engine.on_verdict(outcome.epoch, &outcome.devpath, outcome.verdict, made, self.now(), sink!());
+        }
+        if sig_ready {
+            while let Ok(Some(info)) = self.sigfd.read_signal() {
+                match Signal::try_from(info.ssi_signo as i32) {
+                    Ok(Signal::SIGHUP) => reload(engine, &self.opts),
+                    Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                        // Calls in flight are detached; a probe in flight is abandoned.
+                        info!("exiting; {} call(s) still running are left alone", children.len());
+                        std::process::exit(0);
+                    }
+                    _ => {}
+                }
+            }
+            for (child, exit) in children.reap() {
+                let line = format!("{}: {} {exit}", child.device, child.call);
+                match exit {
+                    crate::spawn::Exit::Code(0) => info!("{line}"),
+                    _ => warning!("{line}"),
+                }
+            }
+        }
+        let t = self.now();
+        for child in children.overdue(t, child_bound) {
+            info!("{}: {} still running after {:?} (detached; left alone)", child.device, child.call, child_bound);
+        }
+        refused.report(t);
+        engine.on_tick(t, sink!());
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT (then the process exits 0), or returns why it could
+/// not start.
 pub fn run(opts: RunOptions) -> Result<(), Fatal> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use nix::sys::signal::{SigSet, Signal};
     use nix::sys::signalfd::{SfdFlags, SignalFd};
 
     let start = Instant::now();
-    let now = || start.elapsed().as_millis() as u64;
 
     // Signals arrive on a signalfd; block them before any thread exists so all inherit that.
     let mut signals = SigSet::empty();
@@ -616,6 +955,9 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
         granted / 1024,
         if forced { "" } else { ", capped by net.core.rmem_max: run with CAP_NET_ADMIN for a larger one" }
     );
+    if let Err(e) = crate::spawn::drop_capabilities() {
+        warning!("cannot drop capabilities after opening the socket: {e}");
+    }
     let sysfs = Arc::new(Sysfs::new(&opts.sysfs).map_err(|e| fatal(EXIT_STARTUP)(format!("sysfs: {e}")))?);
 
     let parsed = (opts.load_rules.0)();
@@ -628,7 +970,6 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
         info!("loaded {} rule(s)", parsed.set.rules.len());
     }
 
-    let client_name = opts.client.clone();
     let client = match crate::spawn::find_program(&opts.client) {
         Some(path) => path,
         None if opts.dry_run => opts.client.clone(),
@@ -641,104 +982,54 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
         }
     };
     let spawner = crate::spawn::Spawner::new(&client, crate::spawn::Spawner::current_env());
-    let prober = Arc::new(Prober {
+    let caller = Caller { spawner, name: opts.client.clone(), dry_run: opts.dry_run };
+    let prober = Prober {
         sysfs: sysfs.clone(),
         dev: opts.dev.clone(),
         nodes: crate::readiness::Nodes::Real,
         qubesdb: opts.qubesdb.clone(),
+    };
+    let (wake, wake_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+        .map_err(|e| fatal(EXIT_STARTUP)(format!("pipe: {}", e.desc())))?;
+    let (outcome_tx, outcome_rx) = mpsc::channel();
+    let mut state = LoopState {
+        engine: Engine::new(parsed.set, opts.config.clone()),
+        children: Children::default(),
+        refused: RefusalLog::default(),
+        pending: VecDeque::new(),
+        outcomes: outcome_rx,
+        buf: vec![0u8; 16 * 1024],
+    };
+    let now = start.elapsed().as_millis() as u64;
+    let LoopState { engine, pending, children, .. } = &mut state;
+    let present = engine.resync(&sysfs, now, &mut Dispatch { pending, caller: &caller, children, now });
+    engine.describe(&sysfs);
+    info!("coldplug: {present} device(s) present, {} matched", state.engine.tracked());
+
+    let threads = opts.threads.max(2);
+    let shared = Arc::new(Shared {
+        state: Mutex::new(state),
+        idle: std::sync::atomic::AtomicUsize::new(0),
+        socket,
+        sigfd,
+        wake,
+        wake_tx,
+        outcomes: Mutex::new(outcome_tx),
+        sysfs,
+        prober,
+        caller,
+        opts,
+        start,
     });
-    let workers = Workers::start(prober, opts.workers)?;
-    let mut engine = Engine::new(parsed.set, opts.config.clone());
-    let mut children = crate::spawn::Children::default();
-    let mut effects: Vec<Effect> = Vec::with_capacity(64);
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut refused = RefusalLog::default();
-
-    let present = engine.resync(&sysfs, now(), &mut effects);
-    info!("coldplug: {present} device(s) present, {} matched", engine.tracked());
-
-    loop {
-        perform(&mut effects, &workers, &spawner, &client_name, opts.dry_run, &mut children, now());
-        let wake = [engine.next_wake(), children.next_overdue(opts.child_bound), refused.next_report()]
-            .into_iter()
-            .flatten()
-            .min();
-        let timeout = match wake {
-            Some(at) => PollTimeout::try_from(at.saturating_sub(now()).min(60_000) as i32).unwrap_or(PollTimeout::MAX),
-            None => PollTimeout::NONE,
-        };
-        let mut fds = [
-            PollFd::new(socket.as_fd(), PollFlags::POLLIN),
-            PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
-            PollFd::new(workers.wake.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, timeout) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(fatal(EXIT_STARTUP)(format!("poll: {}", e.desc()))),
-        }
-        let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-        let (sock_ready, sig_ready, wake_ready) = (ready(&fds[0]), ready(&fds[1]), ready(&fds[2]));
-
-        if sock_ready {
-            // A bounded batch, so signals and results are never starved by a storm.
-            for _ in 0..256 {
-                match socket.recv(&mut buf) {
-                    Ok(Received::Kernel(datagram)) => match Uevent::parse(datagram) {
-                        Ok(event) => {
-                            debug!("uevent {} {} ({})", event.action, event.devpath, event.subsystem);
-                            engine.on_event(&sysfs, &event, now(), &mut effects)
-                        }
-                        Err(e) => warning!("dropped a malformed uevent: {e}"),
-                    },
-                    Ok(Received::Refused(sender)) => refused.note(sender, now()),
-                    Ok(Received::Truncated(len)) => {
-                        warning!("dropped a uevent of {len} bytes: larger than the {} byte buffer", buf.len())
-                    }
-                    Ok(Received::Overflow) => {
-                        warning!("the receive buffer overflowed and events were lost: rescanning sysfs");
-                        engine.resync(&sysfs, now(), &mut effects);
-                    }
-                    Ok(Received::Empty) => break,
-                    Err(e) => {
-                        warning!("receiving uevents: {e}");
-                        break;
-                    }
-                }
-            }
-        }
-        if wake_ready {
-            let mut drain = [0u8; 256];
-            while matches!(nix::unistd::read(&workers.wake, &mut drain), Ok(n) if n > 0) {}
-        }
-        while let Ok(outcome) = workers.results.try_recv() {
-            engine.on_verdict(outcome.epoch, &outcome.devpath, outcome.verdict, now(), &mut effects);
-        }
-        if sig_ready {
-            while let Ok(Some(info)) = sigfd.read_signal() {
-                match Signal::try_from(info.ssi_signo as i32) {
-                    Ok(Signal::SIGHUP) => reload(&mut engine, &opts),
-                    Ok(Signal::SIGTERM | Signal::SIGINT) => {
-                        info!("exiting; {} call(s) still running are left alone", children.len());
-                        return Ok(());
-                    }
-                    _ => {}
-                }
-            }
-            for (child, exit) in children.reap() {
-                let line = format!("{}: {} {exit}", child.device, child.call);
-                match exit {
-                    crate::spawn::Exit::Code(0) => info!("{line}"),
-                    _ => warning!("{line}"),
-                }
-            }
-        }
-        let t = now();
-        for child in children.overdue(t, opts.child_bound) {
-            info!("{}: {} still running after {:?} (detached; left alone)", child.device, child.call, opts.child_bound);
-        }
-        refused.report(t);
-        engine.on_tick(t, &mut effects);
+    for n in 1..threads {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("autoattach-{n}"))
+            .stack_size(256 * 1024)
+            .spawn(move || shared.take_turns())
+            .map_err(|e| fatal(EXIT_STARTUP)(format!("cannot start threads: {e}")))?;
     }
+    shared.take_turns()
 }
 
 fn reload(engine: &mut Engine, opts: &RunOptions) {
@@ -752,42 +1043,6 @@ fn reload(engine: &mut Engine, opts: &RunOptions) {
             parsed.errors.len(),
             engine.rules().rules.len()
         );
-    }
-}
-
-/// Hands probes to the workers and makes calls (or prints them, in dry-run).
-fn perform(
-    effects: &mut Vec<Effect>,
-    workers: &Workers,
-    spawner: &crate::spawn::Spawner,
-    client_name: &std::path::Path,
-    dry_run: bool,
-    children: &mut crate::spawn::Children,
-    now: u64,
-) {
-    for effect in effects.drain(..) {
-        match effect {
-            Effect::Probe { epoch, target } => {
-                let _ = workers.jobs.send(Job { epoch, target });
-            }
-            Effect::Call { call, device } if dry_run => {
-                use std::io::Write;
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{} dom0 {}", client_name.display(), call.service_arg());
-                let _ = out.flush();
-                info!("{device}: would call {call} (dry run)");
-            }
-            Effect::Call { call, device } => {
-                let arg = std::ffi::CString::new(call.service_arg()).unwrap_or_default();
-                match spawner.spawn(&[c"dom0", &arg]) {
-                    Ok(pid) => {
-                        info!("{device}: calling {call} (pid {pid})");
-                        children.add(pid, call.service_arg(), device, now);
-                    }
-                    Err(e) => error!("{device}: cannot run {}: {}", spawner.program().to_string_lossy(), e.desc()),
-                }
-            }
-        }
     }
 }
 
@@ -870,13 +1125,13 @@ mod tests {
         let add = datagram("add", STICK_DISK, "block", &["DEVNAME=sdb", "DEVTYPE=disk", "DISKSEQ=9"]);
         e.on_event(&sysfs, &Uevent::parse(&add).unwrap(), 0, &mut out);
         let Some(Effect::Probe { epoch, .. }) = out.pop() else { panic!("{out:?}") };
-        e.on_verdict(epoch, STICK_DISK, Verdict::NoMedia("size is 0".into()), 0, &mut out);
+        e.on_verdict(epoch, STICK_DISK, Verdict::NoMedia("size is 0".into()), None, 0, &mut out);
         assert!(out.is_empty(), "no media: no call and no timer");
         assert_eq!(e.next_wake(), None);
         e.resync(&sysfs, 100, &mut out);
         assert_eq!(probes(&out), ["sdb"], "probed again after the resync");
         let Some(Effect::Probe { epoch, .. }) = out.pop() else { panic!() };
-        e.on_verdict(epoch, STICK_DISK, Verdict::Ready, 100, &mut out);
+        e.on_verdict(epoch, STICK_DISK, Verdict::Ready, None, 100, &mut out);
         assert_eq!(calls(&out), ["custom.USBDeviceAttach+media+__+sdb"]);
         out.clear();
         e.resync(&sysfs, 200, &mut out);
@@ -896,7 +1151,7 @@ mod tests {
         let add = datagram("add", STICK_PART, "block", &["DEVNAME=sdb1", "DEVTYPE=partition", "DISKSEQ=1"]);
         e.on_event(&sysfs, &Uevent::parse(&add).unwrap(), 0, &mut out);
         let Some(Effect::Probe { epoch, .. }) = out.pop() else { panic!() };
-        e.on_verdict(epoch, STICK_PART, Verdict::Ready, 0, &mut out);
+        e.on_verdict(epoch, STICK_PART, Verdict::Ready, None, 0, &mut out);
         assert_eq!(calls(&out), ["custom.USBDeviceAttach+work+__+sdb1"]);
         out.clear();
         // The tree's sdb1 has no DISKSEQ in its uevent file: the same device, nothing happens.
@@ -931,7 +1186,7 @@ mod tests {
         let appear = |e: &mut Engine, at: u64, out: &mut Vec<Effect>| {
             e.on_event(&sysfs, &Uevent::parse(&add).unwrap(), at, out);
             let Some(Effect::Probe { epoch, .. }) = out.pop() else { panic!() };
-            e.on_verdict(epoch, STICK_PART, Verdict::Ready, at, out);
+            e.on_verdict(epoch, STICK_PART, Verdict::Ready, None, at, out);
         };
         appear(&mut e, 0, &mut out);
         assert!(out.is_empty(), "held back by the debounce");
@@ -950,5 +1205,38 @@ mod tests {
         appear(&mut e, 80_000, &mut out);
         e.on_tick(82_000, &mut out);
         assert_eq!(calls(&out), ["custom.USBDeviceAttach+w+__+sdb1"], "the window has moved on");
+    }
+
+    /// A probe carries its call when nothing holds the device back, and the rate limit counts
+    /// it then; a device found not ready gives the slot back; a full window sends no call with
+    /// the probe, and the verdict decides (and says why).
+    #[test]
+    fn probes_carry_their_call_when_the_engine_allows_it() {
+        let tree = Tree::stick(b"S1");
+        let sysfs = Sysfs::new(tree.root()).unwrap();
+        let mut e = engine(
+            "SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{serial}==\"S1\", ATTACH=\"w\", RATELIMIT=\"1/1m\"\n",
+        );
+        let add = datagram("add", STICK_PART, "block", &["DEVNAME=sdb1", "DEVTYPE=partition"]);
+        let remove = datagram("remove", STICK_PART, "block", &["DEVNAME=sdb1", "DEVTYPE=partition"]);
+        let mut out = Vec::new();
+        e.on_event(&sysfs, &Uevent::parse(&add).unwrap(), 0, &mut out);
+        let Some(Effect::Probe { epoch, call: Some(call), .. }) = out.pop() else { panic!("{out:?}") };
+        assert_eq!(call.service_arg(), "custom.USBDeviceAttach+w+__+sdb1");
+        // Not ready yet: the slot is given back, and the retry carries the call again.
+        e.on_verdict(epoch, STICK_PART, Verdict::Wait("no node".into()), None, 0, &mut out);
+        e.on_tick(100, &mut out);
+        let Some(Effect::Probe { epoch, call: Some(_), .. }) = out.pop() else { panic!("{out:?}") };
+        // The prober made the call: done, and nothing more to do.
+        e.on_verdict(epoch, STICK_PART, Verdict::Ready, Some(true), 100, &mut out);
+        assert!(out.is_empty());
+        e.on_event(&sysfs, &Uevent::parse(&remove).unwrap(), 200, &mut out);
+        assert_eq!(calls(&out), ["custom.USBDeviceDetach+w+__+sdb1"], "it was attached: detach");
+        out.clear();
+        // Back within the minute: the window is full, so the probe carries no call.
+        e.on_event(&sysfs, &Uevent::parse(&add).unwrap(), 300, &mut out);
+        let Some(Effect::Probe { epoch, call: None, .. }) = out.pop() else { panic!("{out:?}") };
+        e.on_verdict(epoch, STICK_PART, Verdict::Ready, None, 300, &mut out);
+        assert!(out.is_empty(), "held back by the rate limit: {out:?}");
     }
 }

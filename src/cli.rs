@@ -306,7 +306,7 @@ fn run(opts: &Opts) -> Result<u8, Failure> {
         config: config(opts),
         rcvbuf: opts.rcvbuf.unwrap_or(crate::netlink::DEFAULT_RCVBUF),
         child_bound: opts.slow_call.unwrap_or(Duration::from_secs(120)),
-        workers: 4,
+        threads: 3,
     };
     agent::run(options).map(|()| 0).map_err(|f| Failure { code: f.code, message: f.message })
 }
@@ -388,19 +388,27 @@ fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
             let mut engine = Engine::new(parsed.set, config(opts));
             let mut effects = Vec::new();
             engine.on_event(&sysfs, &event, 0, &mut effects);
+            engine.describe(&sysfs);
             // Under the real /dev a node must be a block device; a fixture's nodes are files.
             let dev = opts.dev.clone().unwrap_or_else(|| "/dev".into());
             let nodes = if dev == Path::new("/dev") { Nodes::Real } else { Nodes::Fixture };
             let prober = Prober { sysfs: std::sync::Arc::new(sysfs), dev, nodes, qubesdb: db };
+            let client = opts.client.clone().unwrap_or_else(|| "qrexec-client-vm".into());
             for effect in effects {
-                if let agent::Effect::Probe { epoch, target } = effect {
+                if let agent::Effect::Probe { epoch, target, call } = effect {
                     let verdict = prober.check(&target);
                     let _ = writeln!(report, "readiness now: {verdict}");
                     let mut calls = Vec::new();
-                    engine.on_verdict(epoch, &target.devpath, verdict, 0, &mut calls);
+                    let made = match call {
+                        Some(call) if verdict == crate::readiness::Verdict::Ready => {
+                            calls.push(agent::Effect::Call { call, device: String::new() });
+                            Some(true)
+                        }
+                        _ => None,
+                    };
+                    engine.on_verdict(epoch, &target.devpath, verdict, made, 0, &mut calls);
                     for c in calls {
                         if let agent::Effect::Call { call, .. } = c {
-                            let client = opts.client.clone().unwrap_or_else(|| "qrexec-client-vm".into());
                             let _ = writeln!(report, "would call: {} dom0 {}", client.display(), call.service_arg());
                         }
                     }

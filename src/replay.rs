@@ -22,7 +22,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use crate::agent::{Config, Effect, Engine};
-use crate::readiness::{Nodes, Prober, Qubesdb};
+use crate::readiness::{Nodes, Prober, Qubesdb, Verdict};
 use crate::rules::Parsed;
 use crate::sysfs::Sysfs;
 use crate::uevent::{MonitorText, Record};
@@ -201,6 +201,7 @@ pub fn replay(opts: &ReplayOptions, load_rules: &dyn Fn(&[PathBuf]) -> Parsed) -
         None => {
             let mut effects = Vec::new();
             run.engine.resync(&run.sysfs, 0, &mut effects);
+            run.engine.describe(&run.sysfs);
             run.perform(effects);
         }
         Some(path) => {
@@ -210,6 +211,7 @@ pub fn replay(opts: &ReplayOptions, load_rules: &dyn Fn(&[PathBuf]) -> Parsed) -
                     Record::Event(event, _) => {
                         let mut effects = Vec::new();
                         run.engine.on_event(&run.sysfs, &event, run.now, &mut effects);
+                        run.engine.describe(&run.sysfs);
                         run.perform(effects);
                     }
                     Record::Directive(directive, line) => run
@@ -239,18 +241,28 @@ impl Run {
             let mut next = Vec::new();
             for effect in effects {
                 match effect {
-                    Effect::Probe { epoch, target } => {
+                    Effect::Probe { epoch, target, call } => {
                         let verdict = self.prober.check(&target);
-                        self.engine.on_verdict(epoch, &target.devpath, verdict, self.now, &mut next);
+                        let made = match call {
+                            Some(call) if verdict == Verdict::Ready => {
+                                let device = self.engine.identity(&target.devpath).unwrap_or_default().to_owned();
+                                self.record(&call, &device);
+                                Some(true)
+                            }
+                            _ => None,
+                        };
+                        self.engine.on_verdict(epoch, &target.devpath, verdict, made, self.now, &mut next);
                     }
-                    Effect::Call { call, device } => {
-                        info!("{device}: would call {call}");
-                        self.calls.push(format!("{} dom0 {}", self.client, call.service_arg()));
-                    }
+                    Effect::Call { call, device } => self.record(&call, &device),
                 }
             }
             effects = next;
         }
+    }
+
+    fn record(&mut self, call: &crate::names::Call, device: &str) {
+        info!("{device}: would call {call}");
+        self.calls.push(format!("{} dom0 {}", self.client, call.service_arg()));
     }
 
     /// Lets virtual time run to `until` (or, when draining, until nothing is pending).
