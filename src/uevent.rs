@@ -222,6 +222,7 @@ impl<'a> Uevent<'a> {
     /// word at a time for its NULs and sliced in place; one with control bytes or invalid
     /// UTF-8 anywhere takes the general path, which checks each value on its own so that a
     /// bad value costs only its key.
+    #[inline]
     pub fn parse(buf: &'a [u8]) -> Result<Uevent<'a>, ParseError> {
         if buf.is_empty() {
             return Err(ParseError::Empty);
@@ -235,9 +236,10 @@ impl<'a> Uevent<'a> {
         let body = &buf[..buf.len() - 1];
         // The fast path keeps offsets in 16 bits: kernel datagrams are under 8 KiB.
         if body.len() <= usize::from(u16::MAX) && !has_control_bytes(body) {
-            if let Ok(text) = std::str::from_utf8(body) {
-                return Self::parse_clean(text);
-            }
+            // SAFETY: every byte of `body` is NUL or in 0x20..=0x7e (has_control_bytes is exact
+            // and tested against a byte-at-a-time check), so it is ASCII and thus valid UTF-8.
+            let text = unsafe { std::str::from_utf8_unchecked(body) };
+            return Self::parse_clean(text);
         }
         let mut fields = body.split(|&b| b == 0);
         let header = fields.next().unwrap_or_default();
@@ -255,6 +257,7 @@ impl<'a> Uevent<'a> {
 
     /// The fast path of [`Uevent::parse`]: `text` is valid UTF-8 without control bytes but
     /// the NUL separators, so fields need no check of their own beyond their shape.
+    #[inline(always)]
     fn parse_clean(text: &'a str) -> Result<Uevent<'a>, ParseError> {
         let bytes = text.as_bytes();
         let end = find_nul(bytes, 0);
@@ -265,17 +268,13 @@ impl<'a> Uevent<'a> {
         let mut builder = Builder { clean: true, ..Builder::new(bytes) };
         let mut pos = end + 1;
         while pos <= bytes.len() {
-            let end = find_nul(bytes, pos);
-            let field = &bytes[pos..end];
-            // The key: [A-Za-z0-9_]+ up to the first '='.
-            let mut eq = 0;
-            while eq < field.len() && KEY_BYTE[field[eq] as usize] {
-                eq += 1;
-            }
-            if eq == 0 || field.get(eq) != Some(&b'=') {
+            // The key: [A-Za-z0-9_]+, then '='.
+            let eq = key_len(bytes, pos);
+            if eq == 0 || bytes.get(pos + eq) != Some(&b'=') {
                 return Err(ParseError::BadVariable);
             }
-            builder.push_clean(pos, &text[pos..pos + eq], &text[pos + eq + 1..end])?;
+            let end = find_nul(bytes, pos + eq + 1);
+            builder.push_ascii(text, pos, eq, end)?;
             pos = end + 1;
         }
         builder.finish(Some((action, devpath)))
@@ -361,6 +360,7 @@ pub fn devpath_is_safe(devpath: &str) -> bool {
 
 /// The shape part of [`devpath_is_safe`]: a leading '/', and after each '/' neither the end,
 /// another '/', nor a "." or ".." component.
+#[inline(always)]
 fn devpath_shape_is_safe(devpath: &str) -> bool {
     let b = devpath.as_bytes();
     if b.first() != Some(&b'/') || b.last() == Some(&b'/') {
@@ -375,6 +375,7 @@ fn devpath_shape_is_safe(devpath: &str) -> bool {
 }
 
 /// The high bit of each byte of `word` that equals `byte`, exactly (no carries across bytes).
+#[inline(always)]
 fn bytes_equal(word: u64, byte: u8) -> u64 {
     const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
     let x = word ^ (u64::from(byte) * 0x0101_0101_0101_0101);
@@ -382,13 +383,15 @@ fn bytes_equal(word: u64, byte: u8) -> u64 {
 }
 
 /// True if some '/' in `b` is followed by '/' or '.'.
+#[inline(always)]
 fn slash_then_slash_or_dot(b: &[u8]) -> bool {
     let mut carry = 0u64; // the previous word's last byte was a '/'
     let mut chunks = b.chunks_exact(8);
     for chunk in &mut chunks {
         let word = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
         let slash = bytes_equal(word, b'/');
-        let next = bytes_equal(word, b'/') | bytes_equal(word, b'.');
+        // '.' (0x2e) and '/' (0x2f) are the only bytes that are 0x2f with their low bit set.
+        let next = bytes_equal(word | 0x0101_0101_0101_0101, b'/');
         // Byte k+1 of the word sits 8 bits above byte k (little endian).
         if (slash & (next >> 8)) != 0 || (carry & next & 0x80) != 0 {
             return true;
@@ -459,6 +462,7 @@ struct Special<'a> {
 }
 
 impl<'a> Special<'a> {
+    #[inline(always)]
     fn note(&mut self, value: &'a str) {
         match self.value {
             Some(v) => self.mismatch |= v != value,
@@ -466,6 +470,7 @@ impl<'a> Special<'a> {
         }
     }
 
+    #[inline(always)]
     fn get(&self, key: &'static str) -> Result<Option<&'a str>, ParseError> {
         if self.mismatch { Err(ParseError::Mismatch(key)) } else { Ok(self.value) }
     }
@@ -473,6 +478,7 @@ impl<'a> Special<'a> {
 
 impl<'a> Builder<'a> {
     /// A builder for variables that are slices of `base`.
+    #[inline(always)]
     fn new(base: &'a [u8]) -> Builder<'a> {
         Builder { base, ..Builder::default() }
     }
@@ -514,6 +520,29 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
+    /// [`Builder::push_clean`] for the fast path: `text` (the datagram, under 64 KiB, ASCII) holds
+    /// a key of `key` bytes at `start`, then `=`, then the value up to `end`.
+    #[inline(always)]
+    fn push_ascii(&mut self, text: &'a str, start: usize, key: usize, end: usize) -> Result<(), ParseError> {
+        let value_at = start + key + 1;
+        let value = end - value_at;
+        if value > MAX_VALUE {
+            return self.drop_var(&text[start..start + key]);
+        }
+        // Offsets fit: the fast path takes datagrams of at most u16::MAX bytes.
+        let span = Span { start: start as u32, key: key as u16, value: value as u16 };
+        self.vars.push(span).map_err(|_| ParseError::TooManyVariables)?;
+        let special = match &text.as_bytes()[start..value_at - 1] {
+            b"ACTION" => &mut self.action,
+            b"DEVPATH" => &mut self.devpath,
+            b"SUBSYSTEM" => &mut self.subsystem,
+            b"SEQNUM" => &mut self.seqnum,
+            _ => return Ok(()),
+        };
+        special.note(&text[value_at..end]);
+        Ok(())
+    }
+
     /// Counts a variable whose value cannot be kept (the event stays).
     fn drop_var(&mut self, key: &'a str) -> Result<(), ParseError> {
         if self.dropped == 0 {
@@ -528,6 +557,7 @@ impl<'a> Builder<'a> {
 
     /// Checks that ACTION, DEVPATH and SUBSYSTEM are present, consistent with the header (if
     /// any) and with their own repetitions, and builds the event.
+    #[inline(always)]
     fn finish(self, header: Option<(Action, &'a str)>) -> Result<Uevent<'a>, ParseError> {
         let action_var = self.action.get("ACTION")?;
         let devpath_var = self.devpath.get("DEVPATH")?;
@@ -576,24 +606,69 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// True if `bytes` holds a control byte other than NUL, or any byte above 0x7e. Written
-/// without an early exit so the compiler can check many bytes per instruction.
+/// True if `bytes` holds a control byte other than NUL, or any byte above 0x7e. Eight bytes
+/// at a time, each byte's test exact (no carry crosses a byte), so it does not depend on the
+/// compiler vectorising a loop.
+#[inline(always)]
 fn has_control_bytes(bytes: &[u8]) -> bool {
-    let mut bad = 0u8;
-    for &b in bytes {
-        bad |= u8::from(b.wrapping_sub(1) < 0x1f) | u8::from(b >= 0x7f);
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut bad = 0u64;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let x = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+        let low = x & LOW7;
+        // In each byte's high bit (the other bits are noise, masked off at the end):
+        // below 0x20 is "x's high bit clear and low7 + 0x60 does not reach 0x80"; not NUL is
+        // "low7 + 0x7f reaches 0x80"; 0x7f or above is "x's high bit set, or low7 + 1 reaches 0x80".
+        let below_space = !((low + 0x60 * ONES) | x);
+        bad |= (below_space & (low + LOW7)) | x | (low + ONES);
     }
-    bad != 0
+    let bad = bad & HIGHS;
+    let mut tail = 0u8;
+    for &b in chunks.remainder() {
+        tail |= u8::from(b.wrapping_sub(1) < 0x1f) | u8::from(b >= 0x7f);
+    }
+    bad != 0 || tail != 0
+}
+
+/// The length of the run of key bytes (`[A-Za-z0-9_]`) at `from`, eight bytes at a time.
+/// `bytes` must be ASCII (the fast path's datagrams are).
+#[inline(always)]
+fn key_len(bytes: &[u8], from: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // High bit of each byte of `x` (all below 0x80) that is `n` or above: no carry crosses a byte.
+    let at_least = |x: u64, n: u8| (x + u64::from(0x80 - n) * ONES) & HIGHS;
+    let mut i = from;
+    while let Some(chunk) = bytes.get(i..).and_then(<[u8]>::first_chunk::<8>) {
+        let x = u64::from_le_bytes(*chunk);
+        let digit = at_least(x, b'0') & !at_least(x, b'9' + 1);
+        // Folding case maps exactly the letters, and no other byte, onto a..z.
+        let folded = x | (0x20 * ONES);
+        let letter = at_least(folded, b'a') & !at_least(folded, b'z' + 1);
+        let other = !(digit | letter | bytes_equal(x, b'_')) & HIGHS;
+        if other != 0 {
+            return i - from + (other.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < bytes.len() && KEY_BYTE[bytes[i] as usize] {
+        i += 1;
+    }
+    i - from
 }
 
 /// The index of the first NUL in `bytes` at or after `from` (or `bytes.len()`), eight bytes
 /// at a time.
+#[inline(always)]
 fn find_nul(bytes: &[u8], from: usize) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     let mut i = from;
-    while let Some(chunk) = bytes.get(i..i + 8) {
-        let word = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+    while let Some(chunk) = bytes.get(i..).and_then(<[u8]>::first_chunk::<8>) {
+        let word = u64::from_le_bytes(*chunk);
         let zeros = word.wrapping_sub(ONES) & !word & HIGHS;
         if zeros != 0 {
             return i + (zeros.trailing_zeros() / 8) as usize;
@@ -887,5 +962,42 @@ mod devpath_tests {
             "/devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/host0/target0:0:0/0:0:0:0/block/sda/sda1"
         ));
         assert!(!devpath_is_safe("/devices/x\ny"));
+    }
+
+    /// The word-at-a-time key scan agrees with the key-byte table for every ASCII byte at every
+    /// position of a word and of the tail.
+    #[test]
+    fn key_scan_is_exact() {
+        for len in [8usize, 11, 16, 21] {
+            for at in 0..len {
+                for v in 0..0x80u8 {
+                    let mut buf = vec![b'K'; len];
+                    buf[at] = v;
+                    let want = buf.iter().take_while(|&&b| KEY_BYTE[b as usize]).count();
+                    assert_eq!(key_len(&buf, 0), want, "len {len} at {at} v {v:#x}");
+                    if at > 0 {
+                        assert_eq!(key_len(&buf, 1), want.max(1) - 1, "from 1, len {len} at {at} v {v:#x}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The word-at-a-time control-byte scan agrees with a byte-at-a-time one for every byte
+    /// value at every position of a word and of the tail, next to NULs and next to plain bytes.
+    #[test]
+    fn control_byte_scan_is_exact() {
+        let slow = |b: &[u8]| b.iter().any(|&c| (1..0x20).contains(&c) || c >= 0x7f);
+        for fill in [b'a', 0u8, 0x20, 0x7e] {
+            for len in [8usize, 13, 16, 19] {
+                for at in 0..len {
+                    for v in 0..=255u8 {
+                        let mut buf = vec![fill; len];
+                        buf[at] = v;
+                        assert_eq!(has_control_bytes(&buf), slow(&buf), "fill {fill:#x} len {len} at {at} v {v:#x}");
+                    }
+                }
+            }
+        }
     }
 }
