@@ -162,7 +162,8 @@ fn recvmsg(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(usize, i32, libc::sock
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.0.as_mut_ptr().cast();
-    msg.msg_controllen = control.0.len();
+    // size_t on glibc, socklen_t on musl; 64 fits either.
+    msg.msg_controllen = control.0.len() as _;
     // SAFETY: `msg` points at `addr`, `iov` (which covers exactly `buf`) and `control`, all
     // live and writable for the sizes given; the kernel writes at most those sizes.
     let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
@@ -181,7 +182,9 @@ fn credentials(msg: &libc::msghdr) -> Option<libc::ucred> {
         let want = size_of::<libc::ucred>() as u32;
         // SAFETY: CMSG_LEN is a pure computation.
         let full = unsafe { libc::CMSG_LEN(want) } as usize;
-        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_CREDENTIALS && hdr.cmsg_len >= full {
+        #[allow(clippy::unnecessary_cast)] // size_t on glibc, socklen_t on musl
+        let len = hdr.cmsg_len as usize;
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_CREDENTIALS && len >= full {
             // SAFETY: the header says its data holds a whole ucred; read_unaligned copies it
             // without assuming the data pointer is aligned for ucred.
             let data = unsafe { libc::CMSG_DATA(cmsg) };
