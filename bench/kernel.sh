@@ -109,6 +109,10 @@ else
 	bin=$root/target/release/autoattach
 fi
 [[ -x $bin ]] || die "no binary at $bin"
+# A file just written by the linker sits dirty in the page cache until writeback, and smaps
+# counts those pages of its mapping as the process's Private_Dirty (~650 kB of text here):
+# flush it first so the memory figures are the daemon's own.
+sync "$bin"
 
 mkdir "$work/bin"
 for tool in floor latency storm listen loopctl; do

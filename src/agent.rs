@@ -737,6 +737,9 @@ struct LoopState {
     pending: VecDeque<Job>,
     outcomes: mpsc::Receiver<Outcome>,
     buf: Vec<u8>,
+    /// Something that allocates (a match, a probe, a call, a reload, a resync) happened since
+    /// free memory was last given back to the kernel.
+    trim_due: bool,
 }
 
 /// The loop, shared by threads that take turns leading it (leader/follower). The leader polls
@@ -815,7 +818,7 @@ impl Shared {
     fn turn(&self, st: &mut LoopState) {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use nix::sys::signal::Signal;
-        let LoopState { engine, children, refused, pending, outcomes, buf } = st;
+        let LoopState { engine, children, refused, pending, outcomes, buf, trim_due } = st;
         // Probes already on their way: now the devices they are for can be described.
         engine.describe(&self.sysfs);
         let child_bound = self.opts.child_bound;
@@ -828,6 +831,11 @@ impl Shared {
             }
             None => PollTimeout::NONE,
         };
+        if wake.is_none() && pending.is_empty() && std::mem::take(trim_due) {
+            // Going idle with nothing scheduled: what startup, a match or a reload freed goes
+            // back to the kernel, so an idle agent keeps only what it uses.
+            release_free_memory();
+        }
         let mut fds = [
             PollFd::new(self.socket.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
@@ -861,6 +869,7 @@ impl Shared {
                         Ok(event) => {
                             debug!("uevent {} {} ({})", event.action, event.devpath, event.subsystem);
                             engine.on_event(&self.sysfs, &event, self.now(), sink!());
+                            *trim_due |= !pending.is_empty();
                             // A probe to run and a thread to lead: hand over now, the rest of
                             // this turn (more events, the log) is the next leader's.
                             if !pending.is_empty() && self.idle.load(std::sync::atomic::Ordering::SeqCst) > 0 {
@@ -874,6 +883,7 @@ impl Shared {
                         warning!("dropped a uevent of {len} bytes: larger than the {} byte buffer", buf.len())
                     }
                     Ok(Received::Overflow) => {
+                        *trim_due = true;
                         warning!("the receive buffer overflowed and events were lost: rescanning sysfs");
                         engine.resync(&self.sysfs, self.now(), sink!());
                     }
@@ -890,6 +900,7 @@ impl Shared {
             while matches!(nix::unistd::read(&self.wake, &mut drain), Ok(n) if n > 0) {}
         }
         while let Ok(outcome) = outcomes.try_recv() {
+            *trim_due = true;
             let made = outcome.made.map(|(call, result)| {
                 let started = result.is_ok();
                 let device = engine.identity(&outcome.devpath).unwrap_or(&outcome.devpath).to_owned();
@@ -899,6 +910,7 @@ impl Shared {
             engine.on_verdict(outcome.epoch, &outcome.devpath, outcome.verdict, made, self.now(), sink!());
         }
         if sig_ready {
+            *trim_due = true;
             while let Ok(Some(info)) = self.sigfd.read_signal() {
                 match Signal::try_from(info.ssi_signo as i32) {
                     Ok(Signal::SIGHUP) => reload(engine, &self.opts),
@@ -930,6 +942,7 @@ impl Shared {
 /// Runs the agent until SIGTERM or SIGINT (then the process exits 0), or returns why it could
 /// not start.
 pub fn run(opts: RunOptions) -> Result<(), Fatal> {
+    one_malloc_arena();
     use nix::sys::signal::{SigSet, Signal};
     use nix::sys::signalfd::{SfdFlags, SignalFd};
 
@@ -998,7 +1011,10 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
         refused: RefusalLog::default(),
         pending: VecDeque::new(),
         outcomes: outcome_rx,
-        buf: vec![0u8; 16 * 1024],
+        // The kernel's uevents are at most 2 KiB of variables plus the header line; a larger
+        // datagram is reported (MSG_TRUNC), not half-read.
+        buf: vec![0u8; 8 * 1024],
+        trim_due: true,
     };
     let now = start.elapsed().as_millis() as u64;
     let LoopState { engine, pending, children, .. } = &mut state;
@@ -1030,6 +1046,26 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
             .map_err(|e| fatal(EXIT_STARTUP)(format!("cannot start threads: {e}")))?;
     }
     shared.take_turns()
+}
+
+/// One malloc arena for every thread (glibc gives each new thread its own, each with its own
+/// dirty pages): the agent allocates little, and only off the hot path, so they would not
+/// contend. Call before any thread starts.
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a malloc parameter; no other thread exists yet.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Gives free heap pages back to the kernel (glibc keeps freed memory mapped and dirty).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes malloc's own locks; it is safe to call from any thread.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
 }
 
 fn reload(engine: &mut Engine, opts: &RunOptions) {

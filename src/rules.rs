@@ -39,7 +39,7 @@ use crate::uevent::Uevent;
 pub struct RuleSet {
     pub rules: Vec<Rule>,
     /// Attribute names the rules read, interned: a [`Key::Attr`] holds an index here.
-    attrs: Vec<Box<str>>,
+    attrs: Vec<Arc<str>>,
 }
 
 /// One rule: tests and an action.
@@ -86,11 +86,11 @@ pub enum Key {
     Driver,
     Env(Box<str>),
     /// An attribute of the event device: (name, interned index).
-    Attr(Box<str>, u16),
+    Attr(Arc<str>, u16),
     Kernels,
     Subsystems,
     Drivers,
-    Attrs(Box<str>, u16),
+    Attrs(Arc<str>, u16),
 }
 
 impl Key {
@@ -137,8 +137,8 @@ impl fmt::Display for Test {
 #[derive(Debug)]
 pub struct Pattern {
     kind: PatternKind,
-    /// The `|` alternatives, without empty ones.
-    alts: SmallVec<[Box<[u8]>; 1]>,
+    /// The `|` alternatives, without empty ones: byte ranges of `source`.
+    alts: SmallVec<[(u32, u32); 2]>,
     /// An empty alternative was written (`"|foo"`): the empty value matches too.
     or_empty: bool,
     /// For attributes: remove trailing whitespace from the value first.
@@ -177,12 +177,14 @@ impl Pattern {
         let mut alts = SmallVec::new();
         let mut or_empty = false;
         if matches!(kind, PatternKind::Plain | PatternKind::Glob) {
+            let mut start = 0;
             for alt in bytes.split(|&b| b == b'|') {
                 if alt.is_empty() {
                     or_empty = true;
                 } else {
-                    alts.push(alt.into());
+                    alts.push((start as u32, (start + alt.len()) as u32));
                 }
+                start += alt.len() + 1;
             }
         }
         let attr = matches!(key, Key::Attr(..) | Key::Attrs(..));
@@ -191,13 +193,18 @@ impl Pattern {
         Pattern { kind, alts, or_empty, trim_value, flipped, source: source.into() }
     }
 
+    fn alts(&self) -> impl Iterator<Item = &[u8]> {
+        let source = self.source.as_bytes();
+        self.alts.iter().map(move |&(a, b)| source.get(a as usize..b as usize).unwrap_or_default())
+    }
+
     /// True if `value` matches (before the operator is applied).
     pub fn matches(&self, value: &[u8]) -> bool {
         match self.kind {
             PatternKind::Empty => value.is_empty(),
             PatternKind::Subsystem => matches!(value, b"subsystem" | b"bus" | b"class"),
-            PatternKind::Plain => (self.or_empty && value.is_empty()) || self.alts.iter().any(|a| **a == *value),
-            PatternKind::Glob => (self.or_empty && value.is_empty()) || self.alts.iter().any(|a| fnmatch(a, value)),
+            PatternKind::Plain => (self.or_empty && value.is_empty()) || self.alts().any(|a| a == value),
+            PatternKind::Glob => (self.or_empty && value.is_empty()) || self.alts().any(|a| fnmatch(a, value)),
         }
     }
 }
@@ -279,6 +286,7 @@ impl Parsed {
                 self.set.rules.push(rule);
             }
         }
+        self.set.rules.shrink_to_fit();
     }
 
     /// An error that is not tied to a line (unreadable file).
@@ -436,7 +444,7 @@ struct LineParser<'a> {
     line: &'a LogicalLine,
     pos: usize,
     errors: &'a mut Vec<RuleError>,
-    attrs: &'a mut Vec<Box<str>>,
+    attrs: &'a mut Vec<Arc<str>>,
 }
 
 /// One `KEY{attr} op "value"` as written, with offsets for messages.
@@ -496,6 +504,9 @@ impl<'a> LineParser<'a> {
             return None;
         }
         rule.tests.sort_by_key(|t| t.key.cost());
+        // Rules live as long as the agent: keep no spare capacity.
+        rule.tests.shrink_to_fit();
+        rule.parent_tests.shrink_to_fit();
         Some(rule)
     }
 
@@ -653,8 +664,8 @@ impl<'a> LineParser<'a> {
                 if let Err(why) = check_attr_name(name) {
                     return self.error(key_at, format!("{attr_key}{{{name}}}: {why}"), None);
                 }
-                let id = intern(self.attrs, name);
-                if attr_key == "ATTR" { Key::Attr(name.into(), id) } else { Key::Attrs(name.into(), id) }
+                let (name, id) = intern(self.attrs, name);
+                if attr_key == "ATTR" { Key::Attr(name, id) } else { Key::Attrs(name, id) }
             }
         };
         let test = Test {
@@ -735,14 +746,17 @@ impl<'a> LineParser<'a> {
     }
 }
 
-fn intern(attrs: &mut Vec<Box<str>>, name: &str) -> u16 {
-    match attrs.iter().position(|a| &**a == name) {
-        Some(i) => i as u16,
+/// The index of `name` in `attrs` (added if new) and the shared name itself, so that a
+/// hundred rules testing `serial` hold one copy of it.
+fn intern(attrs: &mut Vec<Arc<str>>, name: &str) -> (Arc<str>, u16) {
+    let i = match attrs.iter().position(|a| &**a == name) {
+        Some(i) => i,
         None => {
             attrs.push(name.into());
-            (attrs.len() - 1) as u16
+            attrs.len() - 1
         }
-    }
+    };
+    (attrs[i].clone(), i as u16)
 }
 
 /// An attribute name reads a file under the device: relative, plain components, no
@@ -878,7 +892,7 @@ const DRIVER_LINK: usize = 1;
 #[derive(Debug)]
 pub struct Matcher {
     /// The attribute names of the rule set this matcher was built for.
-    attrs: Vec<Box<str>>,
+    attrs: Vec<Arc<str>>,
     names: usize,
     slots: Vec<Slot>,
     arena: Vec<u8>,
@@ -916,7 +930,7 @@ impl Matcher {
             attrs: set.attrs.clone(),
             names,
             slots: vec![Slot { stamp: 0, start: 0, len: 0 }; names * MAX_DEPTH],
-            arena: Vec::with_capacity(64 * 1024),
+            arena: Vec::with_capacity(4 * 1024),
             stamp: 0,
             chain: heapless::Vec::new(),
             chain_complete: false,
@@ -1109,7 +1123,7 @@ impl RuleSet {
     }
 
     /// The attribute names the rules read.
-    pub fn attr_names(&self) -> &[Box<str>] {
+    pub fn attr_names(&self) -> &[Arc<str>] {
         &self.attrs
     }
 }
