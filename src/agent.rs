@@ -752,6 +752,8 @@ struct Shared {
     state: Mutex<LoopState>,
     /// Threads waiting to lead.
     idle: std::sync::atomic::AtomicUsize,
+    /// Threads taking turns, the leader included.
+    threads: usize,
     socket: UeventSocket,
     sigfd: nix::sys::signalfd::SignalFd,
     /// Written by a thread that finished a probe, to wake the leader.
@@ -819,8 +821,12 @@ impl Shared {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use nix::sys::signal::Signal;
         let LoopState { engine, children, refused, pending, outcomes, buf, trim_due } = st;
-        // Probes already on their way: now the devices they are for can be described.
-        engine.describe(&self.sysfs);
+        // Devices matched since the last turn are described (identity read from sysfs, for the
+        // log) once no probe is running: on a small machine that work would otherwise compete
+        // with the probe and with the child it starts.
+        if self.idle.load(std::sync::atomic::Ordering::SeqCst) + 1 >= self.threads {
+            engine.describe(&self.sysfs);
+        }
         let child_bound = self.opts.child_bound;
         let wake =
             [engine.next_wake(), children.next_overdue(child_bound), refused.next_report()].into_iter().flatten().min();
@@ -1026,6 +1032,7 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
     let shared = Arc::new(Shared {
         state: Mutex::new(state),
         idle: std::sync::atomic::AtomicUsize::new(0),
+        threads,
         socket,
         sigfd,
         wake,

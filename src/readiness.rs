@@ -137,15 +137,13 @@ pub struct Prober {
 impl Prober {
     /// Checks `target` once. May block (sector read, qubesdb-read).
     pub fn check(&self, target: &Target) -> Verdict {
-        if !self.sysfs.exists(&target.devpath, "uevent") {
-            return Verdict::Gone;
-        }
         let local = match target.kind {
             Kind::Block => self.block(target),
             Kind::Usb => self.usb(target),
         };
         if local != Verdict::Ready {
-            return local;
+            // Not ready, or not there at all: only then is it worth asking which.
+            return if self.sysfs.exists(&target.devpath, "uevent") { local } else { Verdict::Gone };
         }
         match &self.qubesdb {
             None => Verdict::Ready,

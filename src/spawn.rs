@@ -8,7 +8,9 @@
 //!   process group, so signals sent to the agent's group do not reach it;
 //! - an empty signal mask and default dispositions for every signal (the agent blocks
 //!   SIGCHLD/SIGHUP/SIGTERM/SIGINT for its signalfd, and Rust ignores SIGPIPE: neither may
-//!   leak into the child);
+//!   leak into the child). Only an ignored disposition survives exec (a handler is reset by
+//!   the kernel), so the signals reset are the ones ignored when the spawner was made: one
+//!   sigaction in the child for SIGPIPE, not sixty-four;
 //! - stdin, stdout and stderr on /dev/null.
 //!
 //! No other fd is inherited: the agent opens everything with O_CLOEXEC, and
@@ -38,12 +40,18 @@ use nix::unistd::Pid;
 pub struct Spawner {
     program: CString,
     envp: Vec<CString>,
+    /// The signals ignored in this process when the spawner was made.
+    ignored: SigSet,
 }
 
 impl Spawner {
     /// A spawner for `program`; `envp` is the environment every child gets.
     pub fn new(program: &Path, envp: Vec<CString>) -> Spawner {
-        Spawner { program: CString::new(program.as_os_str().as_bytes()).unwrap_or_default(), envp }
+        Spawner {
+            program: CString::new(program.as_os_str().as_bytes()).unwrap_or_default(),
+            envp,
+            ignored: ignored_signals(),
+        }
     }
 
     /// The current environment, captured once so children get it without touching `environ`
@@ -74,7 +82,7 @@ impl Spawner {
         let setsid = PosixSpawnFlags::from_bits_retain(nix::libc::POSIX_SPAWN_SETSID as _);
         attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF | setsid)?;
         attr.set_sigmask(&SigSet::empty())?;
-        attr.set_sigdefault(&every_signal())?;
+        attr.set_sigdefault(&self.ignored)?;
 
         let mut actions = PosixSpawnFileActions::init()?;
         let null = c"/dev/null";
@@ -86,15 +94,25 @@ impl Spawner {
     }
 }
 
-/// Every signal. (glibc's posix_spawn still leaves its two internal signals, 32 and 33,
-/// ignored in the child whatever this set says, as for every posix_spawn and Rust's
-/// `std::process::Command`; programs never use those two.)
-fn every_signal() -> SigSet {
+/// The signals whose disposition is SIG_IGN in this process now. (glibc's posix_spawn leaves
+/// its two internal signals, 32 and 33, ignored in every child whatever this set says, as for
+/// Rust's `std::process::Command`; programs never use those two.)
+fn ignored_signals() -> SigSet {
     let mut raw = std::mem::MaybeUninit::<nix::libc::sigset_t>::uninit();
-    // SAFETY: sigfillset initialises the whole sigset_t it is given.
-    unsafe { nix::libc::sigfillset(raw.as_mut_ptr()) };
-    // SAFETY: `raw` was initialised by sigfillset just above.
-    let raw = unsafe { raw.assume_init() };
+    // SAFETY: sigemptyset initialises the whole sigset_t it is given.
+    unsafe { nix::libc::sigemptyset(raw.as_mut_ptr()) };
+    // SAFETY: `raw` was initialised by sigemptyset just above.
+    let mut raw = unsafe { raw.assume_init() };
+    for signo in 1..=nix::libc::SIGRTMAX() {
+        let mut old = std::mem::MaybeUninit::<nix::libc::sigaction>::zeroed();
+        // SAFETY: a null new action only reads the disposition into `old`, which is writable.
+        let rc = unsafe { nix::libc::sigaction(signo, std::ptr::null(), old.as_mut_ptr()) };
+        // SAFETY: sigaction filled `old` when it returned 0; it was zeroed before anyway.
+        if rc == 0 && unsafe { old.assume_init() }.sa_sigaction == nix::libc::SIG_IGN {
+            // SAFETY: `raw` is a valid sigset_t; a number sigaddset refuses is left out.
+            unsafe { nix::libc::sigaddset(&mut raw, signo) };
+        }
+    }
     // SAFETY: `raw` is a valid, fully initialised sigset_t.
     unsafe { SigSet::from_sigset_t_unchecked(raw) }
 }
@@ -303,7 +321,12 @@ mod tests {
         // An inherited fd without CLOEXEC must not reach the child once marked.
         let leak = nix::fcntl::open("/dev/null", OFlag::O_RDONLY, Mode::empty()).unwrap();
         cloexec_inherited_fds().unwrap();
+        // Ignored here (as an agent started under nohup would have SIGHUP ignored), so the
+        // spawner must reset it; SIGPIPE is ignored by Rust's runtime already.
+        // SAFETY: setting SIGUSR2 to SIG_IGN installs no handler; nothing in the tests uses it.
+        unsafe { nix::sys::signal::signal(Signal::SIGUSR2, nix::sys::signal::SigHandler::SigIgn) }.unwrap();
         let spawner = Spawner::new(Path::new("/bin/sleep"), Spawner::current_env());
+        assert!(spawner.ignored.contains(Signal::SIGUSR2) && spawner.ignored.contains(Signal::SIGPIPE));
         let pid = spawner.spawn(&[c"5"]).unwrap();
         let proc = PathBuf::from(format!("/proc/{pid}"));
         // posix_spawn returns when the child releases our memory, a moment before the new
@@ -347,8 +370,8 @@ mod tests {
             u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
         };
         assert_eq!(field("SigBlk:"), 0);
-        // Nothing ignored but glibc's internal signals 32 and 33 (see every_signal); in
-        // particular not SIGPIPE, which Rust ignores in the agent.
+        // Nothing ignored but glibc's internal signals 32 and 33 (see ignored_signals); in
+        // particular not SIGPIPE, which Rust ignores in the agent, nor SIGUSR2.
         assert_eq!(field("SigIgn:") & !(3 << 31), 0);
         let stat = std::fs::read_to_string(proc.join("stat")).unwrap();
         let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
