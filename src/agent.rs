@@ -983,10 +983,16 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
     if !report_rules(&parsed) {
         return Err(fatal(EXIT_RULES)(format!("{} error(s) in the rules; nothing started", parsed.errors.len())));
     }
-    if parsed.set.is_empty() {
+    // Only the rules are kept: this function never returns, so what else it holds would
+    // stay allocated for the agent's life.
+    let rules = {
+        let parsed = parsed;
+        parsed.set
+    };
+    if rules.is_empty() {
         warning!("no rules: nothing will be attached (see `autoattach check`)");
     } else {
-        info!("loaded {} rule(s)", parsed.set.rules.len());
+        info!("loaded {} rule(s)", rules.rules.len());
     }
 
     let client = match crate::spawn::find_program(&opts.client) {
@@ -1012,7 +1018,7 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
         .map_err(|e| fatal(EXIT_STARTUP)(format!("pipe: {}", e.desc())))?;
     let (outcome_tx, outcome_rx) = mpsc::channel();
     let mut state = LoopState {
-        engine: Engine::new(parsed.set, opts.config.clone()),
+        engine: Engine::new(rules, opts.config.clone()),
         children: Children::default(),
         refused: RefusalLog::default(),
         pending: VecDeque::new(),

@@ -40,6 +40,8 @@ pub struct RuleSet {
     pub rules: Vec<Rule>,
     /// Attribute names the rules read, interned: a [`Key::Attr`] holds an index here.
     attrs: Vec<Arc<str>>,
+    /// How many distinct tests on the event device the rules make (see [`Test::memo`]).
+    memos: usize,
 }
 
 /// One rule: tests and an action.
@@ -75,7 +77,14 @@ pub struct Test {
     pub negate: bool,
     pub pattern: Pattern,
     pub col: usize,
+    /// For a test on the event device: its index among the rule set's distinct such tests
+    /// (same key, operator and pattern), so that the matcher evaluates it once per event
+    /// however many rules make it. `NO_MEMO` for tests on the parent walk.
+    memo: u16,
 }
+
+/// [`Test::memo`] of a test that is not memoised.
+const NO_MEMO: u16 = u16::MAX;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Key {
@@ -267,6 +276,8 @@ pub struct Parsed {
     pub set: RuleSet,
     pub errors: Vec<RuleError>,
     pub warnings: Vec<RuleError>,
+    /// The distinct event-device tests seen so far, as text, for [`Test::memo`].
+    memo_keys: Vec<Box<str>>,
 }
 
 impl Parsed {
@@ -280,6 +291,7 @@ impl Parsed {
                 pos: 0,
                 errors: &mut self.errors,
                 attrs: &mut self.set.attrs,
+                memo_keys: &mut self.memo_keys,
             };
             if let Some(rule) = p.rule() {
                 self.warnings.extend(lint(&rule, &line));
@@ -287,6 +299,7 @@ impl Parsed {
             }
         }
         self.set.rules.shrink_to_fit();
+        self.set.memos = self.memo_keys.len();
     }
 
     /// An error that is not tied to a line (unreadable file).
@@ -445,6 +458,7 @@ struct LineParser<'a> {
     pos: usize,
     errors: &'a mut Vec<RuleError>,
     attrs: &'a mut Vec<Arc<str>>,
+    memo_keys: &'a mut Vec<Box<str>>,
 }
 
 /// One `KEY{attr} op "value"` as written, with offsets for messages.
@@ -668,12 +682,22 @@ impl<'a> LineParser<'a> {
                 if attr_key == "ATTR" { Key::Attr(name, id) } else { Key::Attrs(name, id) }
             }
         };
-        let test = Test {
-            pattern: Pattern::compile(&t.value, &key),
-            negate: t.op == Op::NoMatch,
-            col: self.line.place(key_at).1,
-            key,
+        let negate = t.op == Op::NoMatch;
+        let memo = if key.is_parent() {
+            NO_MEMO
+        } else {
+            let text = format!("{key}{}\"{}\"", if negate { "!=" } else { "==" }, t.value);
+            match self.memo_keys.iter().position(|k| **k == *text) {
+                Some(i) => i as u16,
+                None if self.memo_keys.len() < usize::from(NO_MEMO) => {
+                    self.memo_keys.push(text.into());
+                    (self.memo_keys.len() - 1) as u16
+                }
+                None => NO_MEMO,
+            }
         };
+        let test =
+            Test { pattern: Pattern::compile(&t.value, &key), negate, col: self.line.place(key_at).1, key, memo };
         if test.key.is_parent() {
             rule.parent_tests.push(test);
         } else {
@@ -901,6 +925,8 @@ pub struct Matcher {
     chain: heapless::Vec<u16, MAX_DEPTH>,
     chain_complete: bool,
     buf: Box<[u8; MAX_ATTR]>,
+    /// Per memoised test: the stamp of the event it was evaluated for, and its result.
+    memo: Vec<(u32, bool)>,
 }
 
 /// Receives every test evaluated, for `autoattach test`.
@@ -935,6 +961,7 @@ impl Matcher {
             chain: heapless::Vec::new(),
             chain_complete: false,
             buf: Box::new([0; MAX_ATTR]),
+            memo: vec![(0, false); set.memos],
         }
     }
 
@@ -942,7 +969,7 @@ impl Matcher {
     pub fn first_match(&mut self, sysfs: &Sysfs, set: &RuleSet, event: &Uevent<'_>) -> Option<usize> {
         debug_assert_eq!(self.attrs, set.attrs, "matcher built for another rule set");
         self.begin(event);
-        let mut cx = Cx { m: self, sysfs, event };
+        let mut cx = Cx { m: self, sysfs, event, memoise: true };
         set.rules.iter().position(|rule| cx.rule_matches(rule, &mut Silent, false))
     }
 
@@ -955,7 +982,8 @@ impl Matcher {
         trace: &mut dyn Trace,
     ) -> Option<usize> {
         self.begin(event);
-        let mut cx = Cx { m: self, sysfs, event };
+        // Every test evaluated and reported with its value: nothing taken from the memo.
+        let mut cx = Cx { m: self, sysfs, event, memoise: false };
         let mut first = None;
         for (i, rule) in set.rules.iter().enumerate() {
             trace.rule(i, rule);
@@ -973,6 +1001,7 @@ impl Matcher {
         if self.stamp == 0 {
             // Stamps wrapped: forget every slot so none looks current.
             self.slots.iter_mut().for_each(|s| s.stamp = 0);
+            self.memo.iter_mut().for_each(|m| m.0 = 0);
             self.stamp = 1;
         }
         self.arena.clear();
@@ -987,6 +1016,8 @@ struct Cx<'m, 'e> {
     m: &'m mut Matcher,
     sysfs: &'m Sysfs,
     event: &'m Uevent<'e>,
+    /// Take event-device tests already evaluated for this event from the memo.
+    memoise: bool,
 }
 
 impl Cx<'_, '_> {
@@ -1035,6 +1066,21 @@ impl Cx<'_, '_> {
     }
 
     fn event_test(&mut self, test: &Test, trace: &mut impl Trace) -> bool {
+        let memo = usize::from(test.memo);
+        let stamp = self.m.stamp;
+        if self.memoise {
+            if let Some(&(_, pass)) = self.m.memo.get(memo).filter(|m| m.0 == stamp) {
+                return pass;
+            }
+        }
+        let pass = self.evaluate(test, trace);
+        if let Some(slot) = self.m.memo.get_mut(memo) {
+            *slot = (stamp, pass);
+        }
+        pass
+    }
+
+    fn evaluate(&mut self, test: &Test, trace: &mut impl Trace) -> bool {
         let event = self.event;
         let (value, attr) = match &test.key {
             Key::Action => (Some(event.action.as_str().as_bytes()), false),

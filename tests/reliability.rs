@@ -513,6 +513,9 @@ fn hostile_strings_in_the_real_agent_are_escaped_and_it_keeps_running() {
     );
     dev.attach(&file);
     agent.wait_for(|a| a.stdout() == attach_line("work", &name), "the call");
+    // The match is logged once the device is described, which may be just after the call.
+    let described = format!("autoattach: {name} 1234");
+    agent.wait_for(|a| a.stderr().contains(&described), "the match in the log");
     let log = std::fs::read(&agent.stderr).unwrap();
     assert_printable("agent log", &log);
     let log = text(&log);
