@@ -192,7 +192,7 @@ impl Prober {
             }
             Nodes::Fixture => {}
         }
-        match read_first_sector(&node) {
+        match read_first_sector(&node, self.nodes == Nodes::Real) {
             Ok(()) => Verdict::Ready,
             Err(why) => Verdict::NoMedia(format!("cannot read the first sector of {}: {why}", node.display())),
         }
@@ -212,12 +212,12 @@ impl Prober {
     }
 }
 
-/// Opens the node read-only and reads its first block: with O_DIRECT, one 4 KiB block (a
-/// multiple of every logical block size: 512, 2048 for CDs, 4096), so that the check reads
-/// what it needs and not a 128 KiB readahead into a page cache that the last close drops
-/// anyway; at least 512 bytes must come back. A file that refuses O_DIRECT (a fixture on
-/// tmpfs) is read plainly.
-fn read_first_sector(node: &std::path::Path) -> Result<(), String> {
+/// Opens the node read-only and reads its first block. A real node (`direct`) is read with
+/// O_DIRECT, one 4 KiB block (a multiple of every logical block size: 512, 2048 for CDs,
+/// 4096), so that the check reads what it needs and not a 128 KiB readahead into a page
+/// cache that the last close drops anyway; at least 512 bytes must come back. A fixture file,
+/// or a node that refuses O_DIRECT, is read plainly.
+fn read_first_sector(node: &std::path::Path, direct: bool) -> Result<(), String> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     #[repr(C, align(4096))]
     struct Block([u8; 4096]);
@@ -227,13 +227,14 @@ fn read_first_sector(node: &std::path::Path) -> Result<(), String> {
         std::fs::OpenOptions::new().read(true).custom_flags(flags).open(node)
     };
     let einval = |e: &std::io::Error| e.raw_os_error() == Some(nix::libc::EINVAL);
-    let direct = match open(true) {
-        Ok(file) => match file.read_at(&mut block.0, 0) {
+    let direct = match direct.then(|| open(true)) {
+        None => None,
+        Some(Ok(file)) => match file.read_at(&mut block.0, 0) {
             Err(e) if einval(&e) => None,
             read => Some(read),
         },
-        Err(e) if einval(&e) => None,
-        Err(e) => return Err(e.to_string()),
+        Some(Err(e)) if einval(&e) => None,
+        Some(Err(e)) => return Err(e.to_string()),
     };
     let read = match direct {
         Some(read) => read,
