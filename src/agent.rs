@@ -317,6 +317,11 @@ impl Engine {
         }
     }
 
+    /// True if some matched device is waiting for [`Engine::describe`].
+    pub fn undescribed(&self) -> bool {
+        !self.undescribed.is_empty()
+    }
+
     /// Reads the identity of devices matched since the last call and logs their match. The
     /// run loop calls it once the probes are on their way; replay right after each event.
     pub fn describe(&mut self, sysfs: &Sysfs) {
@@ -672,6 +677,9 @@ struct Caller {
     /// The client as the user named it, for dry-run output.
     name: PathBuf,
     dry_run: bool,
+    /// When the last child was started (`Instant` of the run's start plus this many ms).
+    last_start: std::sync::atomic::AtomicU64,
+    start: Instant,
 }
 
 impl Caller {
@@ -685,7 +693,17 @@ impl Caller {
             return Ok(None);
         }
         let arg = std::ffi::CString::new(call.service_arg()).unwrap_or_default();
-        self.spawner.spawn(&[c"dom0", &arg]).map(Some)
+        let pid = self.spawner.spawn(&[c"dom0", &arg])?;
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_start.store(now, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(pid))
+    }
+
+    /// True for [`SETTLE_MS`] after a child was started: work that can wait (describing
+    /// devices for the log) waits, and leaves the CPU to the child's exec.
+    fn settling(&self, now: u64) -> Option<u64> {
+        let last = self.last_start.load(std::sync::atomic::Ordering::Relaxed);
+        (last > 0 && last + SETTLE_MS > now).then_some(last + SETTLE_MS)
     }
 
     /// Logs how a call went, and tracks a started child.
@@ -743,17 +761,26 @@ struct LoopState {
 }
 
 /// The loop, shared by threads that take turns leading it (leader/follower). The leader polls
-/// and decides; when it has a probe to run and another thread is idle, it hands the loop over
-/// and runs the probe itself, then makes the call if the device is ready. The probe and the
-/// call thus run on the thread that received the event, with no thread to wake in between:
-/// the hand-off wake only delays later events, which wait in the socket's buffer. A probe is
-/// never run while no other thread can lead, so the loop is never blocked by a slow device.
+/// and decides; when it has a probe to run and another thread is idle, it arms the take-over
+/// timer, lets go of the loop and runs the probe itself, then makes the call if the device is
+/// ready. The probe and the call thus run on the thread that received the event, and no other
+/// thread is woken: if they are done within [`TAKEOVER`], the thread simply leads again. If
+/// they take longer (a slow medium, qubesdb-read), the timer wakes an idle thread, which takes
+/// the loop over; later events wait in the socket's buffer meanwhile, never longer than that.
+/// A probe is never run while no other thread could take over, so a slow device never stops
+/// the loop.
 struct Shared {
     state: Mutex<LoopState>,
-    /// Threads waiting to lead.
+    /// Threads waiting to take over.
     idle: std::sync::atomic::AtomicUsize,
     /// Threads taking turns, the leader included.
     threads: usize,
+    /// Fires when a probe has kept the loop unattended for [`TAKEOVER`]; idle threads wait on
+    /// it.
+    takeover: nix::sys::timerfd::TimerFd,
+    /// How many times the timer was armed: who armed it last disarms it, no one else. Held
+    /// while setting the timer.
+    armed: Mutex<u64>,
     socket: UeventSocket,
     sigfd: nix::sys::signalfd::SignalFd,
     /// Written by a thread that finished a probe, to wake the leader.
@@ -767,28 +794,44 @@ struct Shared {
     start: Instant,
 }
 
+/// How long after starting a child the loop leaves work that can wait (see `Caller::settling`).
+const SETTLE_MS: u64 = 5;
+
+/// How long a probe may keep the loop unattended before an idle thread takes it over.
+const TAKEOVER: Duration = Duration::from_millis(1);
+
 impl Shared {
     fn now(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
 
-    /// One thread's life: lead the loop until there is a probe to run and another thread to
-    /// lead; run it; report; wait for the next turn.
+    /// One thread's life: lead the loop until there is a probe to run and another thread that
+    /// could take over; run it; report; lead again, or wait to take over.
     fn take_turns(&self) -> ! {
+        use std::sync::TryLockError;
         use std::sync::atomic::Ordering::SeqCst;
         let mut outcome = None;
         loop {
-            // Count ourselves idle first, then wake the leader: it may be waiting for a thread
-            // to hand the loop to, with a probe queued.
-            self.idle.fetch_add(1, SeqCst);
             if let Some(outcome) = outcome.take() {
+                // For whoever leads now, perhaps this thread: the wake makes its poll return.
                 if let Ok(tx) = self.outcomes.lock() {
                     let _ = tx.send(outcome);
                 }
+                let _ = nix::unistd::write(self.wake_tx.as_fd(), b"!");
             }
-            let _ = nix::unistd::write(self.wake_tx.as_fd(), b"!");
-            let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.idle.fetch_sub(1, SeqCst);
+            let mut state = match self.state.try_lock() {
+                Ok(state) => state,
+                Err(TryLockError::Poisoned(state)) => state.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    // Count ourselves idle, then wake the leader: it may be waiting for a thread
+                    // that could take over, with a probe queued.
+                    self.idle.fetch_add(1, SeqCst);
+                    let _ = nix::unistd::write(self.wake_tx.as_fd(), b"!");
+                    self.wait_takeover();
+                    self.idle.fetch_sub(1, SeqCst);
+                    continue;
+                }
+            };
             let job = loop {
                 if self.idle.load(SeqCst) > 0 {
                     if let Some(job) = state.pending.pop_front() {
@@ -797,8 +840,48 @@ impl Shared {
                 }
                 self.turn(&mut state);
             };
+            let armed = self.arm_takeover(Some(TAKEOVER), 0);
             drop(state);
             outcome = Some(self.run(job));
+            self.arm_takeover(None, armed);
+        }
+    }
+
+    /// Arms the take-over timer (`after` Some; returns the arming's number), or disarms it if
+    /// the last arming was number `mine` (`after` None).
+    fn arm_takeover(&self, after: Option<Duration>, mine: u64) -> u64 {
+        use nix::sys::time::TimeSpec;
+        use nix::sys::timerfd::{Expiration, TimerSetTimeFlags};
+        let mut armed = self.armed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let result = match after {
+            Some(after) => {
+                *armed += 1;
+                self.takeover.set(Expiration::OneShot(TimeSpec::from_duration(after)), TimerSetTimeFlags::empty())
+            }
+            None if *armed == mine => self.takeover.unset(),
+            None => Ok(()),
+        };
+        if let Err(e) = result {
+            // Without the timer an idle thread would wait for the probe to end: still correct,
+            // only slower to read events meanwhile.
+            warning!("take-over timer: {}", e.desc());
+        }
+        *armed
+    }
+
+    /// Waits until the take-over timer fires (a probe has kept the loop unattended too long).
+    fn wait_takeover(&self) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let fd = self.takeover.as_fd();
+        loop {
+            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::NONE).is_ok() {
+                let mut ticks = [0u8; 8];
+                // Another idle thread may have read it first, or the prober disarmed it.
+                if nix::unistd::read(fd, &mut ticks).is_ok() {
+                    return;
+                }
+            }
         }
     }
 
@@ -822,14 +905,17 @@ impl Shared {
         use nix::sys::signal::Signal;
         let LoopState { engine, children, refused, pending, outcomes, buf, trim_due } = st;
         // Devices matched since the last turn are described (identity read from sysfs, for the
-        // log) once no probe is running: on a small machine that work would otherwise compete
-        // with the probe and with the child it starts.
-        if self.idle.load(std::sync::atomic::Ordering::SeqCst) + 1 >= self.threads {
+        // log) once no probe is running and no child has just been started: on a small machine
+        // that work would otherwise compete with the probe and with the child's exec.
+        let settling = self.caller.settling(self.now()).filter(|_| engine.undescribed());
+        if settling.is_none() && self.idle.load(std::sync::atomic::Ordering::SeqCst) + 1 >= self.threads {
             engine.describe(&self.sysfs);
         }
         let child_bound = self.opts.child_bound;
-        let wake =
-            [engine.next_wake(), children.next_overdue(child_bound), refused.next_report()].into_iter().flatten().min();
+        let wake = [engine.next_wake(), children.next_overdue(child_bound), refused.next_report(), settling]
+            .into_iter()
+            .flatten()
+            .min();
         // Queued probes wait for a thread to come back: outcomes wake us for that.
         let timeout = match wake {
             Some(at) => {
@@ -1007,7 +1093,13 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
         }
     };
     let spawner = crate::spawn::Spawner::new(&client, crate::spawn::Spawner::current_env());
-    let caller = Caller { spawner, name: opts.client.clone(), dry_run: opts.dry_run };
+    let caller = Caller {
+        spawner,
+        name: opts.client.clone(),
+        dry_run: opts.dry_run,
+        last_start: std::sync::atomic::AtomicU64::new(0),
+        start,
+    };
     let prober = Prober {
         sysfs: sysfs.clone(),
         dev: opts.dev.clone(),
@@ -1035,10 +1127,17 @@ pub fn run(opts: RunOptions) -> Result<(), Fatal> {
     info!("coldplug: {present} device(s) present, {} matched", state.engine.tracked());
 
     let threads = opts.threads.max(2);
+    let timer = nix::sys::timerfd::TimerFd::new(
+        nix::sys::timerfd::ClockId::CLOCK_MONOTONIC,
+        nix::sys::timerfd::TimerFlags::TFD_CLOEXEC | nix::sys::timerfd::TimerFlags::TFD_NONBLOCK,
+    )
+    .map_err(|e| fatal(EXIT_STARTUP)(format!("timerfd: {}", e.desc())))?;
     let shared = Arc::new(Shared {
         state: Mutex::new(state),
         idle: std::sync::atomic::AtomicUsize::new(0),
         threads,
+        takeover: timer,
+        armed: Mutex::new(0),
         socket,
         sigfd,
         wake,
