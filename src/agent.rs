@@ -2,7 +2,8 @@
 //!
 //! [`Engine`] is the decision logic with time as an input: events and probe verdicts go in,
 //! [`Effect`]s (probe this, call that) come out. `run` drives it from the kernel socket with
-//! worker threads for probes and real time; `replay` drives the same engine from a fixture
+//! threads that take turns leading the loop and running probes (see `Shared`), in real time;
+//! `replay` drives the same engine from a fixture
 //! with inline probes and virtual time, so the tests exercise the real pipeline.
 //!
 //! A device is tracked from the event that first matches a rule until its `remove`:
@@ -72,8 +73,8 @@ pub enum Effect {
 }
 
 /// Where the engine's effects go: a `Vec` in tests and replay; in `run`, a dispatcher that
-/// hands a probe to a worker the moment the engine asks for it, before the engine goes on
-/// (to describe the device for the log, say).
+/// queues a probe for the leading thread to run the moment the engine asks for it, before
+/// the engine goes on (to describe the device for the log, say).
 pub trait Sink {
     fn effect(&mut self, effect: Effect);
 }
@@ -302,7 +303,7 @@ impl Engine {
             state,
         });
         // The probe now; reading the device's identity for the log can wait (the run loop
-        // hands the probe over before it describes the device, see `describe`).
+        // runs the probe before it describes the device, see `describe`).
         match refused {
             None => {
                 let call = Self::precall(entry, &mut self.calls, now);
@@ -962,8 +963,8 @@ impl Shared {
                             debug!("uevent {} {} ({})", event.action, event.devpath, event.subsystem);
                             engine.on_event(&self.sysfs, &event, self.now(), sink!());
                             *trim_due |= !pending.is_empty();
-                            // A probe to run and a thread to lead: hand over now, the rest of
-                            // this turn (more events, the log) is the next leader's.
+                            // A probe to run and a thread that could take over: run it now, the
+                            // rest of this turn (more events, the log) comes after.
                             if !pending.is_empty() && self.idle.load(std::sync::atomic::Ordering::SeqCst) > 0 {
                                 return;
                             }
