@@ -48,7 +48,8 @@ for t in tests/*.rs; do
     name=$(basename "$t" .rs)
     [ "$name" = qemu ] || tests+=(--test "$name")
 done
-cargo test --locked --lib --bins --doc
+cargo test --locked --lib --bins
+cargo test --locked --doc
 cargo test --locked "${tests[@]}"
 
 step "dom0 handler (stand-in qvm-* tools)"
