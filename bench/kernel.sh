@@ -323,6 +323,38 @@ received_at_v() { # received_at_v NAME LOG PATTERN: the daemon started last at -
 	result[$name.received]=$(grep -c -- "$pattern" "$log" || true)
 }
 
+# --- static builds (their size is reported below; the musl one's memory too) ---------------
+
+# Static twice: musl (what `make static` ships: Rust's own static target) and glibc with
+# +crt-static (static glibc alone is ~0.65 MiB). The musl target comes from rustup; where it
+# cannot be fetched, that row says so.
+size_static=-
+static_kind='not built (SKIP_STATIC=1)'
+size_glibc=-
+glibc_kind='not built (SKIP_STATIC=1)'
+if [[ ${SKIP_STATIC:-0} != 1 ]]; then
+	say "building the static binaries (musl; glibc +crt-static)"
+	if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl ||
+		rustup target add x86_64-unknown-linux-musl >&2; then
+		if (cd "$root" && cargo build --release --quiet --target x86_64-unknown-linux-musl); then
+			sbin=$root/target/x86_64-unknown-linux-musl/release/autoattach
+			sync "$sbin"
+			size_static=$(stat -c %s "$sbin")
+			static_kind="musl, $(file -b "$sbin" 2>/dev/null | grep -o 'static[a-z-]* linked' || echo static)"
+		else
+			static_kind='musl build failed'
+		fi
+	else
+		static_kind='musl target not installed (rustup target add x86_64-unknown-linux-musl failed)'
+	fi
+	if (cd "$root" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet --target x86_64-unknown-linux-gnu); then
+		gbin=$root/target/x86_64-unknown-linux-gnu/release/autoattach
+		size_glibc=$(stat -c %s "$gbin")
+		glibc_kind="glibc +crt-static, $(file -b "$gbin" 2>/dev/null | grep -o 'static[a-z-]* linked' || echo static)"
+	else
+		glibc_kind='glibc static build failed'
+	fi
+fi
 say "storm: autoattach (100 rules, default log level)"
 start_agent "$work/agent-storm.log"
 storm agent
@@ -333,6 +365,17 @@ say "storm: autoattach at -v, to count what it received"
 start_agent "$work/agent-v.log" -v
 received_at_v agent "$work/agent-v.log" "uevent change $storm_dev (block)"
 stop "$wrapper"
+if [[ -n ${sbin:-} && -x $sbin ]]; then
+	say "memory: the static (musl) build, idle"
+	dynamic_bin=$bin
+	bin=$sbin
+	start_agent "$work/agent-static.log"
+	wait_idle "$pid"
+	result[static.idle_rss]=$(kb "$pid" Rss)
+	result[static.idle_dirty]=$(kb "$pid" Private_Dirty)
+	stop "$wrapper"
+	bin=$dynamic_bin
+fi
 
 say "storm: busybox mdev -d"
 start_mdev "$work/mdev-storm.log"
@@ -399,35 +442,6 @@ r() { printf '%s' "${result[$1]:-?}"; }
 # --- size -----------------------------------------------------------------------------------
 
 size_dyn=$(stat -c %s "$bin")
-# Static twice: musl (what `make static` ships: Rust's own static target) and glibc with
-# +crt-static (static glibc alone is ~0.65 MiB). The musl target comes from rustup; where it
-# cannot be fetched, that row says so.
-size_static=-
-static_kind='not built (SKIP_STATIC=1)'
-size_glibc=-
-glibc_kind='not built (SKIP_STATIC=1)'
-if [[ ${SKIP_STATIC:-0} != 1 ]]; then
-	say "building the static binaries (musl; glibc +crt-static)"
-	if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl ||
-		rustup target add x86_64-unknown-linux-musl >&2; then
-		if (cd "$root" && cargo build --release --quiet --target x86_64-unknown-linux-musl); then
-			sbin=$root/target/x86_64-unknown-linux-musl/release/autoattach
-			size_static=$(stat -c %s "$sbin")
-			static_kind="musl, $(file -b "$sbin" 2>/dev/null | grep -o 'static[a-z-]* linked' || echo static)"
-		else
-			static_kind='musl build failed'
-		fi
-	else
-		static_kind='musl target not installed (rustup target add x86_64-unknown-linux-musl failed)'
-	fi
-	if (cd "$root" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet --target x86_64-unknown-linux-gnu); then
-		gbin=$root/target/x86_64-unknown-linux-gnu/release/autoattach
-		size_glibc=$(stat -c %s "$gbin")
-		glibc_kind="glibc +crt-static, $(file -b "$gbin" 2>/dev/null | grep -o 'static[a-z-]* linked' || echo static)"
-	else
-		glibc_kind='glibc static build failed'
-	fi
-fi
 size_udevd=$(stat -L -c %s "$udevd") # a link to udevadm on Debian
 # Some builds link systemd's code as a shared library (libsystemd-shared): count it too.
 udevd_lib=$(ldd "$udevd" | awk '/libsystemd-shared/ { print $3 }')
@@ -455,6 +469,7 @@ Load before/after: $load_before / $(cut -d' ' -f1-3 /proc/loadavg); kernel $(una
 | latency events measured (timeouts) | $lat_agent_n ($lat_agent_to) | floor $lat_floor_n ($lat_floor_to); floor+checks $lat_ready_n ($lat_ready_to); udev $lat_udev_n ($lat_udev_to) | | |
 | memory idle: RSS | $(r agent.idle_rss) kB | udevd $(r udevd.idle_rss) kB; mdev $(r mdev.idle_rss) kB | $(ratio "$(r agent.idle_rss)" "$(r udevd.idle_rss)") vs udevd | |
 | memory idle: private dirty | $(r agent.idle_dirty) kB | udevd $(r udevd.idle_dirty) kB (with workers $(r udevd.idle_tree_dirty) kB); mdev $(r mdev.idle_dirty) kB | $(ratio "$(r agent.idle_dirty)" "$(r udevd.idle_dirty)") vs udevd | <= 256 kB |
+| memory idle, static (musl) build: RSS / private dirty | $(r static.idle_rss) kB / $(r static.idle_dirty) kB | udevd $(r udevd.idle_rss) kB / $(r udevd.idle_dirty) kB | $(ratio "$(r static.idle_dirty)" "$(r udevd.idle_dirty)") vs udevd (dirty) | <= 256 kB |
 | memory storm peak: private dirty (sampled every 50 ms, with children) | $(r agent.peak_dirty) kB | udevd $(r udevd.peak_dirty) kB; mdev $(r mdev.peak_dirty) kB | $(ratio "$(r agent.peak_dirty)" "$(r udevd.peak_dirty)") vs udevd | <= 2048 kB |
 | memory storm peak: RSS (VmHWM) | $(r agent.peak_rss) kB | udevd $(r udevd.peak_rss) kB; mdev $(r mdev.peak_rss) kB | $(ratio "$(r agent.peak_rss)" "$(r udevd.peak_rss)") vs udevd | |
 | size: stripped release binary, dynamic | $(mib "$size_dyn") ($size_dyn B) | systemd-udevd $udevd_size_text; busybox $(mib "$size_busybox") | $(ratio "$size_dyn" "$size_udevd") vs udevd | |
