@@ -992,10 +992,14 @@ impl Shared {
             let mut drain = [0u8; 256];
             while matches!(nix::unistd::read(&self.wake, &mut drain), Ok(n) if n > 0) {}
         }
+        // A child registered now may already have exited, its SIGCHLD read by an earlier turn
+        // (the prober spawns it before its outcome arrives here): reap after registering too.
+        let mut registered = false;
         while let Ok(outcome) = outcomes.try_recv() {
             *trim_due = true;
             let made = outcome.made.map(|(call, result)| {
                 let started = result.is_ok();
+                registered |= started;
                 let device = engine.identity(&outcome.devpath).unwrap_or(&outcome.devpath).to_owned();
                 self.caller.report(&call, device, result, children, self.now());
                 started
@@ -1015,6 +1019,8 @@ impl Shared {
                     _ => {}
                 }
             }
+        }
+        if sig_ready || registered {
             for (child, exit) in children.reap() {
                 let line = format!("{}: {} {exit}", child.device, child.call);
                 match exit {
