@@ -302,10 +302,12 @@ storm() { # storm NAME: the daemon started last, idle, then the storm; results u
 	) &
 	sampler=$!
 	t0=$(cpu_ns "$pid")
+	k0=$(ticks "$pid")
 	say "$name: storm of $STORM change events"
 	read -r out elapsed < <("$work/bin/storm" "$storm_uevent" change "$STORM")
 	wait_idle "$pid"
 	t1=$(cpu_ns "$pid")
+	k1=$(ticks "$pid")
 	rm -f "$work/$name.peak"
 	wait "$sampler" || true
 	result[$name.peak_dirty]=$(cat "$work/$name.peak.tmp" 2>/dev/null || echo 0)
@@ -315,9 +317,11 @@ storm() { # storm NAME: the daemon started last, idle, then the storm; results u
 	if kill -0 "$pid" 2>/dev/null; then
 		result[$name.alive]=yes
 		result[$name.cpu_us]=$(awk -v t=$((t1 - t0)) -v n="$out" 'BEGIN { printf "%.2f", t / 1000 / n }')
+		result[$name.cpu_us_stat]=$(awk -v t=$((k1 - k0)) -v hz="$HZ" -v n="$out" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
 	else
 		result[$name.alive]=no
 		result[$name.cpu_us]=died
+		result[$name.cpu_us_stat]=died
 	fi
 	for l in "${listeners[@]}"; do wait "$l" || true; done # each ends 3 s after its last event
 	read -r n first last enobufs <"$work/$name.sent"
@@ -476,6 +480,7 @@ Load before/after: $load_before / $(cut -d' ' -f1-3 /proc/loadavg); kernel $(una
 | figure | autoattach | peer(s), same run | ratio (autoattach / peer) | target |
 |---|---|---|---|---|
 | storm: CPU per event (on-CPU ns from schedstat, incl. children) | $(r agent.cpu_us) µs | mdev -d $(r mdev.cpu_us) µs; systemd-udevd $(r udevd.cpu_us) µs | $(ratio "$(r agent.cpu_us)" "$(r mdev.cpu_us)") vs mdev; $(ratio "$(r agent.cpu_us)" "$(r udevd.cpu_us)") vs udevd | <= 0.5 vs mdev |
+| storm: CPU per event, /proc/PID/stat (utime+stime+cutime+cstime, 10 ms ticks) | $(r agent.cpu_us_stat) µs | mdev -d $(r mdev.cpu_us_stat) µs; systemd-udevd $(r udevd.cpu_us_stat) µs | $(ratio "$(r agent.cpu_us_stat)" "$(r mdev.cpu_us_stat)") vs mdev | <= 0.5 vs mdev |
 | storm: events written / sent by the kernel (listener) | $(r agent.written) / $(r agent.sent) (SEQNUM $(r agent.seq_first)..$(r agent.seq_last)) | mdev $(r mdev.written) / $(r mdev.sent); udevd $(r udevd.written) / $(r udevd.sent) | | |
 | storm: events received (autoattach, mdev: a second storm at -v; udevd: processed, group 2) | $(r agent.received) | mdev $(r mdev.received); udevd $(r udevd.received) | | all: zero loss |
 | storm: receive-buffer overflows (ENOBUFS) | $(r agent.overflows) ($(r agent.rcvbuf)) | mdev alive after storm: $(r mdev.alive); udevd alive: $(r udevd.alive) | | 0 |
