@@ -18,7 +18,9 @@
 //! AUTOATTACH_FULL=1 (CI). Each real-kernel test uses its own loop device indexes (600-689),
 //! apart from tests/kernel.rs's (200-249) and the benchmarks' (250 up), so all run in parallel.
 
-use std::os::fd::AsRawFd;
+mod common;
+use common::{Loop, backing_file};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -209,75 +211,6 @@ impl Drop for Agent {
             let _ = child.wait();
         }
     }
-}
-
-const LOOP_CTL_ADD: u64 = 0x4C80;
-const LOOP_CTL_REMOVE: u64 = 0x4C81;
-
-/// A loop device made through /dev/loop-control, removed on drop.
-struct Loop {
-    index: u32,
-}
-
-impl Loop {
-    /// The first free index from `base` (each test has its own ten).
-    fn create(base: u32) -> Loop {
-        let control = std::fs::File::open("/dev/loop-control").unwrap();
-        for index in base..base + 10 {
-            // SAFETY: LOOP_CTL_ADD takes the index as an integer argument; the fd is open.
-            let rc = unsafe { nix::libc::ioctl(control.as_raw_fd(), LOOP_CTL_ADD as _, index as nix::libc::c_ulong) };
-            if rc >= 0 {
-                return Loop { index };
-            }
-        }
-        panic!("no free loop index in {base}..{}", base + 10);
-    }
-
-    fn name(&self) -> String {
-        format!("loop{}", self.index)
-    }
-
-    fn node(&self) -> String {
-        format!("/dev/loop{}", self.index)
-    }
-
-    fn attach(&self, file: &Path) {
-        let status = Command::new("losetup").arg(self.node()).arg(file).status().unwrap();
-        assert!(status.success(), "losetup {}", self.node());
-    }
-
-    fn detach(&self) {
-        let _ = Command::new("losetup").arg("-d").arg(self.node()).stderr(Stdio::null()).status();
-    }
-
-    /// Writes `action` to the device's sysfs `uevent` file: a synthetic event.
-    fn synthetic(&self, action: &str) {
-        std::fs::write(format!("/sys/class/block/{}/uevent", self.name()), action).unwrap();
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        self.detach();
-        let control = std::fs::File::open("/dev/loop-control").unwrap();
-        // The kernel refuses to remove a loop device that is still busy for a moment.
-        for _ in 0..50 {
-            // SAFETY: LOOP_CTL_REMOVE takes the index as an integer argument; the fd is open.
-            let rc = unsafe {
-                nix::libc::ioctl(control.as_raw_fd(), LOOP_CTL_REMOVE as _, self.index as nix::libc::c_ulong)
-            };
-            if rc >= 0 {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn backing_file(dir: &Path) -> PathBuf {
-    let file = dir.join("disk.img");
-    std::fs::write(&file, vec![0x5a; 1 << 20]).unwrap();
-    file
 }
 
 fn rules_file(dir: &Path, text: &str) -> PathBuf {
