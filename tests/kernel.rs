@@ -9,114 +9,12 @@
 //! with whatever else the machine is doing.
 
 mod common;
-use common::{Loop, backing_file};
+use common::{Agent, Loop, backing_file, can_run, compile, tempdir};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// True if the test can run; panics (CI) or says SKIP (elsewhere) if it cannot.
-fn can_run(what: &str) -> bool {
-    let full = std::env::var_os("AUTOATTACH_FULL").is_some_and(|v| v == "1");
-    let problem = if !nix::unistd::geteuid().is_root() {
-        Some("needs root".to_owned())
-    } else if !Path::new("/dev/loop-control").exists() {
-        Some("needs /dev/loop-control".to_owned())
-    } else {
-        None
-    };
-    match problem {
-        None => true,
-        Some(p) if full => panic!("{what}: {p} (AUTOATTACH_FULL=1: this test must run)"),
-        Some(p) => {
-            eprintln!("SKIP {what}: {p}");
-            false
-        }
-    }
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("autoattach-kernel-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Compiles a C helper from tests/support into `dir`.
-fn compile(source: &str, dir: &Path, name: &str) -> PathBuf {
-    let out = dir.join(name);
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support").join(source);
-    let status = Command::new("cc").args(["-O2", "-o"]).arg(&out).arg(&src).status().expect("run cc");
-    assert!(status.success(), "cc {source}");
-    out
-}
-
-/// A running `autoattach run`, stopped (SIGTERM) on drop.
-struct Agent {
-    child: Option<Child>,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Agent {
-    fn start(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> Agent {
-        let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_autoattach"));
-        cmd.arg("run").arg("--no-qubesdb").args(args).env_remove("JOURNAL_STREAM");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("start autoattach");
-        let agent = Agent { child: Some(child), stdout, stderr };
-        agent.wait_for(|a| a.stderr().contains("coldplug:"), "startup");
-        agent
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Waits (at most 20 s) until `done` holds.
-    fn wait_for(&self, done: impl Fn(&Agent) -> bool, what: &str) {
-        let start = Instant::now();
-        while !done(self) {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "timed out waiting for {what}\nstdout:\n{}\nstderr:\n{}",
-                self.stdout(),
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, and the exit status.
-    fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
-            .unwrap();
-        child.wait().unwrap()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+use std::process::Command;
+use std::time::Duration;
 
 fn rules(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("test.rules");
@@ -138,7 +36,9 @@ fn dry_run_calls_a_loop_device_once_it_has_a_backing_file() {
     other.attach(&file);
     let mut agent = Agent::start(
         &dir,
+        "agent",
         &[
+            "--no-qubesdb",
             "--dry-run",
             "--rules",
             rules(&dir, "SUBSYSTEM==\"block\", KERNEL==\"loop20[0-9]\", ATTACH=\"work\"\n").to_str().unwrap(),
@@ -175,8 +75,9 @@ fn run_execs_the_client_once_the_node_is_readable_and_detaches_on_removal() {
     let r = rules(&dir, "SUBSYSTEM==\"block\", KERNEL==\"loop21[0-9]\", ATTACH=\"work\"\n");
     let mut agent = Agent::start(
         &dir,
-        &["--rules", r.to_str().unwrap(), "--qrexec-client", client.to_str().unwrap()],
-        &[("AUTOATTACH_STANDIN_LOG", &log)],
+        "agent",
+        &["--no-qubesdb", "--rules", r.to_str().unwrap(), "--qrexec-client", client.to_str().unwrap()],
+        &[("AUTOATTACH_STANDIN_LOG", log.to_str().unwrap())],
     );
     let calls = || std::fs::read_to_string(&log).unwrap_or_default();
     let dev = Loop::create(210);
@@ -212,9 +113,21 @@ fn slow_calls_are_logged_and_left_alone() {
     let log = dir.join("calls.log");
     let file = backing_file(&dir);
     let r = rules(&dir, "SUBSYSTEM==\"block\", KERNEL==\"loop23[0-9]\", ATTACH=\"work\"\n");
-    let sleep = Path::new("2");
-    let args = ["--rules", r.to_str().unwrap(), "--qrexec-client", client.to_str().unwrap(), "--slow-call", "500ms"];
-    let mut agent = Agent::start(&dir, &args, &[("AUTOATTACH_STANDIN_LOG", &log), ("AUTOATTACH_STANDIN_SLEEP", sleep)]);
+    let args = [
+        "--no-qubesdb",
+        "--rules",
+        r.to_str().unwrap(),
+        "--qrexec-client",
+        client.to_str().unwrap(),
+        "--slow-call",
+        "500ms",
+    ];
+    let mut agent = Agent::start(
+        &dir,
+        "agent",
+        &args,
+        &[("AUTOATTACH_STANDIN_LOG", log.to_str().unwrap()), ("AUTOATTACH_STANDIN_SLEEP", "2")],
+    );
     let dev = Loop::create(230);
     let name = dev.name();
     dev.attach(&file);
@@ -260,7 +173,7 @@ fn zram_hot_add_synthetic_change_and_hot_remove() {
     }
     let dir = tempdir("zram");
     let r = rules(&dir, "SUBSYSTEM==\"block\", KERNEL==\"zram[1-9]*\", ATTACH=\"scratch\"\n");
-    let mut agent = Agent::start(&dir, &["--dry-run", "--rules", r.to_str().unwrap()], &[]);
+    let mut agent = Agent::start(&dir, "agent", &["--no-qubesdb", "--dry-run", "--rules", r.to_str().unwrap()], &[]);
     let index: u32 = std::fs::read_to_string(control.join("hot_add")).unwrap().trim().parse().unwrap();
     let name = format!("zram{index}");
     struct Remove(u32);
@@ -297,7 +210,7 @@ fn coldplug_then_synthetic_events() {
     dev.attach(&file);
     let name = dev.name();
     let r = rules(&dir, "SUBSYSTEM==\"block\", KERNEL==\"loop22[0-9]\", ATTACH=\"work\"\n");
-    let mut agent = Agent::start(&dir, &["--dry-run", "--rules", r.to_str().unwrap()], &[]);
+    let mut agent = Agent::start(&dir, "agent", &["--no-qubesdb", "--dry-run", "--rules", r.to_str().unwrap()], &[]);
     let attach = format!("qrexec-client-vm dom0 custom.USBDeviceAttach+work+__+{name}\n");
     let detach = format!("qrexec-client-vm dom0 custom.USBDeviceDetach+work+__+{name}\n");
     agent.wait_for(|a| a.stdout() == attach, "the coldplug call");

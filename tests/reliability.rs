@@ -19,10 +19,10 @@
 //! apart from tests/kernel.rs's (200-249) and the benchmarks' (250 up), so all run in parallel.
 
 mod common;
-use common::{Loop, backing_file};
+use common::{Agent, Loop, backing_file, can_run, compile, full, tempdir};
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use autoattach::rules::{Matcher, parse};
@@ -31,36 +31,6 @@ use autoattach::uevent::{MonitorText, ParseError, Uevent};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-fn full() -> bool {
-    std::env::var_os("AUTOATTACH_FULL").is_some_and(|v| v == "1")
-}
-
-/// True if a real-kernel test can run; panics under AUTOATTACH_FULL=1 if it cannot.
-fn can_run(what: &str) -> bool {
-    let problem = if !nix::unistd::geteuid().is_root() {
-        Some("needs root")
-    } else if !Path::new("/dev/loop-control").exists() {
-        Some("needs /dev/loop-control")
-    } else {
-        None
-    };
-    match problem {
-        None => true,
-        Some(p) if full() => panic!("{what}: {p} (AUTOATTACH_FULL=1: this test must run)"),
-        Some(p) => {
-            eprintln!("SKIP {what}: {p}");
-            false
-        }
-    }
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("autoattach-reliability-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn root_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -102,115 +72,6 @@ fn write(path: &Path, contents: impl AsRef<[u8]>) {
 fn executable(path: &Path, script: &str) {
     write(path, script);
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-}
-
-/// Compiles a C helper from tests/support into `dir`.
-fn compile(source: &str, dir: &Path, name: &str) -> PathBuf {
-    let out = dir.join(name);
-    let src = root_dir().join("tests/support").join(source);
-    let status = Command::new("cc").args(["-O2", "-o"]).arg(&out).arg(&src).status().expect("run cc");
-    assert!(status.success(), "cc {source}");
-    out
-}
-
-/// A running `autoattach run`, killed on drop.
-struct Agent {
-    child: Option<Child>,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Agent {
-    /// Starts `autoattach run ARGS` with logs in `dir/TAG.stdout` and `dir/TAG.stderr`, and
-    /// waits until coldplug is done.
-    fn start(dir: &Path, tag: &str, args: &[&str], env: &[(&str, &str)]) -> Agent {
-        let (stdout, stderr) = (dir.join(format!("{tag}.stdout")), dir.join(format!("{tag}.stderr")));
-        let mut cmd = bin();
-        cmd.arg("run").args(args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("start autoattach");
-        let agent = Agent { child: Some(child), stdout, stderr };
-        agent.wait_for(|a| a.stderr().contains("coldplug:"), "startup");
-        agent
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        text(&std::fs::read(&self.stderr).unwrap_or_default())
-    }
-
-    fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
-    }
-
-    /// Waits (at most 30 s) until `done` holds; fails if the agent exits meanwhile.
-    fn wait_for(&self, done: impl Fn(&Agent) -> bool, what: &str) {
-        let start = Instant::now();
-        while !done(self) {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "timed out waiting for {what}\nstdout:\n{}\nstderr:\n{}",
-                self.stdout(),
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(self.pid(), signal).unwrap();
-    }
-
-    /// SIGTERM, and the exit status (within 5 s).
-    fn stop(&mut self) -> std::process::ExitStatus {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        let mut child = self.child.take().unwrap();
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if start.elapsed() > Duration::from_secs(5) {
-                let _ = child.kill();
-                panic!("the agent did not exit within 5 s of SIGTERM\n{}", self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGKILL: no chance to clean up anything.
-    fn kill(&mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGCONT,
-            );
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 fn rules_file(dir: &Path, text: &str) -> PathBuf {

@@ -1,11 +1,152 @@
-//! What the real-kernel test files share: loop devices made through /dev/loop-control, and
-//! the backing file they are given.
+//! What the real-kernel test files share: whether they can run, work directories, the C
+//! stand-ins, a running agent, loop devices made through /dev/loop-control and their backing file.
 #![allow(dead_code)] // each test file uses its own part
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn full() -> bool {
+    std::env::var_os("AUTOATTACH_FULL").is_some_and(|v| v == "1")
+}
+
+/// True if a real-kernel test can run; panics under AUTOATTACH_FULL=1 if it cannot.
+pub fn can_run(what: &str) -> bool {
+    let problem = if !nix::unistd::geteuid().is_root() {
+        Some("needs root")
+    } else if !Path::new("/dev/loop-control").exists() {
+        Some("needs /dev/loop-control")
+    } else {
+        None
+    };
+    match problem {
+        None => true,
+        Some(p) if full() => panic!("{what}: {p} (AUTOATTACH_FULL=1: this test must run)"),
+        Some(p) => {
+            eprintln!("SKIP {what}: {p}");
+            false
+        }
+    }
+}
+
+pub fn tempdir(tag: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("autoattach-{}-{tag}-{}", env!("CARGO_CRATE_NAME"), std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Compiles a C helper from tests/support into `dir`.
+pub fn compile(source: &str, dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support").join(source);
+    let status = Command::new("cc").args(["-O2", "-o"]).arg(&out).arg(&src).status().expect("run cc");
+    assert!(status.success(), "cc {source}");
+    out
+}
+
+/// A running `autoattach run`, killed on drop.
+pub struct Agent {
+    child: Option<Child>,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Agent {
+    /// Starts `autoattach run ARGS` with logs in `dir/TAG.stdout` and `dir/TAG.stderr`, and
+    /// waits until coldplug is done.
+    pub fn start(dir: &Path, tag: &str, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let (stdout, stderr) = (dir.join(format!("{tag}.stdout")), dir.join(format!("{tag}.stderr")));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_autoattach"));
+        cmd.env_remove("JOURNAL_STREAM");
+        cmd.arg("run").args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start autoattach");
+        let agent = Agent { child: Some(child), stdout, stderr };
+        agent.wait_for(|a| a.stderr().contains("coldplug:"), "startup");
+        agent
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.stderr).unwrap_or_default()).into_owned()
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
+    }
+
+    /// Waits (at most 30 s) until `done` holds; fails if the agent exits meanwhile.
+    pub fn wait_for(&self, done: impl Fn(&Agent) -> bool, what: &str) {
+        let start = Instant::now();
+        while !done(self) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "timed out waiting for {what}\nstdout:\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), signal).unwrap();
+    }
+
+    /// SIGTERM, and the exit status (within 5 s).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let mut child = self.child.take().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(5) {
+                let _ = child.kill();
+                panic!("the agent did not exit within 5 s of SIGTERM\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL: no chance to clean up anything.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
 
 pub const LOOP_CTL_ADD: u64 = 0x4C80;
 pub const LOOP_CTL_REMOVE: u64 = 0x4C81;
