@@ -206,7 +206,8 @@ pub fn replay(opts: &ReplayOptions, load_rules: &dyn Fn(&[PathBuf]) -> Parsed) -
         }
         Some(path) => {
             let text = std::fs::read(path).map_err(|e| input_error(format!("{}: {e}", path.display())))?;
-            for record in MonitorText::new(&text) {
+            let mut monitor = MonitorText::new(&text);
+            for record in monitor.by_ref() {
                 match record.map_err(|e| input_error(format!("{}: {e}", path.display())))? {
                     Record::Event(event, _) => {
                         let mut effects = Vec::new();
@@ -219,6 +220,7 @@ pub fn replay(opts: &ReplayOptions, load_rules: &dyn Fn(&[PathBuf]) -> Parsed) -
                         .map_err(|e| input_error(format!("{}:{line}: {e}", path.display())))?,
                 }
             }
+            note_ignored(path, monitor.ignored());
         }
     }
     run.advance(run.now + DRAIN_LIMIT, true);
@@ -315,4 +317,23 @@ fn fixture_path(root: &Path, rel: &str) -> Result<PathBuf, String> {
         return Err(format!("{rel}: directive paths are relative, under sys/ or dev/"));
     }
     Ok(root.join(path))
+}
+
+/// Says what of a capture was read past, so that nobody wonders where udev's blocks went.
+fn note_ignored(path: &Path, ignored: &crate::uevent::Ignored) {
+    if ignored.udev_blocks > 0 {
+        notice!(
+            "{}: {} udev block(s) skipped: the kernel's own blocks are replayed",
+            path.display(),
+            ignored.udev_blocks
+        );
+    }
+    if !ignored.udev_properties.is_empty() {
+        let keys: Vec<&str> = ignored.udev_properties.iter().map(String::as_str).collect();
+        notice!(
+            "{}: read udev's blocks as the kernel's events and left out udev's properties: {}",
+            path.display(),
+            keys.join(", ")
+        );
+    }
 }

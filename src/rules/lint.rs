@@ -96,31 +96,6 @@ const KNOWN_ATTRS: &[&str] = &[
     "subsystem",
 ];
 
-/// True for a property udev adds (its database, builtins, rules), never a kernel uevent's: the
-/// kernel's keys are `[A-Z0-9_]` and none starts like these.
-pub fn udev_only_key(key: &str) -> bool {
-    const PREFIXES: &[&str] = &[
-        "ID_",
-        ".",
-        "UDISKS_",
-        "SYSTEMD_",
-        "DM_",
-        "LVM_",
-        "MPATH_",
-        "NM_",
-        "COLORD_",
-        "LIBINPUT_",
-        "MTP_",
-        "UPOWER_",
-        "LIBSANE_",
-        "ID-",
-    ];
-    const KEYS: &[&str] = &["DEVLINKS", "TAGS", "CURRENT_TAGS", "USEC_INITIALIZED"];
-    KEYS.contains(&key)
-        || PREFIXES.iter().any(|p| key.starts_with(p))
-        || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
 /// Warnings for one rule that parsed, which starts at `place` (line, column).
 pub(super) fn rule(rule: &Rule, place: (usize, usize)) -> Vec<RuleError> {
     let warn = |(message, hint): (String, String)| {
@@ -167,7 +142,7 @@ fn never(rule: &Rule) -> Vec<(String, String)> {
 /// A test of a key only udev's database has.
 fn db_key(test: &Test) -> Option<(String, String)> {
     let Key::Env(name) = &test.key else { return None };
-    if !udev_only_key(name) {
+    if !crate::uevent::udev_property(name) {
         return None;
     }
     let instead = DB_KEYS.iter().find(|(k, _)| *k == &**name).map(|(_, a)| *a);
