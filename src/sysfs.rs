@@ -212,6 +212,36 @@ impl Sysfs {
         Ok(out)
     }
 
+    /// The entries of a device's directory, read beneath the root, sorted by name: regular
+    /// files, links (with their target) and the rest (directories, anything else).
+    pub fn entries(&self, devpath: &str) -> Vec<(String, Entry)> {
+        let Some(rel) = devpath.strip_prefix('/').filter(|_| devpath_is_safe(devpath)) else {
+            return Vec::new();
+        };
+        let Ok(names) = crate::beneath::list(&self.dir, Path::new(rel), Links::Follow) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, Entry)> = names
+            .into_iter()
+            .filter_map(|n| n.into_string().ok())
+            .map(|name| {
+                let path = Path::new(rel).join(&name);
+                let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW;
+                let fd = crate::beneath::open(&self.dir, &path, flags, Mode::empty(), Links::Follow);
+                let mode = fd.ok().and_then(|fd| nix::sys::stat::fstat(&fd).ok()).map_or(0, |st| st.st_mode);
+                let entry = match mode & nix::libc::S_IFMT {
+                    nix::libc::S_IFREG => Entry::File,
+                    nix::libc::S_IFLNK => crate::beneath::read_link(&self.dir, &path, Links::Follow)
+                        .map_or(Entry::Other, |t| Entry::Link(Path::new(rel).join(&name), t)),
+                    _ => Entry::Other,
+                };
+                (name, entry)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Opens the file `devpath/name` for reading, beneath the root: on the kernel's sysfs in
     /// one `openat2`, in a fixture after checking it is a regular file.
     fn open_file(&self, devpath: &str, name: &str) -> Result<OwnedFd, AttrError> {
@@ -392,6 +422,15 @@ fn rel_path<'b>(buf: &'b mut [u8; MAX_PATH], devpath: &str, name: &str) -> Resul
     buf[devpath.len() + 1..len].copy_from_slice(name.as_bytes());
     buf[len] = 0;
     CStr::from_bytes_with_nul(&buf[..=len]).map_err(|_| AttrError::BadPath)
+}
+
+/// One entry of a device's directory (see [`Sysfs::entries`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    File,
+    /// A symbolic link: its path relative to the root, and its target.
+    Link(PathBuf, PathBuf),
+    Other,
 }
 
 /// A device's identity, for people.
