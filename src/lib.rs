@@ -13,6 +13,7 @@ pub mod log;
 pub mod agent;
 pub mod cli;
 pub mod fnmatch;
+pub mod identity;
 pub mod names;
 pub mod netlink;
 pub mod readiness;
