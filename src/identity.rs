@@ -988,6 +988,40 @@ mod tests {
         assert_eq!(check(&mut db, &part), Ok(Verdict::Send(Identity::Desc(b"QEMU_HARDDISK (BACKUP)".to_vec()))));
     }
 
+    /// umockdev-record writes `descriptors` as a binary attribute (`H: descriptors=HEX`, hex
+    /// in capitals); a recording replayed into a tree gives the id the real device had, and
+    /// `autoattach record` writes the attribute back the same way.
+    #[test]
+    fn a_umockdev_recording_carries_descriptors() {
+        let hex: String = usb_descriptors(&[(3, 1, 1, 1), (3, 0, 0, 2), (0x0b, 0, 0, 3)])
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect();
+        let key = "/devices/pci0000:00/0000:00:14.0/usb1/1-4";
+        let text = format!(
+            "P: {key}\nN: bus/usb/001/005\nE: DEVTYPE=usb_device\nE: DRIVER=usb\nE: SUBSYSTEM=usb\n\
+             A: idProduct=0407\\n\nA: idVendor=1050\\n\nA: manufacturer=Yubico\\n\n\
+             A: product=YubiKey OTP+FIDO+CCID\\n\nH: descriptors={hex}\n\n\
+             P: /devices/pci0000:00/0000:00:14.0/usb1\nE: DEVTYPE=usb_device\nE: SUBSYSTEM=usb\n\
+             A: idVendor=1d6b\\n\n\n\
+             P: /devices/pci0000:00/0000:00:14.0\nE: SUBSYSTEM=pci\n"
+        );
+        let devices = crate::umockdev::parse(&text).unwrap();
+        let dir = crate::testing::TempDir::new("identity-umockdev");
+        crate::umockdev::write_tree(&devices, dir.path()).unwrap();
+        let sysfs = Sysfs::new(dir.path().join("sys")).unwrap();
+        let sim = from_sysfs(&sysfs, key).unwrap();
+        assert_eq!(sim.device_id().unwrap(), "1050:0407::u030101u030000u0b0000");
+        assert_eq!(
+            sim.records.usb("1-4").unwrap().desc.as_deref(),
+            Some(&b"1050:0407 Yubico YubiKey\\x20OTP+FIDO+CCID "[..]),
+            "no serial: the last field is empty"
+        );
+        let mut recorded = Vec::new();
+        crate::umockdev::record(&sysfs, key, &mut recorded).unwrap();
+        assert!(String::from_utf8(recorded).unwrap().contains(&format!("\nH: descriptors={hex}\n")));
+    }
+
     #[test]
     fn the_usb_stick_fixture() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/usb-stick/sys");
