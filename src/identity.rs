@@ -268,11 +268,7 @@ impl UsbProps {
         let serial_short = udev::serial_short(serial.as_deref());
         let vendor = udev::plain(manufacturer.as_deref(), &vendor_id);
         let model = udev::plain(product.as_deref(), &model_id);
-        let mut descriptors = [0u8; udev::DESCRIPTORS_READ];
-        let interfaces = match sysfs.read_once(devpath, "descriptors", &mut descriptors) {
-            Ok(n) => udev::packed_interfaces(&descriptors[..n]),
-            Err(_) => None,
-        };
+        let interfaces = usb_interfaces(sysfs, devpath);
         UsbProps {
             vendor_enc: udev::enc(manufacturer.as_deref(), &vendor_id),
             model_enc: udev::enc(product.as_deref(), &model_id),
@@ -311,6 +307,14 @@ impl UsbProps {
     pub fn legacy_desc(&self) -> Vec<u8> {
         [&self.vendor_id[..], b":", &self.model_id, b" ", &self.serial].concat()
     }
+}
+
+/// udev's ID_USB_INTERFACES for the `usb_device` at `devpath` (None: not set), from one
+/// `read()` of its `descriptors`, as `usb_id` reads it.
+pub fn usb_interfaces(sysfs: &Sysfs, devpath: &str) -> Option<Vec<u8>> {
+    let mut descriptors = [0u8; udev::DESCRIPTORS_READ];
+    let n = sysfs.read_once(devpath, "descriptors", &mut descriptors).ok()?;
+    udev::packed_interfaces(&descriptors[..n])
 }
 
 /// The records Qubes would publish for one device (and its parents), simulated from sysfs.

@@ -276,8 +276,8 @@ impl Sysfs {
     /// descriptor order, alternate settings and other configurations included, exactly as
     /// systemd's `usb_id` computes it (see [`crate::identity`]).
     pub fn usb_interfaces(&self, usb_devpath: &str) -> String {
-        let props = crate::identity::UsbProps::read(self, usb_devpath);
-        String::from_utf8_lossy(props.interfaces.as_deref().unwrap_or_default()).into_owned()
+        let interfaces = crate::identity::usb_interfaces(self, usb_devpath).unwrap_or_default();
+        String::from_utf8_lossy(&interfaces).into_owned()
     }
 
     /// One `read()` of `devpath/name` into `buf`, as udev reads binary attributes: the bytes
