@@ -547,7 +547,7 @@ fn read_block<Q: QubesDbRead>(db: &mut Q, name: &str) -> Result<Option<BlockReco
 fn read_dir<Q: QubesDbRead>(db: &mut Q, port: &Port) -> Result<Option<Keys>, Q::Error> {
     let dir = port.qubesdb_dir();
     let valid = |c: u8| c.is_ascii_alphanumeric() || b"-_/.:@".contains(&c);
-    if dir.len() + "interfaces".len() >= 64 || !dir.bytes().all(valid) {
+    if dir.len() >= 64 || !dir.bytes().all(valid) {
         return Ok(None);
     }
     let keys: Keys = db
@@ -998,6 +998,26 @@ mod tests {
             published,
             "id \"0000:0000::?******:1\" (qubesdb has no /qubes-usb-devices/2-1/: not yet, or Qubes' udev rules exclude it)"
         );
+    }
+
+    #[test]
+    fn published_records_follow_qubesdb_path_rules() {
+        let long = "a".repeat(32);
+        let mut db = Db::default();
+        db.keys.insert(format!("/qubes-block-devices/{long}/parent"), b"".to_vec());
+        db.keys.insert(format!("/qubes-block-devices/{long}/desc"), b"x".to_vec());
+        let records = read_published(&mut db, &Port::Block(long.clone())).unwrap();
+        assert_eq!(device_id(&records, &Port::Block(long)).unwrap(), ":None", "a 32-byte name fits qubesdb");
+        // A parent named with bytes, or at a length, qubesdb refuses is not published there.
+        let mut db = Db::default();
+        db.keys.insert("/qubes-block-devices/sdb1/parent".into(), b"sd b".to_vec());
+        db.keys.insert("/qubes-block-devices/sd_b/parent".into(), b"".to_vec());
+        let records = read_published(&mut db, &Port::Block("sdb1".into())).unwrap();
+        assert!(records.block("sd_b").is_some(), "sanitized to sd_b, which qubesdb can hold");
+        db.keys.insert("/qubes-block-devices/sdb1/parent".into(), "s".repeat(50).into_bytes());
+        db.keys.insert(format!("/qubes-block-devices/{}/parent", "s".repeat(50)), b"".to_vec());
+        let records = read_published(&mut db, &Port::Block("sdb1".into())).unwrap();
+        assert_eq!(device_id(&records, &Port::Block("sdb1".into())).unwrap(), "0000:0000::?******:1");
     }
 
     #[test]
