@@ -14,6 +14,7 @@ pub mod agent;
 pub mod beneath;
 pub mod cli;
 pub mod fnmatch;
+pub mod identity;
 pub mod names;
 pub mod netlink;
 pub mod readiness;
