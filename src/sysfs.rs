@@ -391,7 +391,7 @@ impl Sysfs {
     /// serves a binary attribute a page per read).
     pub fn read_once(&self, devpath: &str, name: &str, buf: &mut [u8]) -> Result<usize, AttrError> {
         self.reads.fetch_add(1, Ordering::Relaxed);
-        let fd = self.open(devpath, name, OFlag::O_RDONLY | OFlag::O_NONBLOCK)?;
+        let fd = self.open_file(devpath, name)?;
         loop {
             match nix::unistd::read(fd.as_fd(), buf) {
                 Err(Errno::EINTR) => continue,
