@@ -21,8 +21,8 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use crate::agent::{Config, Effect, Engine};
-use crate::readiness::{Nodes, Prober, Qubesdb, Verdict};
+use crate::engine::{Config, Effect, Engine};
+use crate::readiness::{Nodes, Prober, Qubesdb};
 use crate::rules::Parsed;
 use crate::sysfs::Sysfs;
 use crate::uevent::{MonitorText, Record};
@@ -175,9 +175,9 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 pub fn replay(opts: &ReplayOptions, load_rules: &dyn Fn(&[PathBuf]) -> Parsed) -> Result<Vec<String>, ReplayError> {
     let layout = layout(opts)?;
     let parsed = load_rules(&layout.rules);
-    if !crate::agent::report_rules(&parsed) {
+    if !crate::runloop::report_rules(&parsed) {
         return Err(ReplayError {
-            code: crate::agent::EXIT_RULES,
+            code: crate::runloop::EXIT_RULES,
             message: format!("{} error(s) in the rules", parsed.errors.len()),
         });
     }
@@ -236,33 +236,12 @@ struct Run {
 
 impl Run {
     /// Carries out effects until none are left: probes inline, calls recorded.
-    fn perform(&mut self, mut effects: Vec<Effect>) {
-        while !effects.is_empty() {
-            let mut next = Vec::new();
-            for effect in effects {
-                match effect {
-                    Effect::Probe { epoch, target, call } => {
-                        let verdict = self.prober.check(&target);
-                        let made = match call {
-                            Some(call) if verdict == Verdict::Ready => {
-                                let device = self.engine.identity(&target.devpath).unwrap_or_default().to_owned();
-                                self.record(&call, &device);
-                                Some(true)
-                            }
-                            _ => None,
-                        };
-                        self.engine.on_verdict(epoch, &target.devpath, verdict, made, self.now, &mut next);
-                    }
-                    Effect::Call { call, device } => self.record(&call, &device),
-                }
-            }
-            effects = next;
-        }
-    }
-
-    fn record(&mut self, call: &crate::names::Call, device: &str) {
-        info!("{device}: would call {call}");
-        self.calls.push(format!("{} dom0 {}", self.client, call.service_arg()));
+    fn perform(&mut self, effects: Vec<Effect>) {
+        let (calls, client) = (&mut self.calls, &self.client);
+        crate::engine::perform_inline(&mut self.engine, &self.prober, effects, self.now, &mut |call, device| {
+            info!("{device}: would call {call}");
+            calls.push(format!("{client} dom0 {}", call.service_arg()));
+        });
     }
 
     /// Lets virtual time run to `until` (or, when draining, until nothing is pending).
