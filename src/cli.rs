@@ -51,7 +51,7 @@ options:
   --no-detach         do not call custom.USBDeviceDetach when an attached block device goes
   --slow-call DURATION  log a call still running after this long (default 2m); calls are
                       detached and never killed (dom0 may be waiting for the user)
-  --rcvbuf BYTES      receive buffer to ask for (default 64 MiB)
+  --rcvbuf BYTES      receive buffer to ask for (default 8 MiB)
   -o, --output FILE   where `record` writes (default stdout)
   -v, --verbose       debug logging;  -q, --quiet: warnings and errors only
   -h, --help          this text;      --version
