@@ -15,6 +15,7 @@ pub mod cli;
 pub mod fnmatch;
 pub mod names;
 pub mod netlink;
+pub mod qubesdb;
 pub mod readiness;
 pub mod replay;
 pub mod rules;
