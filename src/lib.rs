@@ -18,6 +18,7 @@ pub mod engine;
 pub mod fnmatch;
 pub mod names;
 pub mod netlink;
+pub mod qubesdb;
 pub mod readiness;
 pub mod replay;
 pub mod rules;
