@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::engine::{self, Config, Engine};
-use crate::readiness::{Nodes, Prober, Qubesdb};
+use crate::readiness::{Nodes, Prober, Publication};
 use crate::rules::{self, Parsed, Rule, Test, Trace};
 use crate::runloop::{self, RuleLoader, RunOptions};
 use crate::sysfs::Sysfs;
@@ -230,20 +230,13 @@ pub const QUBESDB_RULES: &str = "/vm-config/autoattach-rules";
 const DEFAULT_RULE_DIRS: [&str; 2] = ["/etc/autoattach/rules.d", "/rw/config/autoattach"];
 
 /// The qubesdb reader to use, if any.
-fn qubesdb(opts: &Opts) -> Option<Qubesdb> {
-    if opts.no_qubesdb {
-        return None;
-    }
-    let reader = match &opts.qubesdb_read {
-        Some(path) => path.clone(),
-        None => crate::spawn::find_program(Path::new("qubesdb-read"))?,
-    };
-    Some(Qubesdb { reader, bound: Duration::from_secs(2) })
+fn qubesdb(opts: &Opts) -> Option<Publication> {
+    Publication::choose(opts.no_qubesdb, opts.qubesdb_read.as_deref())
 }
 
 /// Loads rules: the `--rules` paths (each must exist), or the default places (each may be
 /// missing) and qubesdb.
-fn load_rules(paths: &[PathBuf], qubesdb: Option<&Qubesdb>) -> Parsed {
+fn load_rules(paths: &[PathBuf], qubesdb: Option<&Publication>) -> Parsed {
     let mut parsed = Parsed::default();
     if !paths.is_empty() {
         for p in paths {
@@ -296,11 +289,13 @@ fn rules_or_fail(parsed: &Parsed) -> Result<(), Failure> {
 
 fn run(opts: &Opts) -> Result<u8, Failure> {
     let db = qubesdb(opts);
-    let (paths, db_for_rules) = (opts.rules.clone(), db.clone());
+    let watch = db.as_ref().filter(|db| db.watches()).map(|_| runloop::Connect::local());
+    let (paths, none, reader) = (opts.rules.clone(), opts.no_qubesdb, opts.qubesdb_read.clone());
+    let rules = move || load_rules(&paths, Publication::choose(none, reader.as_deref()).as_ref());
     let options = RunOptions {
         sysfs: opts.sysfs.clone().unwrap_or_else(|| "/sys".into()),
         dev: opts.dev.clone().unwrap_or_else(|| "/dev".into()),
-        load_rules: RuleLoader(Box::new(move || load_rules(&paths, db_for_rules.as_ref()))),
+        load_rules: RuleLoader(Box::new(rules)),
         client: opts.client.clone().unwrap_or_else(|| "qrexec-client-vm".into()),
         qubesdb: db,
         dry_run: opts.dry_run,
@@ -309,7 +304,7 @@ fn run(opts: &Opts) -> Result<u8, Failure> {
         child_bound: opts.slow_call.unwrap_or(Duration::from_secs(120)),
         workers: runloop::WORKERS,
         probe_deadline: runloop::PROBE_DEADLINE,
-        watch: None,
+        watch,
     };
     runloop::run(options).map(|()| 0).map_err(|f| Failure { code: f.code, message: f.message })
 }
@@ -526,7 +521,10 @@ fn replay(opts: &Opts) -> Result<u8, Failure> {
         events: opts.args.get(1).map(PathBuf::from),
         rules: (!opts.rules.is_empty()).then(|| opts.rules.clone()),
         dev: opts.dev.clone(),
-        qubesdb: opts.qubesdb_read.clone().map(|reader| Qubesdb { reader, bound: Duration::from_secs(2) }),
+        qubesdb: opts
+            .qubesdb_read
+            .clone()
+            .map(|path| crate::qubesdb::Program { path, timeout: crate::readiness::QUBESDB_TIMEOUT }),
         client: opts.client.as_ref().map_or_else(|| "qrexec-client-vm".into(), |c| c.display().to_string()),
         config: config(opts),
     };

@@ -19,19 +19,17 @@
 //! needs (the device's identity, once it is wired in), so the call is completed on the
 //! probe worker, before it is made.
 
-use std::ffi::OsStr;
 use std::fmt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use nix::errno::Errno;
 
 use crate::names::Kind;
+use crate::qubesdb::{Client, Program, QdbError};
 use crate::sysfs::{MAX_ATTR, Sysfs};
 
 /// What to probe.
@@ -94,7 +92,7 @@ pub enum Why {
     /// Not yet published in qubesdb (asked with the fallback program).
     Unpublished { key: String, reader: PathBuf },
     /// qubesdb could not be asked.
-    Qubesdb(QubesdbError),
+    Qubesdb(QdbFailure),
 }
 
 /// Why the first sector could not be read.
@@ -155,33 +153,22 @@ impl From<std::io::Error> for ReadError {
     }
 }
 
-/// The fallback qubesdb reader could not answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum QubesdbError {
-    /// The program could not be started.
-    Spawn { reader: PathBuf, errno: Errno },
-    /// It did not answer within its bound (it was killed).
-    Timeout { reader: PathBuf, key: String, bound: Duration },
-    /// Waiting for it failed.
-    Wait { reader: PathBuf, errno: Errno },
-}
+/// A qubesdb failure, shared (verdicts are cloned and compared; the error is neither).
+#[derive(Clone, Debug)]
+pub struct QdbFailure(pub Arc<QdbError>);
 
-impl fmt::Display for QubesdbError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            QubesdbError::Spawn { reader, errno } => write!(f, "cannot run {}: {}", reader.display(), errno.desc()),
-            QubesdbError::Timeout { reader, key, bound } => {
-                write!(f, "{} {key} took longer than {bound:?}", reader.display())
-            }
-            QubesdbError::Wait { reader, errno } => write!(f, "waiting for {}: {}", reader.display(), errno.desc()),
-        }
+impl PartialEq for QdbFailure {
+    fn eq(&self, other: &QdbFailure) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
     }
 }
 
-impl std::error::Error for QubesdbError {}
+impl Eq for QdbFailure {}
 
-fn errno_of(e: &std::io::Error) -> Errno {
-    e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)
+impl fmt::Display for QdbFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 /// How devices are checked.
@@ -204,53 +191,63 @@ pub fn publication_dir(kind: Kind, dev: &str) -> String {
     }
 }
 
-/// The fallback: the `qubesdb-read` program, run once per question (no watch possible, so a
-/// device not yet published is asked about again on a timer).
-#[derive(Clone, Debug)]
-pub struct Qubesdb {
-    /// The `qubesdb-read` program.
-    pub reader: PathBuf,
-    /// How long one read may take before it is killed.
-    pub bound: Duration,
+/// How long one qubesdb question may take (socket or program).
+pub const QUBESDB_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where a probe asks whether Qubes has published a device.
+#[derive(Debug)]
+pub enum Publication {
+    /// The qubesdb daemon's socket: a device not yet published is awaited with a watch (on the
+    /// run loop's own connection), never polled.
+    Socket(Mutex<Client>),
+    /// The `qubesdb-read` program (no daemon socket: not a Qubes qube, an old one, or tests):
+    /// run per probe; a device not yet published is asked about again on a timer.
+    Program(Program),
 }
 
-impl Qubesdb {
-    /// The key whose presence means "published" (the record's `desc`).
-    pub fn key(kind: Kind, dev: &str) -> String {
-        publication_dir(kind, dev) + "desc"
+impl Publication {
+    /// What `--no-qubesdb` and `--qubesdb-read PATH` ask for, or by default this qube's
+    /// qubesdb socket, else `qubesdb-read` if it is installed, else nothing.
+    pub fn choose(none: bool, reader: Option<&Path>) -> Option<Publication> {
+        let program = |path: PathBuf| Publication::Program(Program { path, timeout: QUBESDB_TIMEOUT });
+        if none {
+            return None;
+        }
+        if let Some(path) = reader {
+            return Some(program(path.to_owned()));
+        }
+        match Client::connect_local(QUBESDB_TIMEOUT) {
+            Ok(client) => return Some(Publication::Socket(Mutex::new(client))),
+            Err(e) if !e.absent() => warning!("{e}; asking qubesdb-read instead"),
+            Err(_) => {}
+        }
+        crate::spawn::find_program(Path::new("qubesdb-read")).map(program)
     }
 
-    /// Reads `key`: Some(value), None if absent. The program is run with argv[0] exactly
-    /// `qubesdb-read`: before qubesdb 4.3.3 it picks its command after the first `-` of
-    /// argv[0], so a path with a `-` in a directory (`/opt/qubes-tools/qubesdb-read`) made it
-    /// print its usage and exit 0, which read as "published".
-    pub fn read(&self, key: &str) -> Result<Option<Vec<u8>>, QubesdbError> {
-        let reader = || self.reader.clone();
-        let mut child = Command::new(&self.reader)
-            .arg0("qubesdb-read")
-            .arg(OsStr::new(key))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| QubesdbError::Spawn { reader: reader(), errno: errno_of(&e) })?;
-        let start = Instant::now();
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    let mut out = Vec::new();
-                    if let Some(mut stdout) = child.stdout.take() {
-                        let _ = std::io::Read::read_to_end(&mut stdout, &mut out);
-                    }
-                    return Ok(status.success().then_some(out));
-                }
-                Ok(None) if start.elapsed() < self.bound => std::thread::sleep(Duration::from_millis(5)),
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(QubesdbError::Timeout { reader: reader(), key: key.to_owned(), bound: self.bound });
-                }
-                Err(e) => return Err(QubesdbError::Wait { reader: reader(), errno: errno_of(&e) }),
+    /// Reads `key`: Some(value), None if absent.
+    pub fn read(&self, key: &str) -> Result<Option<Vec<u8>>, QdbError> {
+        match self {
+            Publication::Socket(client) => client.lock().unwrap_or_else(PoisonError::into_inner).read(key),
+            Publication::Program(program) => program.read(key),
+        }
+    }
+
+    /// True if a device not yet published can be watched for.
+    pub fn watches(&self) -> bool {
+        matches!(self, Publication::Socket(_))
+    }
+}
+
+impl fmt::Display for Publication {
+    /// How publication is awaited, for the log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Publication::Socket(client) => {
+                let client = client.lock().unwrap_or_else(PoisonError::into_inner);
+                write!(f, "a watch on the qubesdb socket {}", client.socket().display())
+            }
+            Publication::Program(p) => {
+                write!(f, "{} run again with growing pauses (no qubesdb socket)", p.path.display())
             }
         }
     }
@@ -262,7 +259,7 @@ pub struct Prober {
     pub sysfs: Arc<Sysfs>,
     pub dev: PathBuf,
     pub nodes: Nodes,
-    pub qubesdb: Option<Qubesdb>,
+    pub qubesdb: Option<Publication>,
 }
 
 impl Prober {
@@ -278,14 +275,7 @@ impl Prober {
         }
         match &self.qubesdb {
             None => Verdict::Ready(Facts::default()),
-            Some(db) => {
-                let key = Qubesdb::key(target.kind, &target.dev);
-                match db.read(&key) {
-                    Ok(Some(_)) => Verdict::Ready(Facts::default()),
-                    Ok(None) => Verdict::Wait(Why::Unpublished { key, reader: db.reader.clone() }),
-                    Err(e) => Verdict::Wait(Why::Qubesdb(e)),
-                }
-            }
+            Some(db) => published(db, target),
         }
     }
 
@@ -340,6 +330,18 @@ impl Prober {
     }
 }
 
+/// Whether Qubes has published the device: its record's `desc` exists.
+fn published(db: &Publication, target: &Target) -> Verdict {
+    let dir = publication_dir(target.kind, &target.dev);
+    let key = format!("{dir}desc");
+    match (db.read(&key), db) {
+        (Ok(Some(_)), _) => Verdict::Ready(Facts::default()),
+        (Ok(None), Publication::Socket(_)) => Verdict::Unpublished(dir),
+        (Ok(None), Publication::Program(p)) => Verdict::Wait(Why::Unpublished { key, reader: p.path.clone() }),
+        (Err(e), _) => Verdict::Wait(Why::Qubesdb(QdbFailure(Arc::new(e)))),
+    }
+}
+
 /// Opens the node read-only and reads its first block. A real node (`direct`) is read with
 /// O_DIRECT, one 4 KiB block (a multiple of every logical block size: 512, 2048 for CDs,
 /// 4096), so that the check reads what it needs and not a 128 KiB readahead into a page
@@ -383,7 +385,7 @@ mod tests {
     use super::*;
     use crate::testing::{STICK_DISK, STICK_USB, TempDir, Tree};
 
-    fn prober(tree: &Tree, dev: &TempDir, qubesdb: Option<Qubesdb>) -> Prober {
+    fn prober(tree: &Tree, dev: &TempDir, qubesdb: Option<Publication>) -> Prober {
         Prober {
             sysfs: Arc::new(Sysfs::new(tree.root()).unwrap()),
             dev: dev.path().to_owned(),
@@ -444,25 +446,22 @@ mod tests {
         assert_eq!(p.check(&usb), READY);
     }
 
-    /// The fallback reader: asked per probe, and bounded. (Its argv[0] is not observable from
-    /// a script stand-in: the kernel replaces it with the interpreter's.)
+    /// The fallback reader: asked per probe, and bounded.
     #[test]
-    fn qubesdb_publication_is_awaited_and_bounded() {
+    fn qubesdb_publication_is_asked_with_the_program_and_bounded() {
         let tree = Tree::stick(b"S1");
         let dev = TempDir::new("dev");
         std::fs::write(dev.path().join("sdb"), [0u8; 512]).unwrap();
-        let tools = dev.path().join("qubes-tools");
-        std::fs::create_dir(&tools).unwrap();
-        let reader = tools.join("qubesdb-read");
+        let reader = dev.path().join("qubesdb-read");
         let published = dev.path().join("published");
         let script = format!(
-            "#!/bin/sh\n[ \"$1\" = /qubes-block-devices/sdb/desc ] && [ -e {} ] && echo desc\n",
+            "#!/bin/sh\n[ \"$2\" = /qubes-block-devices/sdb/desc ] && [ -e {} ] && echo desc && exit 0\nexit 2\n",
             published.display()
         );
         std::fs::write(&reader, script).unwrap();
         std::fs::set_permissions(&reader, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let db = Qubesdb { reader: reader.clone(), bound: Duration::from_secs(5) };
-        let p = prober(&tree, &dev, Some(db));
+        let program = |timeout| Publication::Program(Program { path: reader.clone(), timeout });
+        let p = prober(&tree, &dev, Some(program(Duration::from_secs(5))));
         let key = "/qubes-block-devices/sdb/desc".to_owned();
         let unpublished = Verdict::Wait(Why::Unpublished { key: key.clone(), reader: reader.clone() });
         assert_eq!(p.check(&disk()), unpublished);
@@ -473,12 +472,47 @@ mod tests {
         std::fs::write(&published, "").unwrap();
         assert_eq!(p.check(&disk()), READY);
         std::fs::write(&reader, "#!/bin/sh\nexec sleep 10\n").unwrap();
-        let slow = Prober { qubesdb: Some(Qubesdb { reader: reader.clone(), bound: Duration::from_millis(100) }), ..p };
-        let start = Instant::now();
-        let timeout = QubesdbError::Timeout { reader, key, bound: Duration::from_millis(100) };
-        assert_eq!(slow.check(&disk()), Verdict::Wait(Why::Qubesdb(timeout)));
+        let slow = Prober { qubesdb: Some(program(Duration::from_millis(100))), ..p };
+        let start = std::time::Instant::now();
+        let Verdict::Wait(Why::Qubesdb(e)) = slow.check(&disk()) else { panic!("not a qubesdb failure") };
+        assert!(e.to_string().contains("no answer within 100 ms"), "{e}");
         assert!(start.elapsed() < Duration::from_secs(5));
-        assert_eq!(Qubesdb::key(Kind::Usb, "2-1.4"), "/qubes-usb-devices/2-1_4/desc");
+        assert_eq!(publication_dir(Kind::Usb, "2-1.4"), "/qubes-usb-devices/2-1_4/");
         assert_eq!(publication_dir(Kind::Block, "sdb1"), "/qubes-block-devices/sdb1/");
+    }
+
+    /// Through the daemon's socket (the stand-in daemon of tests/support), a device not yet
+    /// published is `Unpublished` with its directory, for the run loop to watch.
+    #[test]
+    fn qubesdb_publication_through_the_socket_is_watched_for() {
+        let tree = Tree::stick(b"S1");
+        let dev = TempDir::new("dev");
+        std::fs::write(dev.path().join("sdb"), [0u8; 512]).unwrap();
+        let standin = dev.path().join("qubesdb-standin");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/qubesdb-standin.c");
+        let built = std::process::Command::new("cc").args(["-O2", "-o"]).arg(&standin).arg(&src).status().unwrap();
+        assert!(built.success());
+        let socket = dev.path().join("qubesdb.sock");
+        let mut daemon = std::process::Command::new(&standin)
+            .arg("daemon")
+            .arg(&socket)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(daemon.stdout.take().unwrap()), &mut ready).unwrap();
+        let client = Client::connect(&socket, Duration::from_secs(5)).unwrap();
+        let p = prober(&tree, &dev, Some(Publication::Socket(Mutex::new(client))));
+        assert_eq!(p.check(&disk()), Verdict::Unpublished("/qubes-block-devices/sdb/".into()));
+        let wrote = std::process::Command::new(&standin)
+            .arg("write")
+            .arg(&socket)
+            .args(["/qubes-block-devices/sdb/desc", "Stick"])
+            .status()
+            .unwrap();
+        assert!(wrote.success());
+        assert_eq!(p.check(&disk()), READY);
+        let _ = daemon.kill();
+        let _ = daemon.wait();
     }
 }

@@ -22,7 +22,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use crate::engine::{Config, Effect, Engine};
-use crate::readiness::{Nodes, Prober, Qubesdb};
+use crate::qubesdb::Program;
+use crate::readiness::{Nodes, Prober, Publication};
 use crate::rules::Parsed;
 use crate::sysfs::Sysfs;
 use crate::uevent::{MonitorText, Record};
@@ -35,7 +36,7 @@ pub struct ReplayOptions {
     /// Rules; None means the case directory's `rules` (file or directory).
     pub rules: Option<Vec<PathBuf>>,
     pub dev: Option<PathBuf>,
-    pub qubesdb: Option<Qubesdb>,
+    pub qubesdb: Option<Program>,
     /// How the client is named in the output (`qrexec-client-vm`).
     pub client: String,
     pub config: Config,
@@ -187,7 +188,7 @@ pub fn replay(opts: &ReplayOptions, load_rules: &dyn Fn(&[PathBuf]) -> Parsed) -
         sysfs: sysfs.clone(),
         dev: layout.dev.clone().unwrap_or_else(|| root.join("dev")),
         nodes: Nodes::Fixture,
-        qubesdb: opts.qubesdb.clone(),
+        qubesdb: opts.qubesdb.clone().map(Publication::Program),
     };
     let mut run = Run {
         engine: Engine::new(parsed.set, opts.config.clone()),

@@ -46,7 +46,7 @@ use nix::unistd::Pid;
 use crate::engine::{Config, Effect, Engine, Job, Outcome, Ticket};
 use crate::names::Call;
 use crate::netlink::{Received, UeventSocket};
-use crate::readiness::{Nodes, Prober, Qubesdb};
+use crate::readiness::{Nodes, Prober, Publication};
 use crate::rules::Parsed;
 use crate::spawn::{Children, Exit, Spawner};
 use crate::sysfs::Sysfs;
@@ -59,8 +59,8 @@ pub struct RunOptions {
     pub dev: PathBuf,
     pub load_rules: RuleLoader,
     pub client: PathBuf,
-    /// The fallback qubesdb reader (a program run per probe), if any.
-    pub qubesdb: Option<Qubesdb>,
+    /// Where probes ask whether Qubes has published a device, if anywhere.
+    pub qubesdb: Option<Publication>,
     pub dry_run: bool,
     pub config: Config,
     pub rcvbuf: usize,
@@ -97,15 +97,41 @@ impl std::fmt::Debug for RuleLoader {
 pub trait Watcher {
     /// Readable when watch events are pending.
     fn fd(&self) -> BorrowedFd<'_>;
-    fn watch(&mut self, key: &str) -> std::io::Result<()>;
-    fn unwatch(&mut self, key: &str) -> std::io::Result<()>;
+    fn watch(&mut self, key: &str) -> Result<(), crate::qubesdb::QdbError>;
+    fn unwatch(&mut self, key: &str) -> Result<(), crate::qubesdb::QdbError>;
     /// Appends the paths changed since the last call, without blocking. An error means the
     /// connection is lost.
-    fn changed(&mut self, paths: &mut Vec<String>) -> std::io::Result<()>;
+    fn changed(&mut self, paths: &mut Vec<String>) -> Result<(), crate::qubesdb::QdbError>;
 }
 
 /// Makes a [`Watcher`] (at start, and again after the connection is lost).
-pub struct Connect(pub Box<dyn Fn() -> std::io::Result<Box<dyn Watcher>>>);
+pub struct Connect(pub Box<dyn Fn() -> Result<Box<dyn Watcher>, crate::qubesdb::QdbError>>);
+
+impl Connect {
+    /// The loop's own connection to this qube's qubesdb daemon.
+    pub fn local() -> Connect {
+        Connect(Box::new(|| {
+            let client = crate::qubesdb::Client::connect_local(crate::readiness::QUBESDB_TIMEOUT)?;
+            Ok(Box::new(client) as Box<dyn Watcher>)
+        }))
+    }
+}
+
+impl Watcher for crate::qubesdb::Client {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.as_fd()
+    }
+    fn watch(&mut self, key: &str) -> Result<(), crate::qubesdb::QdbError> {
+        crate::qubesdb::Client::watch(self, key)
+    }
+    fn unwatch(&mut self, key: &str) -> Result<(), crate::qubesdb::QdbError> {
+        crate::qubesdb::Client::unwatch(self, key).map(|_| ())
+    }
+    fn changed(&mut self, paths: &mut Vec<String>) -> Result<(), crate::qubesdb::QdbError> {
+        paths.extend(self.take_watch_events()?);
+        Ok(())
+    }
+}
 
 impl std::fmt::Debug for Connect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -360,7 +386,7 @@ impl Watches {
         }
     }
 
-    fn lost(&mut self, e: &std::io::Error, now: u64) {
+    fn lost(&mut self, e: &crate::qubesdb::QdbError, now: u64) {
         warning!("qubesdb watch connection lost: {e}; connecting again in {RECONNECT_MS} ms");
         self.conn = None;
         self.retry_at = Some(now + RECONNECT_MS);
@@ -430,6 +456,10 @@ impl Loop {
         let socket = open_socket(opts.rcvbuf)?;
         let sysfs = Arc::new(Sysfs::new(&opts.sysfs).map_err(|e| fatal(EXIT_STARTUP)(format!("sysfs: {e}")))?);
         let rules = initial_rules(&opts.load_rules)?;
+        match &opts.qubesdb {
+            Some(db) => info!("a ready device is called once Qubes publishes it in qubesdb, awaited with {db}"),
+            None => info!("qubesdb publication is not awaited (--no-qubesdb, or no qubesdb here)"),
+        }
         let (wake, wake_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
             .map_err(|e| fatal(EXIT_STARTUP)(format!("pipe: {}", e.desc())))?;
         let shared = Arc::new(Shared {
