@@ -516,6 +516,7 @@ impl Loop {
 
     /// Carries out the engine's effects (and those they lead to) until none are left.
     fn apply(&mut self, fx: &mut Vec<Effect>) {
+        self.trim_due |= !fx.is_empty();
         while !fx.is_empty() {
             let now = self.now();
             for effect in std::mem::take(fx) {
@@ -539,7 +540,6 @@ impl Loop {
             }
             self.pool.dispatch(now);
         }
-        self.trim_due = true;
     }
 
     /// Logs how starting a call went, and tracks the child; a printed call (dry run) has
@@ -689,6 +689,7 @@ impl Loop {
         let mut fx = std::mem::take(&mut self.fx);
         let mut registered = false;
         while let Ok(Finished { worker, outcome }) = self.finished.try_recv() {
+            self.trim_due = true;
             self.pool.finished(worker);
             let carried = outcome.carried(Result::is_ok);
             let Outcome { epoch, devpath, verdict, made } = outcome;
@@ -707,6 +708,9 @@ impl Loop {
         }
         self.apply(&mut fx);
         self.fx = fx;
+        // Workers came back: queued probes go to them now.
+        let now = self.now();
+        self.pool.dispatch(now);
     }
 
     /// Paths qubesdb reported changed: devices waiting for them are probed again.
