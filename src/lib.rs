@@ -3,10 +3,10 @@
 //! Read top to bottom: the kernel's event format ([`uevent`]), the socket it arrives on
 //! ([`netlink`]), the device tree it describes ([`sysfs`]), globs ([`fnmatch`]) and the rules
 //! that pick devices ([`rules`]), the names that may reach dom0 ([`names`]), readiness
-//! ([`readiness`]), detached children ([`spawn`]), the decisions ([`engine`]) and the loop
-//! that drives them ([`runloop`]),
+//! ([`readiness`], with Qubes' publication read from [`qubesdb`]), detached children
+//! ([`spawn`]), the decisions ([`engine`]) and the loop that drives them ([`runloop`]),
 //! fixtures ([`umockdev`], [`replay`]) and the command line ([`cli`]). `main.rs` only calls
-//! [`cli::main`].
+//! [`cli::main`]; only `main.rs` may exit the process (`clippy::exit` is denied here).
 
 #![deny(clippy::exit)]
 
