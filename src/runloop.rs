@@ -929,3 +929,71 @@ impl RefusalLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// A watcher that records what it is asked, and fails when told to.
+    struct Fake {
+        log: Rc<RefCell<Vec<String>>>,
+        fd: OwnedFd,
+        fail: bool,
+    }
+
+    impl Watcher for Fake {
+        fn fd(&self) -> BorrowedFd<'_> {
+            self.fd.as_fd()
+        }
+        fn watch(&mut self, key: &str) -> Result<(), crate::qubesdb::QdbError> {
+            self.log.borrow_mut().push(format!("watch {key}"));
+            if self.fail {
+                let socket = PathBuf::from("fake");
+                return Err(crate::qubesdb::QdbError::Closed { socket, key: key.into() });
+            }
+            Ok(())
+        }
+        fn unwatch(&mut self, key: &str) -> Result<(), crate::qubesdb::QdbError> {
+            self.log.borrow_mut().push(format!("unwatch {key}"));
+            Ok(())
+        }
+        fn changed(&mut self, _: &mut Vec<String>) -> Result<(), crate::qubesdb::QdbError> {
+            Ok(())
+        }
+    }
+
+    /// Keys are watched once however many devices wait for them, unwatched with the last;
+    /// a lost connection is made again later, every key watched again and reported as
+    /// changed (a publication may have happened meanwhile).
+    #[test]
+    fn watches_are_counted_and_restored_after_a_lost_connection() {
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let fail = Rc::new(RefCell::new(false));
+        let (l, f) = (log.clone(), fail.clone());
+        let connect = Connect(Box::new(move || {
+            let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+            Ok(Box::new(Fake { log: l.clone(), fd, fail: *f.borrow() }) as Box<dyn Watcher>)
+        }));
+        let mut w = Watches { connect, conn: None, keys: BTreeMap::new(), retry_at: None };
+        assert!(w.reconnect(0).is_empty());
+        w.add("/qubes-block-devices/sdb/".into(), 0);
+        w.add("/qubes-block-devices/sdb/".into(), 0);
+        w.add("/qubes-usb-devices/2-1/".into(), 0);
+        w.remove("/qubes-block-devices/sdb/", 0);
+        assert_eq!(*log.borrow(), ["watch /qubes-block-devices/sdb/", "watch /qubes-usb-devices/2-1/"]);
+        *fail.borrow_mut() = true;
+        w.conn = None;
+        assert!(w.reconnect(100).is_empty(), "the watch failed: nothing to report yet");
+        assert_eq!(w.retry_at, Some(100 + RECONNECT_MS));
+        *fail.borrow_mut() = false;
+        log.borrow_mut().clear();
+        let again = w.reconnect(1100);
+        assert_eq!(again, ["/qubes-block-devices/sdb/", "/qubes-usb-devices/2-1/"]);
+        assert_eq!(*log.borrow(), ["watch /qubes-block-devices/sdb/", "watch /qubes-usb-devices/2-1/"]);
+        w.remove("/qubes-block-devices/sdb/", 1200);
+        assert_eq!(log.borrow().last().unwrap(), "unwatch /qubes-block-devices/sdb/");
+        assert_eq!(w.retry_at, None);
+    }
+}
