@@ -35,9 +35,10 @@ use std::sync::Arc;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-use crate::agent::{Config, Effect, Engine};
+use crate::engine::{Config, Effect, Engine};
 use crate::beneath::{self, BeneathError, Links};
-use crate::readiness::{Nodes, Prober, Qubesdb, Verdict};
+use crate::qubesdb::Program;
+use crate::readiness::{Nodes, Prober, Publication};
 use crate::rules::Parsed;
 use crate::sysfs::Sysfs;
 use crate::uevent::{MonitorText, Record, TextError};
@@ -50,7 +51,7 @@ pub struct ReplayOptions {
     /// Rules; None means the case directory's `rules` (file or directory).
     pub rules: Option<Vec<PathBuf>>,
     pub dev: Option<PathBuf>,
-    pub qubesdb: Option<Qubesdb>,
+    pub qubesdb: Option<Program>,
     /// How the client is named in the output (`qrexec-client-vm`).
     pub client: String,
     pub config: Config,
@@ -90,7 +91,7 @@ impl ReplayError {
     /// The documented exit code: 3 for rules with errors, 5 for anything about the input.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ReplayError::Rules(_) => crate::agent::EXIT_RULES,
+            ReplayError::Rules(_) => crate::runloop::EXIT_RULES,
             _ => EXIT_INPUT,
         }
     }
@@ -356,13 +357,17 @@ fn write_new(to: &OwnedFd, rel: &Path, bytes: &[u8]) -> io::Result<()> {
 pub fn replay(opts: &ReplayOptions, load_rules: &dyn Fn(&[PathBuf]) -> Parsed) -> Result<Vec<String>, ReplayError> {
     let layout = layout(opts)?;
     let parsed = load_rules(&layout.rules);
-    if !crate::agent::report_rules(&parsed) {
+    if !crate::runloop::report_rules(&parsed) {
         return Err(ReplayError::Rules(parsed.errors.len()));
     }
     let sys = layout.work.sys();
     let sysfs = Arc::new(Sysfs::new(&sys).map_err(|e| ReplayError::Work(sys.clone(), e))?);
-    let prober =
-        Prober { sysfs: sysfs.clone(), dev: layout.work.dev(), nodes: Nodes::Fixture, qubesdb: opts.qubesdb.clone() };
+    let prober = Prober {
+        sysfs: sysfs.clone(),
+        dev: layout.work.dev(),
+        nodes: Nodes::Fixture,
+        qubesdb: opts.qubesdb.clone().map(Publication::Program),
+    };
     let mut run = Run {
         engine: Engine::new(parsed.set, opts.config.clone()),
         prober,
@@ -421,33 +426,12 @@ impl Run {
     }
 
     /// Carries out effects until none are left: probes inline, calls recorded.
-    fn perform(&mut self, mut effects: Vec<Effect>) {
-        while !effects.is_empty() {
-            let mut next = Vec::new();
-            for effect in effects {
-                match effect {
-                    Effect::Probe { epoch, target, call } => {
-                        let verdict = self.prober.check(&target);
-                        let made = match call {
-                            Some(call) if verdict == Verdict::Ready => {
-                                let device = self.engine.identity(&target.devpath).unwrap_or_default().to_owned();
-                                self.record(&call, &device);
-                                Some(true)
-                            }
-                            _ => None,
-                        };
-                        self.engine.on_verdict(epoch, &target.devpath, verdict, made, self.now, &mut next);
-                    }
-                    Effect::Call { call, device } => self.record(&call, &device),
-                }
-            }
-            effects = next;
-        }
-    }
-
-    fn record(&mut self, call: &crate::names::Call, device: &str) {
-        info!("{device}: would call {call}");
-        self.calls.push(format!("{} dom0 {}", self.client, call.service_arg()));
+    fn perform(&mut self, effects: Vec<Effect>) {
+        let (calls, client) = (&mut self.calls, &self.client);
+        crate::engine::perform_inline(&mut self.engine, &self.prober, effects, self.now, &mut |call, device| {
+            info!("{device}: would call {call}");
+            calls.push(format!("{client} dom0 {}", call.service_arg()));
+        });
     }
 
     /// Lets virtual time run to `until` (or, when draining, until nothing is pending).
