@@ -35,8 +35,8 @@ use std::sync::Arc;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-use crate::engine::{Config, Effect, Engine};
 use crate::beneath::{self, BeneathError, Links};
+use crate::engine::{Config, Effect, Engine};
 use crate::qubesdb::Program;
 use crate::readiness::{Nodes, Prober, Publication};
 use crate::rules::Parsed;
