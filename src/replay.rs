@@ -411,6 +411,7 @@ impl Run {
         for record in monitor.by_ref() {
             match record.map_err(|e| ReplayError::Events(path.to_owned(), e))? {
                 Record::Event(event, _) => {
+                    sync_generation(&work.fd, &event);
                     let mut effects = Vec::new();
                     self.engine.on_event(&self.sysfs, &event, self.now, &mut effects);
                     self.engine.describe(&self.sysfs);
@@ -476,6 +477,38 @@ impl Run {
             }
             _ => remove_beneath(work, path).map_err(io),
         }
+    }
+}
+
+/// The keys that tell one device at a devpath from the next (see the engine's generation
+/// check).
+const GENERATION: [&str; 4] = ["DISKSEQ", "DEVNUM", "MAJOR", "MINOR"];
+
+/// Sysfs shows a device as it is when the kernel sends its event: before an `add`, `change`,
+/// `bind` or `online` is handled, the generation keys of its `uevent` file in the copy take
+/// the event's values (a replayed reconnection has a new USB device number, new media a new
+/// disk sequence), as the kernel's file would have them. Keys the file lacks stay absent; a
+/// device the tree lacks is left so.
+fn sync_generation(work: &OwnedFd, event: &crate::uevent::Uevent<'_>) {
+    use crate::uevent::Action;
+    if !matches!(event.action, Action::Add | Action::Change | Action::Bind | Action::Online) {
+        return;
+    }
+    let rel = Path::new("sys").join(&event.devpath[1..]).join("uevent");
+    let Ok(old) = beneath::read(work, &rel, MAX_FILE, Links::Refuse) else { return };
+    let mut new = Vec::with_capacity(old.len());
+    for line in old.split_inclusive(|&b| b == b'\n') {
+        let value = GENERATION.iter().find_map(|key| {
+            let rest = line.strip_prefix(key.as_bytes())?.strip_prefix(b"=")?;
+            event.get(key).filter(|v| v.as_bytes() != rest.trim_ascii_end()).map(|v| (*key, v))
+        });
+        match value {
+            Some((key, v)) => new.extend_from_slice(format!("{key}={v}\n").as_bytes()),
+            None => new.extend_from_slice(line),
+        }
+    }
+    if new != old {
+        let _ = write_beneath(work, &rel, &new);
     }
 }
 
