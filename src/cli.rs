@@ -42,6 +42,7 @@ options:
   --qrexec-client PATH  the client to run (default qrexec-client-vm)
   --qubesdb-read PATH wait for qubesdb to publish devices, with this reader
                       (default: qubesdb-read if installed)
+  --qubesdb-socket PATH  the qubesdb daemon's socket (default: this qube's)
   --no-qubesdb        do not wait for qubesdb publication
   --dry-run           print calls instead of making them
   --timeout DURATION  readiness timeout for rules without TIMEOUT (default 30s)
@@ -88,6 +89,7 @@ struct Opts {
     dev: Option<PathBuf>,
     client: Option<PathBuf>,
     qubesdb_read: Option<PathBuf>,
+    qubesdb_socket: Option<PathBuf>,
     no_qubesdb: bool,
     dry_run: bool,
     timeout: Option<Duration>,
@@ -132,6 +134,7 @@ fn parse_args(args: Vec<OsString>) -> Result<Opts, Failure> {
             "--dev" => opts.dev = Some(value("a directory")?.into()),
             "--qrexec-client" => opts.client = Some(value("a program")?.into()),
             "--qubesdb-read" => opts.qubesdb_read = Some(value("a program")?.into()),
+            "--qubesdb-socket" => opts.qubesdb_socket = Some(value("a socket path")?.into()),
             "-o" | "--output" => opts.output = Some(value("a file")?.into()),
             "--timeout" => opts.timeout = Some(duration(value("a duration")?, &name)?),
             "--debounce" => opts.debounce = Some(duration(value("a duration")?, &name)?),
@@ -231,7 +234,14 @@ const DEFAULT_RULE_DIRS: [&str; 2] = ["/etc/autoattach/rules.d", "/rw/config/aut
 
 /// The qubesdb reader to use, if any.
 fn qubesdb(opts: &Opts) -> Option<Publication> {
-    Publication::choose(opts.no_qubesdb, opts.qubesdb_read.as_deref())
+    publication(opts.no_qubesdb, opts.qubesdb_read.as_deref(), opts.qubesdb_socket.as_deref())
+}
+
+fn publication(none: bool, reader: Option<&Path>, socket: Option<&Path>) -> Option<Publication> {
+    match socket {
+        Some(socket) if !none && reader.is_none() => Publication::at(socket).map_err(|e| error!("{e}")).ok(),
+        _ => Publication::choose(none, reader),
+    }
 }
 
 /// Loads rules: the `--rules` paths (each must exist), or the default places (each may be
@@ -289,9 +299,17 @@ fn rules_or_fail(parsed: &Parsed) -> Result<(), Failure> {
 
 fn run(opts: &Opts) -> Result<u8, Failure> {
     let db = qubesdb(opts);
-    let watch = db.as_ref().filter(|db| db.watches()).map(|_| runloop::Connect::local());
-    let (paths, none, reader) = (opts.rules.clone(), opts.no_qubesdb, opts.qubesdb_read.clone());
-    let rules = move || load_rules(&paths, Publication::choose(none, reader.as_deref()).as_ref());
+    if db.is_none() && opts.qubesdb_socket.is_some() && !opts.no_qubesdb {
+        let message = "--qubesdb-socket: no qubesdb there, and devices are never called unverified".into();
+        return Err(Failure { code: runloop::EXIT_STARTUP, message });
+    }
+    let watch = db.as_ref().filter(|db| db.watches()).map(|_| match &opts.qubesdb_socket {
+        Some(socket) => runloop::Connect::at(socket.clone()),
+        None => runloop::Connect::local(),
+    });
+    let (paths, none, reader, socket) =
+        (opts.rules.clone(), opts.no_qubesdb, opts.qubesdb_read.clone(), opts.qubesdb_socket.clone());
+    let rules = move || load_rules(&paths, publication(none, reader.as_deref(), socket.as_deref()).as_ref());
     let options = RunOptions {
         sysfs: opts.sysfs.clone().unwrap_or_else(|| "/sys".into()),
         dev: opts.dev.clone().unwrap_or_else(|| "/dev".into()),

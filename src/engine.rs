@@ -438,7 +438,9 @@ impl Engine {
                 return self.leaving.push(entry);
             }
             (Forget::Vanished, false) => warning!("{who}: vanished while events were lost; forgotten"),
-            (Forget::Removed, false) if matches!(entry.state, State::Done(_)) => info!("{who}: removed"),
+            (Forget::Removed, false) if matches!(entry.state, State::Done(_)) || entry.sent.is_some() => {
+                info!("{who}: removed")
+            }
             (Forget::Removed, false) => info!("{who}: removed before it was attached"),
         }
         release(&mut entry, &mut self.calls);
@@ -585,9 +587,10 @@ impl Engine {
                 self.undescribed.push(event.devpath.into());
             }
             Some(e) => {
-                entry.who = identity::describe(sysfs, event.devpath).to_string();
+                let described = identity::describe(sysfs, event.devpath);
+                entry.who = described.device.to_string();
                 entry.described = true;
-                info!("{}: matches {} (ATTACH=\"{}\")", entry.who, entry.rule, entry.qube);
+                info!("{described}: matches {} (ATTACH=\"{}\")", entry.rule, entry.qube);
                 error!("{}: not attached: {e}", entry.who);
             }
         }
@@ -598,16 +601,18 @@ impl Engine {
         !self.undescribed.is_empty()
     }
 
-    /// Describes devices matched since the last call (what they are, from sysfs, and the
-    /// identity read when they matched) and logs their match. The run loop calls it while no
-    /// probe is in flight; replay right after each event.
+    /// Describes devices matched since the last call and logs their match with the identity
+    /// read when they matched; later lines name them by what sysfs says they are (name,
+    /// vendor:product, strings, serial). The run loop calls it while no probe is in flight;
+    /// replay right after each event.
     pub fn describe(&mut self, sysfs: &Sysfs) {
         for devpath in self.undescribed.drain(..) {
             if let Some(entry) = self.devices.get_mut(&devpath).filter(|e| !e.described) {
                 let identity = entry.target.expected.identity().map_err(|e| e.to_string());
-                entry.who = identity::Described { device: sysfs.identity(&devpath), identity }.to_string();
+                let described = identity::Described { device: sysfs.identity(&devpath), identity };
+                entry.who = described.device.to_string();
                 entry.described = true;
-                info!("{}: matches {} (ATTACH=\"{}\")", entry.who, entry.rule, entry.qube);
+                info!("{described}: matches {} (ATTACH=\"{}\")", entry.rule, entry.qube);
             }
         }
     }

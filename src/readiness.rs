@@ -293,6 +293,12 @@ impl Publication {
         crate::spawn::find_program(Path::new("qubesdb-read")).map(program)
     }
 
+    /// The qubesdb daemon at `socket` (`--qubesdb-socket`: a stand-in in tests, or a daemon
+    /// whose socket is elsewhere).
+    pub fn at(socket: &Path) -> Result<Publication, QdbError> {
+        Client::connect(socket, QUBESDB_TIMEOUT).map(|client| Publication::Socket(Mutex::new(client)))
+    }
+
     /// Reads `key`: Some(value), None if absent.
     pub fn read(&self, key: &str) -> Result<Option<Vec<u8>>, QdbError> {
         match self {

@@ -118,6 +118,16 @@ impl Connect {
     }
 }
 
+impl Connect {
+    /// The loop's own connection to the qubesdb daemon at `socket` (`--qubesdb-socket`).
+    pub fn at(socket: PathBuf) -> Connect {
+        Connect(Box::new(move || {
+            let client = crate::qubesdb::Client::connect(&socket, crate::readiness::QUBESDB_TIMEOUT)?;
+            Ok(Box::new(client) as Box<dyn Watcher>)
+        }))
+    }
+}
+
 impl Watcher for crate::qubesdb::Client {
     fn fd(&self) -> BorrowedFd<'_> {
         self.as_fd()

@@ -403,8 +403,8 @@ fn r42_records_give_the_desc_form_and_another_device_is_never_called() {
     let log = stderr(&out);
     assert!(
         log.contains(
-            "error: sda1 0781:5581 \" USB\" \" SanDisk 3.2Gen1\" serial \"4C530001230101115543\" id \
-             \"0781:5581:4C530001230101115543:u080650:1.0:1\": not attached after 3000 ms: qubesdb's record \
+            "error: sda1 0781:5581 \" USB\" \" SanDisk 3.2Gen1\" serial \"4C530001230101115543\": not \
+             attached after 3000 ms: qubesdb's record \
              /qubes-block-devices/sda1/ describes another device: published id \
              \"0781:5581:EVIL0000000000000000:u080650:1.0:1\", this device is id \
              \"0781:5581:4C530001230101115543:u080650:1.0:1\""
