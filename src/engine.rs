@@ -1209,15 +1209,16 @@ pub fn synthetic_add(sysfs: &Sysfs, devpath: &str) -> Option<Vec<u8>> {
 }
 
 /// Carries out effects inline until none are left, for `replay` and `test`: probes run here
-/// with [`Job::run`], calls are handed to `record` (as made, and returned at once: an attach
-/// counts as done), watches are ignored (the inline prober asks qubesdb with the fallback
-/// program, which never parks a device).
+/// with [`Job::run`], calls are handed to `record` with the ticket of an attach, which says
+/// whether the call returned at once (`Some(attached)`) or will be reported later with
+/// [`Engine::on_call_exit`] (`None`: dom0 takes its time). Watches are ignored (the inline
+/// prober asks qubesdb with the fallback program, which never parks a device on a watch).
 pub fn perform_inline(
     engine: &mut Engine,
     prober: &Prober,
     effects: Vec<Effect>,
     now: u64,
-    record: &mut dyn FnMut(&Call, &str),
+    record: &mut dyn FnMut(&Call, &str, Option<Ticket>) -> Option<bool>,
 ) {
     let mut effects = effects;
     while !effects.is_empty() {
@@ -1226,28 +1227,26 @@ pub fn perform_inline(
             match effect {
                 Effect::Probe(job) => {
                     let outcome = job.run(prober, |call| call.clone());
-                    if let Some(Ok((call, _))) = &outcome.made {
-                        let device = engine.identity(outcome.epoch, &outcome.devpath).unwrap_or_default().to_owned();
-                        record(call, &device);
-                    }
-                    let carried = outcome.carried(|_| true);
                     let ticket = Ticket { epoch: outcome.epoch, devpath: outcome.devpath.as_str().into() };
-                    engine.on_verdict(
-                        outcome.epoch,
-                        &outcome.devpath,
-                        outcome.verdict,
-                        carried.clone(),
-                        now,
-                        &mut next,
-                    );
-                    if carried == Carried::Made(true) {
-                        engine.on_call_exit(&ticket, true, &mut next);
+                    let returned = match &outcome.made {
+                        Some(Ok((call, _))) => {
+                            let device =
+                                engine.identity(outcome.epoch, &outcome.devpath).unwrap_or_default().to_owned();
+                            record(call, &device, Some(ticket.clone()))
+                        }
+                        _ => None,
+                    };
+                    let carried = outcome.carried(|_| true);
+                    let verdict = outcome.verdict;
+                    engine.on_verdict(outcome.epoch, &outcome.devpath, verdict, carried, now, &mut next);
+                    if let Some(attached) = returned {
+                        engine.on_call_exit(&ticket, attached, &mut next);
                     }
                 }
                 Effect::Call { call, device, ticket } => {
-                    record(&call, &device);
-                    if let Some(ticket) = ticket {
-                        engine.on_call_exit(&ticket, true, &mut next);
+                    let returned = record(&call, &device, ticket.clone());
+                    if let (Some(ticket), Some(attached)) = (ticket, returned) {
+                        engine.on_call_exit(&ticket, attached, &mut next);
                     }
                 }
                 Effect::Watch(_) | Effect::Unwatch(_) => {}

@@ -609,3 +609,60 @@ fn replay_refuses_a_huge_fill() {
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(stderr(&out).contains("events:1: fill of 2000000000 bytes refused: at most 1048576"), "{}", stderr(&out));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Identity (issue 9)
+
+/// The fields of a call's identity (IDENTITY.md §2: after the second `+__+`, `:` sent as `+`).
+fn ident_fields(call: &str) -> Vec<String> {
+    call.splitn(3, "+__+").nth(2).unwrap().split('+').map(str::to_owned).collect()
+}
+
+/// Issue 9's swap, replayed with virtual time (tests/fixtures/swap): two sticks of one model
+/// in the same port under the same name differ only in serial, and so do their calls; the
+/// Detach that follows the first Attach carries the first stick's identity. When dom0 answers
+/// the first Attach with 73 (it found another device there and attached nothing), no Detach
+/// follows at all.
+#[test]
+fn a_swap_while_dom0_asks_names_each_stick() {
+    let case = fixtures().join("swap");
+    let out = run(&["replay", case.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let calls: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    let [a, b, detach] = &calls[..] else { panic!("{calls:?}") };
+    assert!(a.contains("USBDeviceAttach+backup+__+sda1+__+") && b.contains("USBDeviceAttach+backup+__+sda1+__+"));
+    let (fa, fb) = (ident_fields(a), ident_fields(b));
+    let differ: Vec<usize> = (0..fa.len().max(fb.len())).filter(|&i| fa.get(i) != fb.get(i)).collect();
+    assert_eq!(differ, [2], "only the serial field differs: {fa:?} {fb:?}");
+    assert_eq!((fa[2].as_str(), fb[2].as_str()), ("4C530001230101115543", "4C530001260712117561"));
+    assert_eq!(*detach, a.replace("USBDeviceAttach", "USBDeviceDetach"), "the Detach names stick A");
+    assert!(stderr(&out).contains("removed while its attach call was in flight"), "{}", stderr(&out));
+
+    let dir = tempdir("swap-73");
+    let events = std::fs::read_to_string(case.join("events")).unwrap().replace("#! dom0 10s\n", "#! dom0 10s 73\n");
+    std::fs::write(dir.join("events"), events).unwrap();
+    let out = run(&["replay", case.to_str().unwrap(), dir.join("events").to_str().unwrap()]);
+    assert_eq!(stdout(&out), format!("{a}\n{b}\n"), "{}", stderr(&out));
+    let log = stderr(&out);
+    assert!(log.contains("exit 73: dom0 handler: identity mismatch"), "{log}");
+    assert!(log.contains("its attach call did not attach it: nothing to detach"), "{log}");
+}
+
+/// A stick without a serial has a stable, documented identity: an empty serial field
+/// (README, "Device identity"), the same on every replay and for every stick of its model.
+#[test]
+fn a_device_without_a_serial_has_an_empty_serial_field() {
+    let (case, _) = tampered_case("no-serial");
+    std::fs::remove_file(case.join("sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/serial")).unwrap();
+    std::fs::write(
+        case.join("rules"),
+        "SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{idVendor}==\"0781\", ATTACH=\"backup\"\n",
+    )
+    .unwrap();
+    let want = "custom.USBDeviceAttach+backup+__+sda1+__+0781+5581++u080650+1.0+1\n";
+    for _ in 0..2 {
+        let out = replay_case(&case);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(stdout(&out).starts_with(&format!("qrexec-client-vm dom0 {want}")), "{}", stdout(&out));
+    }
+}

@@ -431,3 +431,105 @@ fn a_set_aside_probe_is_waited_for_and_its_verdict_taken() {
     e.on_verdict(epoch, STICK_PART, Verdict::Wait(why), Carried::No, 60_000, &mut out);
     assert_eq!(probes(&out), ["sdb1"], "the change seen meanwhile: probed again at once");
 }
+
+/// The identity is read right after the match and the device's generation confirmed: an
+/// event whose devpath already holds a newer device (its `remove` missed or still queued:
+/// another DISKSEQ in sysfs) is not tracked; the newer device's own event is.
+#[test]
+fn a_match_whose_device_was_replaced_is_dropped() {
+    let tree = Tree::stick(b"S1");
+    let sysfs = Sysfs::new(tree.root()).unwrap();
+    let mut e = engine("SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"disk\", ATTRS{idVendor}==\"46f4\", ATTACH=\"w\"\n");
+    let mut out = Vec::new();
+    // The tree's sdb is DISKSEQ 9; an add for DISKSEQ 8 is the device before it.
+    let old =
+        datagram("add", STICK_DISK, "block", &["DEVNAME=sdb", "DEVTYPE=disk", "DISKSEQ=8", "MAJOR=8", "MINOR=16"]);
+    e.on_event(&sysfs, &Uevent::parse(&old).unwrap(), 0, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(e.tracked(), 0);
+    let new =
+        datagram("add", STICK_DISK, "block", &["DEVNAME=sdb", "DEVTYPE=disk", "DISKSEQ=9", "MAJOR=8", "MINOR=16"]);
+    e.on_event(&sysfs, &Uevent::parse(&new).unwrap(), 1, &mut out);
+    assert_eq!(probes(&out), ["sdb"]);
+    let Some(Effect::Probe(job)) = out.pop() else { panic!() };
+    assert_eq!(job.target.expected.identity().unwrap(), Identity::Id("46f4:0001:S1:u080650:1.0".into()));
+    // A device gone before its identity could be read is not tracked either.
+    std::fs::remove_dir_all(tree.root().join(&STICK_PART[1..])).unwrap();
+    let part = datagram("add", STICK_PART, "block", &["DEVNAME=sdb1", "DEVTYPE=partition"]);
+    let mut e = engine("SUBSYSTEM==\"block\", KERNEL==\"sdb1\", ATTACH=\"w\"\n");
+    e.on_event(&sysfs, &Uevent::parse(&part).unwrap(), 2, &mut out);
+    assert!(out.is_empty() && e.tracked() == 0, "{out:?}");
+}
+
+/// The swap at the engine: stick A's call is in flight (dom0 asks the user), A is pulled and
+/// stick B (another serial) appears at the same devpath and name. B's probe expects B's
+/// identity; A's Detach, once A's Attach returns, carries A's identity (what A's Attach
+/// carried), whatever is at the name now.
+#[test]
+fn a_detach_carries_what_its_attach_carried() {
+    let s = stick_partition();
+    let mut e = engine("SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{idVendor}==\"46f4\", ATTACH=\"w\"\n");
+    let mut out = Vec::new();
+    s.add(&mut e, 0, &mut out);
+    let (epoch_a, _) = last_probe(&mut out);
+    e.on_verdict(epoch_a, STICK_PART, ready(), Carried::Made(true), 1, &mut out);
+    s.remove(&mut e, 2000, &mut out);
+    let serial = s._tree.root().join("devices/pci0000:00/0000:00:14.0/usb2/2-1/serial");
+    std::fs::write(serial, "S2\n").unwrap();
+    s.add(&mut e, 2500, &mut out);
+    let Some(Effect::Probe(job)) = out.pop() else { panic!("{out:?}") };
+    assert_eq!(job.target.expected.identity().unwrap(), Identity::Id("46f4:0001:S2:u080650:1.0:1".into()));
+    e.on_verdict(job.epoch, STICK_PART, ready_as("46f4:0001:S2:u080650:1.0:1"), Carried::Made(true), 2501, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    e.on_call_exit(&Ticket { epoch: epoch_a, devpath: STICK_PART.into() }, true, &mut out);
+    assert_eq!(calls(&out), [format!("custom.USBDeviceDetach+w+__+sdb1+__+{PART_IDENT}")]);
+}
+
+/// Media removal (a `change` with DISK_MEDIA_CHANGE=1 and size 0) from an attached disk:
+/// detached at once and waiting for media again; during its attach call, detached once the
+/// call returns; new media is attached again.
+#[test]
+fn media_removal_detaches_an_attached_disk() {
+    let tree = Tree::stick(b"S1");
+    let sysfs = Sysfs::new(tree.root()).unwrap();
+    let mut e = engine("SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"disk\", ATTRS{serial}==\"S1\", ATTACH=\"m\"\n");
+    let mut out = Vec::new();
+    let disk_id = "46f4:0001:S1:u080650:1.0";
+    let detach = "custom.USBDeviceDetach+m+__+sdb+__+46f4+0001+S1+u080650+1.0";
+    let event = |action, media: bool| {
+        let mut vars = vec!["DEVNAME=sdb", "DEVTYPE=disk", "DISKSEQ=9"];
+        if media {
+            vars.push("DISK_MEDIA_CHANGE=1");
+        }
+        datagram(action, STICK_DISK, "block", &vars)
+    };
+    let size = tree.root().join(&STICK_DISK[1..]).join("size");
+    e.on_event(&sysfs, &Uevent::parse(&event("add", false)).unwrap(), 0, &mut out);
+    let (epoch, _) = last_probe(&mut out);
+    e.on_verdict(epoch, STICK_DISK, ready_as(disk_id), Carried::Made(true), 1, &mut out);
+    e.on_call_exit(&Ticket { epoch, devpath: STICK_DISK.into() }, true, &mut out);
+    // A change that is not a media change, and a media change with media: nothing.
+    e.on_event(&sysfs, &Uevent::parse(&event("change", false)).unwrap(), 10, &mut out);
+    e.on_event(&sysfs, &Uevent::parse(&event("change", true)).unwrap(), 11, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    std::fs::write(&size, "0\n").unwrap();
+    e.on_event(&sysfs, &Uevent::parse(&event("change", true)).unwrap(), 20, &mut out);
+    assert_eq!(calls(&out), [detach]);
+    out.clear();
+    // New media: probed and attached again (the probe carries the call).
+    std::fs::write(&size, "2048\n").unwrap();
+    e.on_event(&sysfs, &Uevent::parse(&event("change", true)).unwrap(), 30, &mut out);
+    let (epoch, carries) = last_probe(&mut out);
+    assert!(carries);
+    e.on_verdict(epoch, STICK_DISK, ready_as(disk_id), Carried::Made(true), 31, &mut out);
+    // Pulled while that call is in flight: the Detach waits for it.
+    std::fs::write(&size, "0\n").unwrap();
+    e.on_event(&sysfs, &Uevent::parse(&event("change", true)).unwrap(), 40, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    e.on_call_exit(&Ticket { epoch, devpath: STICK_DISK.into() }, true, &mut out);
+    assert_eq!(calls(&out), [detach]);
+    out.clear();
+    // The removal then calls nothing: nothing is attached.
+    e.on_event(&sysfs, &Uevent::parse(&event("remove", false)).unwrap(), 50, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+}
