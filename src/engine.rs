@@ -1208,18 +1208,16 @@ pub fn synthetic_add(sysfs: &Sysfs, devpath: &str) -> Option<Vec<u8>> {
     Some(datagram)
 }
 
+/// What [`perform_inline`] does with a call (a device's description, and the ticket of an
+/// attach): `Some(attached)` if it returned at once, `None` if its exit is reported later.
+pub type Record<'a> = dyn FnMut(&Call, &str, Option<Ticket>) -> Option<bool> + 'a;
+
 /// Carries out effects inline until none are left, for `replay` and `test`: probes run here
 /// with [`Job::run`], calls are handed to `record` with the ticket of an attach, which says
 /// whether the call returned at once (`Some(attached)`) or will be reported later with
 /// [`Engine::on_call_exit`] (`None`: dom0 takes its time). Watches are ignored (the inline
 /// prober asks qubesdb with the fallback program, which never parks a device on a watch).
-pub fn perform_inline(
-    engine: &mut Engine,
-    prober: &Prober,
-    effects: Vec<Effect>,
-    now: u64,
-    record: &mut dyn FnMut(&Call, &str, Option<Ticket>) -> Option<bool>,
-) {
+pub fn perform_inline(engine: &mut Engine, prober: &Prober, effects: Vec<Effect>, now: u64, record: &mut Record<'_>) {
     let mut effects = effects;
     while !effects.is_empty() {
         let mut next = Vec::new();
