@@ -727,8 +727,8 @@ impl Engine {
             }
             Verdict::Unverifiable(why) => {
                 error!(
-                    "{who}: not attached: no identity can be had from what Qubes published for it: {why} (it will be \
-                     tried again on its next change event)"
+                    "{who}: not attached: no identity can be had from what Qubes published for it: {why} \
+                     (`qubesdb-multiread` shows the record; it will be tried again on its next change event)"
                 );
                 stop_watching(entry, out);
                 entry.state = State::GaveUp;

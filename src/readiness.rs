@@ -442,7 +442,9 @@ fn published(db: &Publication, target: &Target) -> Verdict {
         Ok(identity::Verdict::Send(identity)) => Verdict::Ready(Facts { identity }),
         Ok(identity::Verdict::Unpublished) => awaited(Pending::Absent),
         Ok(identity::Verdict::Mismatch { expected, published }) => awaited(Pending::Mismatch { expected, published }),
-        Ok(identity::Verdict::Unverifiable(e)) => Verdict::Unverifiable(e.to_string()),
+        Ok(identity::Verdict::Unverifiable(e)) => {
+            Verdict::Unverifiable(format!("{}: {e}", expected.port.qubesdb_dir()))
+        }
     }
 }
 

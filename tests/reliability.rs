@@ -491,6 +491,11 @@ fn flapping_with_default_limits_is_bounded() {
     assert_eq!(calls.len(), 40, "{calls:?}");
     assert!(calls.iter().all(|c| *c == format!("qrexec-client-vm dom0 custom.USBDeviceAttach+vault+__+{WALLET_1_3}")));
     assert_eq!(held_back(&log, "reached its rate limit of 10 calls per 60s"), 960);
+    // Each summary names the last device it held back (escaped, as logs name devices).
+    assert!(
+        log.contains("more call(s) were held back by its rate limit, the last for usb 1-3 1209:53c1 \"SatoshiLabs\""),
+        "{log}"
+    );
 }
 
 /// The same storm with explicit settings, as rule options and as command-line defaults: a
