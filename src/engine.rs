@@ -46,7 +46,7 @@ use crate::identity::{self, Identity, Records, SimError, Simulated};
 use crate::log::Escaped;
 use crate::names::{ATTACH_SERVICE, Call, CallError, DETACH_SERVICE, Kind};
 use crate::readiness::{Awaited, Facts, How, Pending, Prober, Target, Verdict, Why};
-use crate::rules::{Matcher, RuleSet};
+use crate::rules::{Matcher, Rule, RuleSet};
 use crate::sysfs::Sysfs;
 use crate::uevent::{Action, Uevent};
 
@@ -261,6 +261,28 @@ struct Entry {
 }
 
 impl Entry {
+    /// A device that matched `rule` just now: waiting, to be probed.
+    fn new(epoch: u64, rule: &Rule, config: &Config, target: Target, generation: Option<&str>, now: u64) -> Entry {
+        let timeout = rule.timeout.unwrap_or(config.timeout).as_millis() as u64;
+        Entry {
+            epoch,
+            qube: rule.attach.clone(),
+            rule: rule.location(),
+            who: Escaped::str(&target.dev).to_string(),
+            described: false,
+            generation: generation.map(Into::into),
+            appeared: now,
+            timeout,
+            debounce: rule.debounce.unwrap_or(config.debounce).as_millis() as u64,
+            rate: rule.rate_limit.or(config.rate_limit),
+            reserved: None,
+            sent: None,
+            media_gone: false,
+            state: waiting(now, now + timeout),
+            target,
+        }
+    }
+
     /// The device for logs: what [`Engine::describe`] read, or its escaped name until then.
     fn who(&self) -> &str {
         &self.who
@@ -533,7 +555,6 @@ impl Engine {
             Kind::Block => event.get("DEVNAME").unwrap_or_else(|| event.kernel()),
             Kind::Usb => event.kernel(),
         };
-        let timeout = rule.timeout.unwrap_or(self.config.timeout).as_millis() as u64;
         let (expected, refused) = match Call::bare(ATTACH_SERVICE, &rule.attach, kind, dev) {
             Err(e) => (None, Some(e.to_string())),
             Ok(_) => match expect(sysfs, event) {
@@ -543,42 +564,12 @@ impl Engine {
             },
         };
         self.epochs += 1;
-        let port = match kind {
-            Kind::Block => identity::Port::Block(dev.to_owned()),
-            Kind::Usb => identity::Port::Usb(dev.to_owned()),
-        };
-        // A device that is never probed has nothing to be checked against.
-        let none = || Simulated { port, records: Records::default(), usb: None, exact: false };
-        let target = Target {
-            kind,
-            devpath: event.devpath.to_owned(),
-            dev: dev.to_owned(),
-            devnum: event.devnum(),
-            bound: event.action == Action::Bind,
-            expected: Arc::new(expected.unwrap_or_else(none)),
-            desc_settled: false,
-        };
-        let state = match refused {
-            None => waiting(now, now + timeout),
-            Some(_) => State::Done(Attach::NotMade),
-        };
-        let entry = self.devices.entry(event.devpath.into()).or_insert(Entry {
-            epoch: self.epochs,
-            target,
-            qube: rule.attach.clone(),
-            rule: rule.location(),
-            who: Escaped::str(dev).to_string(),
-            described: false,
-            generation: generation(event).map(Into::into),
-            appeared: now,
-            timeout,
-            debounce: rule.debounce.unwrap_or(self.config.debounce).as_millis() as u64,
-            rate: rule.rate_limit.or(self.config.rate_limit),
-            reserved: None,
-            sent: None,
-            media_gone: false,
-            state,
-        });
+        let target = target(event, kind, dev, expected);
+        let mut entry = Entry::new(self.epochs, rule, &self.config, target, generation(event), now);
+        if refused.is_some() {
+            entry.state = State::Done(Attach::NotMade);
+        }
+        let entry = self.devices.entry(event.devpath.into()).or_insert(entry);
         // The probe now; describing the device in the log can wait (the run loop describes
         // devices while no probe runs, see `describe`).
         match refused {
@@ -1148,6 +1139,27 @@ impl std::fmt::Display for NoIdentity {
             }
             NoIdentity::Refused(why) => f.write_str(why),
         }
+    }
+}
+
+/// What a probe of the device of `event` checks, with what its identity must be (`expected`;
+/// None for a device that is never probed: it has nothing to be checked against).
+fn target(event: &Uevent<'_>, kind: Kind, dev: &str, expected: Option<Simulated>) -> Target {
+    let none = || {
+        let port = match kind {
+            Kind::Block => identity::Port::Block(dev.to_owned()),
+            Kind::Usb => identity::Port::Usb(dev.to_owned()),
+        };
+        Simulated { port, records: Records::default(), usb: None, exact: false }
+    };
+    Target {
+        kind,
+        devpath: event.devpath.to_owned(),
+        dev: dev.to_owned(),
+        devnum: event.devnum(),
+        bound: event.action == Action::Bind,
+        expected: Arc::new(expected.unwrap_or_else(none)),
+        desc_settled: false,
     }
 }
 
