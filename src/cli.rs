@@ -535,7 +535,7 @@ fn replay(opts: &Opts) -> Result<u8, Failure> {
         }
         parsed
     })
-    .map_err(|e| Failure { code: e.code, message: e.message })?;
+    .map_err(|e| Failure { code: e.exit_code(), message: e.to_string() })?;
     let mut out = std::io::stdout().lock();
     for call in calls {
         let _ = writeln!(out, "{call}");

@@ -24,7 +24,7 @@
 
 use std::fmt;
 use std::io::{self, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 
 use crate::sysfs::Sysfs;
 use crate::uevent::devpath_is_safe;
@@ -121,35 +121,11 @@ fn check_rel(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Properties udev adds, which the kernel's `uevent` file never has.
+/// Properties udev adds (see [`crate::uevent::udev_property`]) and those the kernel's `uevent`
+/// file never has (the event's own header values).
 fn udev_only(key: &str) -> bool {
-    const PREFIXES: &[&str] = &[
-        "ID_",
-        ".",
-        "UDISKS_",
-        "SYSTEMD_",
-        "DM_",
-        "LVM_",
-        "MPATH_",
-        "NM_",
-        "COLORD_",
-        "LIBINPUT_",
-        "MTP_",
-        "UPOWER_",
-        "LIBSANE_",
-    ];
-    const KEYS: &[&str] = &[
-        "DEVLINKS",
-        "TAGS",
-        "CURRENT_TAGS",
-        "USEC_INITIALIZED",
-        "ACTION",
-        "DEVPATH",
-        "SUBSYSTEM",
-        "SEQNUM",
-        "SYNTH_UUID",
-    ];
-    KEYS.contains(&key) || PREFIXES.iter().any(|p| key.starts_with(p))
+    const KEYS: &[&str] = &["ACTION", "DEVPATH", "SUBSYSTEM", "SEQNUM", "SYNTH_UUID"];
+    KEYS.contains(&key) || crate::uevent::udev_property(key)
 }
 
 /// Writes `devices` as a tree: `root/sys` (the sysfs root) and `root/dev`.
@@ -292,7 +268,6 @@ pub fn record(sysfs: &Sysfs, devpath: &str, out: &mut impl Write) -> io::Result<
 }
 
 fn record_one(sysfs: &Sysfs, devpath: &str, out: &mut impl Write) -> io::Result<()> {
-    let dir = sysfs.root().join(&devpath[1..]);
     writeln!(out, "P: {devpath}")?;
     let uevent = sysfs.uevent_file(devpath).unwrap_or_default();
     let uevent = String::from_utf8_lossy(&uevent);
@@ -310,39 +285,30 @@ fn record_one(sysfs: &Sysfs, devpath: &str, out: &mut impl Write) -> io::Result<
         let v = if k == "DEVNAME" { format!("/dev/{v}") } else { v.to_owned() };
         writeln!(out, "E: {k}={v}")?;
     }
-    let mut names: Vec<String> =
-        std::fs::read_dir(&dir)?.flatten().filter_map(|e| e.file_name().into_string().ok()).collect();
-    names.sort();
-    for name in names {
+    for (name, entry) in sysfs.entries(devpath) {
         if matches!(name.as_str(), "subsystem" | "driver" | "firmware_node" | "uevent") {
             continue;
         }
-        let path = dir.join(&name);
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if meta.file_type().is_symlink() {
-            if let Ok(target) = std::fs::read_link(&path) {
-                if path.is_file() {
+        match entry {
+            // A link is recorded if it stays in the tree and leads to a file there.
+            crate::sysfs::Entry::Link(at, target) => {
+                if crate::beneath::link_stays_inside(&at, &target) && sysfs.read_file(devpath, &name, 64 * 1024).is_ok()
+                {
                     writeln!(out, "L: {name}={}", target.display())?;
                 }
             }
-        } else if meta.is_file() {
-            if let Ok(value) = read_limited(&path, 64 * 1024) {
-                match std::str::from_utf8(&value) {
-                    Ok(text) if !text.contains('\0') => writeln!(out, "A: {name}={}", escape(text.as_bytes()))?,
-                    _ => writeln!(out, "H: {name}={}", hex(&value))?,
+            crate::sysfs::Entry::File => {
+                if let Ok(value) = sysfs.read_file(devpath, &name, 64 * 1024) {
+                    match std::str::from_utf8(&value) {
+                        Ok(text) if !text.contains('\0') => writeln!(out, "A: {name}={}", escape(text.as_bytes()))?,
+                        _ => writeln!(out, "H: {name}={}", hex(&value))?,
+                    }
                 }
             }
+            crate::sysfs::Entry::Other => {}
         }
     }
     writeln!(out)
-}
-
-fn read_limited(path: &PathBuf, max: u64) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    io::Read::read_to_end(&mut io::Read::take(std::fs::File::open(path)?, max), &mut out)?;
-    Ok(out)
 }
 
 /// glib's g_strescape: `\b \f \n \r \t \v \\ \"` and octal `\NNN` for other control bytes and
