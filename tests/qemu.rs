@@ -13,6 +13,9 @@
 //! uevent (`tests/support/uevent-stamp.c`) to the client's exec, both CLOCK_MONOTONIC in the
 //! guest, and the wall times are printed (to stderr, uncaptured) for BENCHMARKS.md.
 //!
+//! `captures_under_qemu` (tests/qemu/capture.rs, ignored unless asked for) records the
+//! `tests/fixtures/qemu-*` cases from a boot with Debian's udev in the guest.
+//!
 //! Run: `cargo test --test qemu -- --test-threads=1` (root, so `tests/qemu/setup.sh` can install
 //! qemu and kmod and fetch a kernel; everything is cached under `target/qemu/`). When qemu, the
 //! kernel or a static C compiler is missing, the test FAILS if `AUTOATTACH_FULL=1` (CI sets it)

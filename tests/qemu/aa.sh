@@ -11,7 +11,7 @@
 # aa blocks-of SERIAL             block devices (disks, partitions) of the USB device with SERIAL
 # aa wait-blocks SERIAL N TENTHS  until that USB device has at least N block devices
 # aa wait-input BUSID TENTHS      until an input event device sits under the USB device BUSID
-# aa record-tree BUSID OUT        `autoattach record` of every device under BUSID into OUT
+# aa record-tree OUT BUSID...     `autoattach record` of every device under each BUSID into OUT
 #                                 (each with a subsystem; parents repeat, the host drops repeats)
 # aa wait-exit PID TENTHS         until PID is gone or a zombie
 lines() { if [ -f "$1" ]; then wc -l <"$1"; else echo 0; fi; }
@@ -26,19 +26,20 @@ serial_above() {
 		d=${d%/*}
 	done
 }
+# These list what matches and succeed whatever the last entry was (callers test the output).
 blocks_of() {
 	for p in /sys/class/block/*; do
-		[ "$(serial_above "$p")" = "$1" ] && echo "${p##*/}"
+		[ "$(serial_above "$p")" != "$1" ] || echo "${p##*/}"
 	done
 }
 part_of() {
 	for p in /sys/class/block/*; do
-		[ -f "$p/partition" ] && [ "$(serial_above "$p")" = "$1" ] && echo "${p##*/}"
+		[ ! -f "$p/partition" ] || [ "$(serial_above "$p")" != "$1" ] || echo "${p##*/}"
 	done
 }
 usb_of() {
 	for d in /sys/bus/usb/devices/*; do
-		[ -f "$d/idVendor" ] && [ "$(cat "$d/serial" 2>/dev/null)" = "$1" ] && echo "${d##*/}"
+		[ ! -f "$d/idVendor" ] || [ "$(cat "$d/serial" 2>/dev/null)" != "$1" ] || echo "${d##*/}"
 	done
 }
 gone() { [ ! -e "/proc/$1" ] || grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
@@ -52,19 +53,24 @@ wait-path) until [ -e "$2" ]; do tick "$3"; done ;;
 wait-part)
 	until part="$(part_of "$2")" && [ -n "$part" ]; do tick "$3"; done
 	echo "$part" ;;
-usb-of) usb_of "$2"; true ;;
+usb-of) usb_of "$2" ;;
 wait-usb) until [ -n "$(usb_of "$2")" ]; do tick "$3"; done ;;
-blocks-of) blocks_of "$2"; true ;;
+blocks-of) blocks_of "$2" ;;
 wait-blocks) while [ "$(blocks_of "$2" | wc -l)" -lt "$3" ]; do tick "$4"; done ;;
 wait-input)
 	until ls -d "/sys/bus/usb/devices/$2"/*/*/input/input*/event* >/dev/null 2>&1; do tick "$3"; done ;;
 record-tree)
-	top=$(readlink -f "/sys/bus/usb/devices/$2") && [ -d "$top" ] || exit 1
-	# Devices without a subsystem (USB endpoints) send no uevents and are left out.
-	find "$top" -name uevent | sort | while read -r u; do
-		[ -e "${u%/uevent}/subsystem" ] || continue
-		/harness/autoattach record "${u%/uevent}" || exit 1
-	done >"$3" ;;
+	out=$2
+	shift 2
+	: >"$out"
+	for busid in "$@"; do
+		top=$(readlink -f "/sys/bus/usb/devices/$busid") && [ -d "$top" ] || exit 1
+		# Devices without a subsystem (USB endpoints) send no uevents and are left out.
+		find "$top" -name uevent | sort | while read -r u; do
+			[ -e "${u%/uevent}/subsystem" ] || continue
+			/harness/autoattach record "${u%/uevent}" || exit 1
+		done >>"$out" || exit 1
+	done ;;
 wait-exit) until gone "$2"; do tick "$3"; done ;;
 *) echo "aa: unknown $1" >&2; exit 2 ;;
 esac

@@ -10,8 +10,8 @@
 //!   `events-mixed`, `events-udev`, `device.umockdev`, `rules`, `expected`, `README.md`);
 //!   `expected` is what the live agent called.
 //!   Re-record the checked-in cases with
-//!   `AUTOATTACH_QEMU_RECORD=tests/fixtures cargo test --test qemu captures -- --test-threads=1`.
-//! - Otherwise the same boot runs as a check: the live agent must make exactly the calls of the
+//!   `AUTOATTACH_QEMU_RECORD=tests/fixtures cargo test --test qemu captures -- --ignored --test-threads=1`.
+//! - Otherwise (`cargo test --test qemu captures -- --ignored`) the same boot runs as a check: the live agent must make exactly the calls of the
 //!   checked-in `tests/fixtures/qemu-NAME/expected`, and each capture must be a well-formed
 //!   `udevadm monitor` capture of the case's devices (what CI replays is then known to be what
 //!   this kernel does today).
@@ -61,6 +61,10 @@ const RULES_HUB: &str = "\
 # The stick HUBSTICK1 is passed through whole (behind a hub: its bus id has a dot).
 SUBSYSTEM==\"usb\", ENV{DEVTYPE}==\"usb_device\", ATTRS{serial}==\"HUBSTICK1\", ATTACH=\"vault\"
 ";
+const RULES_TWINS: &str = "\
+# Two sticks with the same vendor and product: only TWIN2's partition goes to `work`.
+SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{idVendor}==\"46f4\", ATTRS{idProduct}==\"0001\", ATTRS{serial}==\"TWIN2\", ATTACH=\"work\"
+";
 const RULES_LUNS: &str = "\
 # Only the partitions of LUN 1 of the two-LUN device MULTI1 go to `work`.
 SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", DEVPATH==\"*:0:0:1/block/*\", ATTRS{serial}==\"MULTI1\", ATTACH=\"work\"
@@ -73,9 +77,11 @@ const CAPTURE_RULES: &[(&str, &str)] = &[
     ("captures/cd.rules", RULES_CD),
     ("captures/hub.rules", RULES_HUB),
     ("captures/luns.rules", RULES_LUNS),
+    ("captures/twins.rules", RULES_TWINS),
 ];
 
 #[test]
+#[ignore = "boots qemu to record or check the qemu-* fixtures: see tests/qemu/README.md"]
 fn captures_under_qemu() {
     let _one = ONE_QEMU.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let record_to = std::env::var_os(RECORD_VAR).filter(|v| !v.is_empty()).map(PathBuf::from);
@@ -96,6 +102,7 @@ fn captures_under_qemu() {
     cap.cd_drive();
     cap.stick_behind_hub();
     cap.multi_lun();
+    cap.two_sticks();
     cap.keyboard();
     cap.agent_still_running();
     let cases = std::mem::take(&mut cap.cases);
@@ -278,6 +285,34 @@ impl<'a> Capture<'a> {
         self.end(RULES_LUNS, &busid, "one USB device (usb-bot) with two LUNs (scsi-hd), one partition each");
     }
 
+    /// Two sticks that differ only in their serial, plugged one after the other.
+    fn two_sticks(&mut self) {
+        self.begin("two-sticks");
+        self.drive("twin1", Some("twin1.img"), "");
+        self.drive("twin2", Some("twin2.img"), "");
+        self.qmp(
+            "device_add",
+            r#"{"driver": "usb-storage", "bus": "xhci.0", "drive": "twin1", "id": "twin1", "serial": "TWIN1"}"#,
+        );
+        self.guest(&format!("aa wait-blocks TWIN1 2 {GUEST_WAIT_TENTHS}"));
+        self.qmp(
+            "device_add",
+            r#"{"driver": "usb-storage", "bus": "xhci.0", "drive": "twin2", "id": "twin2", "serial": "TWIN2"}"#,
+        );
+        self.guest(&format!("aa wait-blocks TWIN2 2 {GUEST_WAIT_TENTHS}"));
+        let one = self.busid("TWIN1");
+        let two = self.busid("TWIN2");
+        self.settle();
+        self.snapshot(&format!("{one} {two}"));
+        self.unplug_only("twin1", &one);
+        self.unplug_only("twin2", &two);
+        self.end_recorded(
+            RULES_TWINS,
+            &two,
+            "two sticks (usb-storage) with the same vendor and product, told apart by serial only",
+        );
+    }
+
     /// A keyboard matches none of the other cases' rules.
     fn keyboard(&mut self) {
         self.begin("keyboard");
@@ -370,7 +405,7 @@ impl<'a> Capture<'a> {
     /// Records every device of the tree under `busid`, and its parents.
     fn snapshot(&mut self, busid: &str) {
         let name = self.open.as_ref().expect("snapshot outside a case").0;
-        self.guest(&format!("aa record-tree {busid} {CAP}/{name}.umockdev"));
+        self.guest(&format!("aa record-tree {CAP}/{name}.umockdev {busid}"));
     }
 
     /// Settles, records the case's devices, unplugs them and waits until the guest let go.
@@ -489,27 +524,32 @@ fn expected_line(case: &str, call: &str) -> String {
 }
 
 /// The calls in the order replay makes them: the agent probes devices in parallel, so two
-/// devices' calls may come in either order; replay makes each at the uevent that caused it. A
-/// call's cause is the last uevent of its device (devpath ending in `/DEV`; `remove` for a
-/// Detach, any other action for an Attach) that udevadm printed before the call, both stamped
-/// with the guest's CLOCK_MONOTONIC.
+/// devices' calls may finish in either order, while replay makes each at the uevent that
+/// caused it. A call's cause is taken to be the first uevent of its device (devpath ending in
+/// `/DEV`; `remove` for a Detach, any other action for an Attach) after the cause of that
+/// device's previous call. (Timestamps cannot tell: the agent may call before udevadm, which
+/// reads the same uevent, gets to print it.)
 fn expected_text(case: &Case) -> String {
     let events = monitor_events(&String::from_utf8_lossy(&case.events));
+    let mut last: HashMap<String, usize> = HashMap::new();
     let mut calls: Vec<(usize, String)> = case
         .calls
         .iter()
         .map(|line| {
-            let (stamp, call) = line.split_once(' ').unwrap_or(("0", line));
-            let ns: u64 = stamp.parse().unwrap_or(0);
+            let call = line.split_once(' ').map_or(line.as_str(), |(_, call)| call);
             let dev = call.split("+__+").nth(1).unwrap_or_default().split(' ').next().unwrap_or_default();
             let detach = call.contains("USBDeviceDetach");
             let suffix = format!("/{dev}");
+            let from = last.get(dev).map_or(0, |at| at + 1);
             let cause = events
                 .iter()
-                .rposition(|(at, action, devpath)| {
-                    *at <= ns && devpath.ends_with(&suffix) && (action == "remove") == detach
-                })
-                .unwrap_or(usize::MAX);
+                .enumerate()
+                .skip(from)
+                .find(|(_, (action, devpath))| devpath.ends_with(&suffix) && (action == "remove") == detach)
+                .map_or(usize::MAX, |(at, _)| at);
+            if cause != usize::MAX {
+                last.insert(dev.to_owned(), cause);
+            }
             (cause, expected_line(case.name, call))
         })
         .collect();
@@ -517,17 +557,15 @@ fn expected_text(case: &Case) -> String {
     calls.into_iter().map(|(_, line)| line + "\n").collect()
 }
 
-/// (CLOCK_MONOTONIC ns, action, devpath) of each `KERNEL[SEC.USEC] ACTION DEVPATH (SUBSYSTEM)`.
-fn monitor_events(text: &str) -> Vec<(u64, String, String)> {
+/// (action, devpath) of each `KERNEL[SEC.USEC] ACTION DEVPATH (SUBSYSTEM)` line.
+fn monitor_events(text: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("KERNEL[") else { continue };
-        let Some((stamp, rest)) = rest.split_once(']') else { continue };
+        let Some((_, rest)) = line.strip_prefix("KERNEL[").and_then(|rest| rest.split_once(']')) else { continue };
         let mut words = rest.split_whitespace();
-        let (Some(action), Some(devpath)) = (words.next(), words.next()) else { continue };
-        let (sec, usec) = stamp.split_once('.').unwrap_or((stamp, "0"));
-        let ns = sec.parse::<u64>().unwrap_or(0) * 1_000_000_000 + usec.parse::<u64>().unwrap_or(0) * 1000;
-        out.push((ns, action.to_owned(), devpath.to_owned()));
+        if let (Some(action), Some(devpath)) = (words.next(), words.next()) {
+            out.push((action.to_owned(), devpath.to_owned()));
+        }
     }
     out
 }
@@ -631,7 +669,7 @@ fn source_text(case: &Case, origin: &Origin) -> String {
          Captured from a real kernel under qemu by `captures_under_qemu` (tests/qemu/capture.rs) on\n\
          {date}. Nothing here was edited by hand. Re-record every qemu-* case with\n\
          \n\
-         \x20   AUTOATTACH_QEMU_RECORD=tests/fixtures cargo test --test qemu captures -- --test-threads=1\n\
+         \x20   AUTOATTACH_QEMU_RECORD=tests/fixtures cargo test --test qemu captures -- --ignored --test-threads=1\n\
          \n\
          - kernel: {kernel}\n\
          - qemu: {qemu}\n\
@@ -652,9 +690,9 @@ fn source_text(case: &Case, origin: &Origin) -> String {
          \x20 last step, byte for byte as it printed it;\n\
          - `events-mixed`: `udevadm monitor --kernel --udev --property`, at the same time;\n\
          - `events-udev`: `udevadm monitor --udev --property`, at the same time;\n\
-         - `device.umockdev`: `autoattach record` of each device under the USB device {busid} (each\n\
-         \x20 directory with a `uevent` file and a subsystem), parents recorded once, at the\n\
-         \x20 `aa record-tree` step;\n\
+         - `device.umockdev`: `autoattach record` of each device under the USB device(s) named at\n\
+         \x20 the `aa record-tree` step (each directory with a `uevent` file and a subsystem), and\n\
+         \x20 of their parents, each device once;\n\
          - `rules`: this case's rules;\n\
          - `expected`: the calls the live agent made during these steps, as replay prints them (in\n\
          \x20 the order of the uevents that caused them; live, parallel probes may finish in another).\n\
@@ -671,7 +709,6 @@ fn source_text(case: &Case, origin: &Origin) -> String {
         modules = CAPTURE_MODULES.join(", "),
         command = origin.command,
         poll = POLL_MSECS,
-        busid = case.busid,
     )
 }
 
@@ -703,6 +740,8 @@ fn make_images(tools: &Tools, dir: &Path) {
         ("hubstick.img", 8, one(0x48554253)),
         ("lun0.img", 8, one(0x4c554e30)),
         ("lun1.img", 8, one(0x4c554e31)),
+        ("twin1.img", 8, one(0x5457494e)),
+        ("twin2.img", 8, one(0x5457494e)),
     ];
     for (name, mib, script) in images {
         let path = dir.join(name);
