@@ -570,20 +570,64 @@ fn monitor_events(text: &str) -> Vec<(String, String)> {
     out
 }
 
-/// Without AUTOATTACH_QEMU_RECORD: the live calls are the checked-in ones.
+/// Without AUTOATTACH_QEMU_RECORD: the live calls are the checked-in ones, block devices told
+/// by where they sit rather than by the name the kernel gave them (the two LUNs of one device
+/// are named in the order their probes finish).
 fn compare_with_fixtures(cases: &[Case]) {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let mut differ = String::new();
     for case in cases {
-        let path = fixtures.join(format!("qemu-{}", case.name)).join("expected");
-        let checked_in = fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (record the cases: see tests/qemu/README.md)", path.display()));
-        let live = expected_text(case);
+        let dir = fixtures.join(format!("qemu-{}", case.name));
+        let path = dir.join("expected");
+        let read = |file: &str| {
+            fs::read_to_string(dir.join(file)).unwrap_or_else(|e| {
+                panic!("{}/{file}: {e} (record the cases: see tests/qemu/README.md)", dir.display())
+            })
+        };
+        let checked_in = by_place(&read("expected"), &read("device.umockdev"));
+        let live = by_place(&expected_text(case), &case.recording);
         if live != checked_in {
             differ += &format!("{}:\n  checked in:\n{checked_in}  live:\n{live}", path.display());
         }
     }
     assert!(differ.is_empty(), "the live agent's calls differ from the checked-in fixtures:\n{differ}");
+}
+
+/// The calls with each block device's name replaced by its place: its parent's devpath and its
+/// partition number (`.../0:0:0:1/block#1` for sdb1 on LUN 1), from the recording.
+fn by_place(calls: &str, recording: &str) -> String {
+    let devpaths: Vec<&str> = recording.lines().filter_map(|l| l.strip_prefix("P: ")).collect();
+    let mut out = String::new();
+    for call in calls.lines() {
+        let dev = call.split("+__+").nth(1).unwrap_or_default();
+        let dev = dev.split(['+', ' ']).next().unwrap_or_default();
+        let suffix = format!("/{dev}");
+        let place = devpaths.iter().find(|p| p.ends_with(&suffix)).and_then(|p| {
+            let (parent, _) = p.split_once("/block/")?;
+            let part = dev.trim_start_matches(|c: char| !c.is_ascii_digit());
+            Some(format!("{parent}/block#{part}"))
+        });
+        out += &match place {
+            Some(place) => call.replacen(&format!("+__+{dev}"), &format!("+__+{place}"), 1),
+            None => call.to_owned(),
+        };
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn block_devices_are_compared_by_place() {
+    let recording = "P: /devices/u/0:0:0:1/block/sdb/sdb1\n\nP: /devices/u/0:0:0:0/block/sda\n\nP: /devices/u/2-1\n";
+    assert_eq!(
+        by_place("q dom0 custom.USBDeviceAttach+w+__+sdb1\nq dom0 custom.USBDeviceAttach+w+__+2-1\n", recording),
+        "q dom0 custom.USBDeviceAttach+w+__+/devices/u/0:0:0:1/block#1\nq dom0 custom.USBDeviceAttach+w+__+2-1\n"
+    );
+    let swapped = "P: /devices/u/0:0:0:1/block/sda/sda1\n";
+    assert_eq!(
+        by_place("q dom0 custom.USBDeviceAttach+w+__+sda1\n", swapped),
+        by_place("q dom0 custom.USBDeviceAttach+w+__+sdb1\n", recording)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
