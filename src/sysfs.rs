@@ -433,6 +433,32 @@ pub enum Entry {
     Other,
 }
 
+/// What an error opening or reading a device node (the first-sector read) says about the
+/// device, so that a permission problem is reported as one and retried, not taken for "no
+/// media".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeProblem {
+    /// EACCES, EPERM: the agent's user may not read the node (a udev-less system leaves nodes
+    /// root:disk 0660): retry until the timeout, then say what to fix.
+    Permission,
+    /// ENOMEDIUM, EIO, a short read: no readable media yet; the kernel announces media.
+    NoMedia,
+    /// ENOENT, ENODEV, ENXIO: the node or the device is gone.
+    Gone,
+    /// Anything else: retry until the timeout.
+    Other,
+}
+
+/// Classifies an error from opening or reading a device node.
+pub fn classify_node_error(e: &io::Error) -> NodeProblem {
+    match e.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::EACCES | Errno::EPERM) => NodeProblem::Permission,
+        Some(Errno::ENOMEDIUM | Errno::EIO) => NodeProblem::NoMedia,
+        Some(Errno::ENOENT | Errno::ENODEV | Errno::ENXIO) => NodeProblem::Gone,
+        _ => NodeProblem::Other,
+    }
+}
+
 /// A device's identity, for people.
 #[derive(Clone, Debug, Default)]
 pub struct Identity {
@@ -483,5 +509,43 @@ impl fmt::Display for Identity {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_errors_are_classified() {
+        let e = |n| io::Error::from_raw_os_error(n);
+        assert_eq!(classify_node_error(&e(nix::libc::EACCES)), NodeProblem::Permission);
+        assert_eq!(classify_node_error(&e(nix::libc::EPERM)), NodeProblem::Permission);
+        assert_eq!(classify_node_error(&e(nix::libc::ENOMEDIUM)), NodeProblem::NoMedia);
+        assert_eq!(classify_node_error(&e(nix::libc::ENXIO)), NodeProblem::Gone);
+        assert_eq!(classify_node_error(&e(nix::libc::EBUSY)), NodeProblem::Other);
+    }
+
+    /// A fixture's attribute that leaves the tree, is a FIFO or is endless is refused, never
+    /// read (the kernel's sysfs is detected and read the quick way).
+    #[test]
+    fn fixture_reads_stay_beneath_the_root() {
+        let tree = crate::testing::Tree::stick(b"S1");
+        let sysfs = Sysfs::new(tree.root()).unwrap();
+        assert!(!sysfs.is_kernel());
+        assert!(Sysfs::new("/sys").unwrap().is_kernel());
+        let dev = tree.root().join(&crate::testing::STICK_USB[1..]);
+        std::os::unix::fs::symlink("/etc/hostname", dev.join("outside")).unwrap();
+        std::os::unix::fs::symlink("../../../../../../../etc/hostname", dev.join("escape")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dev.join("zero")).unwrap();
+        nix::unistd::mkfifo(&dev.join("fifo"), Mode::from_bits_truncate(0o644)).unwrap();
+        let mut buf = [0u8; MAX_ATTR];
+        for name in ["outside", "escape", "zero"] {
+            assert_eq!(sysfs.attr(crate::testing::STICK_USB, name, &mut buf), Err(AttrError::Outside), "{name}");
+        }
+        assert_eq!(sysfs.attr(crate::testing::STICK_USB, "fifo", &mut buf), Err(AttrError::NotAFile));
+        assert_eq!(sysfs.attr(crate::testing::STICK_USB, "idVendor", &mut buf), Ok(&b"46f4"[..]));
+        std::fs::write(dev.join("big"), vec![b'x'; MAX_UEVENT as usize + 1]).unwrap();
+        assert_eq!(sysfs.read_file(crate::testing::STICK_USB, "big", MAX_UEVENT), Err(AttrError::NotAFile));
     }
 }

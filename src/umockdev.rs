@@ -161,33 +161,7 @@ pub fn write_tree(devices: &[Device], root: &Path) -> io::Result<()> {
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(target, link)?;
         }
-        let depth = d.devpath.matches('/').count();
-        let up = "../".repeat(depth);
-        if let Some(subsystem) = d.prop("SUBSYSTEM") {
-            check_rel(subsystem)
-                .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, format!("SUBSYSTEM {subsystem:?}: {m}")))?;
-            let class = if subsystem == "block" { "class/block".to_owned() } else { format!("bus/{subsystem}") };
-            std::fs::create_dir_all(sys.join(&class))?;
-            link_fresh(&format!("{up}{class}"), &dir.join("subsystem"))?;
-            let kernel = crate::uevent::kernel_name(&d.devpath);
-            let listing = match subsystem {
-                "block" => Some("class/block".to_owned()),
-                "usb" if d.prop("DEVTYPE") == Some("usb_device") => Some("bus/usb/devices".to_owned()),
-                _ => None,
-            };
-            if let Some(listing) = listing {
-                std::fs::create_dir_all(sys.join(&listing))?;
-                let back = "../".repeat(listing.matches('/').count() + 1);
-                link_fresh(&format!("{}{}", back.trim_end_matches('/'), d.devpath), &sys.join(&listing).join(kernel))?;
-            }
-            if let Some(driver) = d.prop("DRIVER") {
-                check_rel(driver)
-                    .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, format!("DRIVER {driver:?}: {m}")))?;
-                let drivers = format!("bus/{subsystem}/drivers/{driver}");
-                std::fs::create_dir_all(sys.join(&drivers))?;
-                link_fresh(&format!("{up}{drivers}"), &dir.join("driver"))?;
-            }
-        }
+        link_subsystem(d, &sys, &dir)?;
         if let Some((name, contents)) = &d.node {
             let path = dev.join(name);
             std::fs::create_dir_all(path.parent().unwrap_or(&dev))?;
@@ -199,6 +173,39 @@ pub fn write_tree(devices: &[Device], root: &Path) -> io::Result<()> {
                 _ => Vec::new(),
             };
             std::fs::write(path, bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// The `subsystem` and `driver` links of a recorded device, and its entry in the listings
+/// coldplug reads (`class/block`, `bus/usb/devices`).
+fn link_subsystem(d: &Device, sys: &Path, dir: &Path) -> io::Result<()> {
+    let depth = d.devpath.matches('/').count();
+    let up = "../".repeat(depth);
+    if let Some(subsystem) = d.prop("SUBSYSTEM") {
+        check_rel(subsystem)
+            .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, format!("SUBSYSTEM {subsystem:?}: {m}")))?;
+        let class = if subsystem == "block" { "class/block".to_owned() } else { format!("bus/{subsystem}") };
+        std::fs::create_dir_all(sys.join(&class))?;
+        link_fresh(&format!("{up}{class}"), &dir.join("subsystem"))?;
+        let kernel = crate::uevent::kernel_name(&d.devpath);
+        let listing = match subsystem {
+            "block" => Some("class/block".to_owned()),
+            "usb" if d.prop("DEVTYPE") == Some("usb_device") => Some("bus/usb/devices".to_owned()),
+            _ => None,
+        };
+        if let Some(listing) = listing {
+            std::fs::create_dir_all(sys.join(&listing))?;
+            let back = "../".repeat(listing.matches('/').count() + 1);
+            link_fresh(&format!("{}{}", back.trim_end_matches('/'), d.devpath), &sys.join(&listing).join(kernel))?;
+        }
+        if let Some(driver) = d.prop("DRIVER") {
+            check_rel(driver)
+                .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, format!("DRIVER {driver:?}: {m}")))?;
+            let drivers = format!("bus/{subsystem}/drivers/{driver}");
+            std::fs::create_dir_all(sys.join(&drivers))?;
+            link_fresh(&format!("{up}{drivers}"), &dir.join("driver"))?;
         }
     }
     Ok(())
