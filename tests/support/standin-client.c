@@ -2,7 +2,7 @@
  * Stand-in for qrexec-client-vm, used by the real-kernel, qemu and benchmark tests.
  *
  * Invoked exactly as autoattach invokes the real client:
- *     standin-client dom0 custom.USBDeviceAttach+QUBE+__+DEV
+ *     standin-client dom0 custom.USBDeviceAttach+QUBE+__+DEV[+__+IDENT]
  * It records, in one O_APPEND write so concurrent children never interleave:
  *     <CLOCK_MONOTONIC ns> <argv[1]> <argv[2]> readable=<yes|no|n/a>
  * where "readable" says whether DEV's node (block names only; USB bus ids start with a digit)
@@ -36,7 +36,10 @@ static const char *readable(const char *dev)
     const char *dir = getenv("AUTOATTACH_STANDIN_DEV");
     if (!dev || !*dev || (*dev >= '0' && *dev <= '9') || strchr(dev, '/'))
         return "n/a";
-    snprintf(path, sizeof path, "%s/%s", dir ? dir : "/dev", dev);
+    /* DEV ends at the identity's separator, when the call carries one (QUBE+__+DEV+__+IDENT). */
+    const char *end = strstr(dev, "+__+");
+    int len = end ? (int)(end - dev) : (int)strlen(dev);
+    snprintf(path, sizeof path, "%s/%.*s", dir ? dir : "/dev", len, dev);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return "no";
