@@ -4,7 +4,7 @@
 //! ([`netlink`]), the device tree it describes ([`sysfs`]), globs ([`fnmatch`]) and the rules
 //! that pick devices ([`rules`]), the names that may reach dom0 ([`names`]), readiness
 //! ([`readiness`]), detached children ([`spawn`]), the loop that joins them ([`agent`]),
-//! fixtures ([`umockdev`], [`replay`]) and the command line ([`cli`]). `main.rs` only calls
+//! fixtures ([`umockdev`], [`replay`]), exit codes ([`exit`]) and the command line ([`cli`]). `main.rs` only calls
 //! [`cli::main`].
 
 #[macro_use]
@@ -12,6 +12,7 @@ pub mod log;
 
 pub mod agent;
 pub mod cli;
+pub mod exit;
 pub mod fnmatch;
 pub mod names;
 pub mod netlink;
