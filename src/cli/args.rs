@@ -570,7 +570,8 @@ const CODES_ALL: [u8; 6] = [0, 1, 2, 3, 4, 5];
 /// `autoattach COMMAND --help`.
 pub fn command_help(command: Command) -> String {
     let c = spec(command);
-    let mut out = format!("usage: autoattach {} [OPTIONS] {}\n\n{}\n\noptions:\n", c.name, c.args, c.about);
+    let usage = format!("usage: autoattach {} [OPTIONS] {}", c.name, c.args);
+    let mut out = format!("{}\n\n{}\n\noptions:\n", usage.trim_end(), c.about);
     for o in OPTIONS.iter().filter(|o| o.commands.contains(&command)) {
         option_line(&mut out, o);
     }

@@ -117,7 +117,7 @@ fn describe(out: &mut String, sysfs: &Sysfs, devpath: &str, event: &Uevent<'_>) 
     if event.subsystem == "block" {
         let sectors: u64 =
             attr(sysfs, devpath, "size").and_then(|s| String::from_utf8(s).ok()?.trim().parse().ok()).unwrap_or(0);
-        let _ = write!(kind, ", {sectors} sectors ({:.1} GiB)", sectors as f64 * 512.0 / (1u64 << 30) as f64);
+        let _ = write!(kind, ", {}", size(sectors));
         if let Some(file) = attr(sysfs, devpath, "loop/backing_file") {
             let _ = write!(kind, ", backing file \"{}\"", Escaped(&file));
         }
@@ -148,6 +148,16 @@ fn describe(out: &mut String, sysfs: &Sysfs, devpath: &str, event: &Uevent<'_>) 
     }
     // SLOT (identity branch, issue 9.1): the Qubes device id the call would carry, labelled
     // `qubes id`, e.g. `label(out, "qubes id", &crate::identity::...)`.
+}
+
+/// A block device's size for people: `60061696 sectors (28.6 GiB)`, or `no media`.
+fn size(sectors: u64) -> String {
+    let bytes = sectors as f64 * 512.0;
+    match sectors {
+        0 => "no media (size 0)".into(),
+        _ if bytes >= (1u64 << 30) as f64 => format!("{sectors} sectors ({:.1} GiB)", bytes / (1u64 << 30) as f64),
+        _ => format!("{sectors} sectors ({:.1} MiB)", bytes / (1u64 << 20) as f64),
+    }
 }
 
 /// A rule line for a device, and what a reader should know about it.
