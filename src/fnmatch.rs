@@ -5,15 +5,33 @@
 //! literal); `\` quotes the next byte; an unterminated `[` is a literal `[`; a trailing `\`
 //! never matches; a malformed bracket (unknown class, multi-byte collating symbol, a member
 //! that glibc's skip-after-match scanner rejects) fails at that position, as in glibc.
-//! The tests compare this against the C library's own fnmatch.
+//! With FNM_CASEFOLD (udev's `i"..."` patterns) bytes are compared after ASCII `tolower`, as
+//! glibc's FOLD does in the C locale: literals, `?`, escaped bytes, bracket members and range
+//! ends; not `[=x=]` or `[:class:]`, which glibc tests on the value's own byte.
+//! The tests compare this against the C library's own fnmatch, with and without the flag.
 
-/// True if `value` matches the glob `pattern`.
+/// True if `value` matches the glob `pattern` (`fnmatch(pattern, value, 0)`).
 pub fn fnmatch(pattern: &[u8], value: &[u8]) -> bool {
+    matches::<false>(pattern, value)
+}
+
+/// True if `value` matches `pattern` ignoring ASCII case (`fnmatch(.., FNM_CASEFOLD)`).
+pub fn fnmatch_casefold(pattern: &[u8], value: &[u8]) -> bool {
+    matches::<true>(pattern, value)
+}
+
+/// glibc's FOLD: tolower in the C locale, when folding.
+#[inline(always)]
+fn fold<const F: bool>(c: u8) -> u8 {
+    if F { c.to_ascii_lowercase() } else { c }
+}
+
+fn matches<const F: bool>(pattern: &[u8], value: &[u8]) -> bool {
     let (mut p, mut v) = (0, 0);
     // Where to resume after the last `*`: (pattern index after it, value index it covers to).
     let mut star: Option<(usize, usize)> = None;
     while v < value.len() {
-        if let Some(next) = step(pattern, p, value[v]) {
+        if let Some(next) = step::<F>(pattern, p, value[v]) {
             p = next;
             v += 1;
             continue;
@@ -37,17 +55,17 @@ pub fn fnmatch(pattern: &[u8], value: &[u8]) -> bool {
 }
 
 /// If the pattern element at `p` matches byte `c`, the index after that element.
-fn step(pattern: &[u8], p: usize, c: u8) -> Option<usize> {
+fn step<const F: bool>(pattern: &[u8], p: usize, c: u8) -> Option<usize> {
     match *pattern.get(p)? {
         b'*' => None,
         b'?' => Some(p + 1),
-        b'\\' => (pattern.get(p + 1) == Some(&c)).then_some(p + 2),
-        b'[' => match bracket(pattern, p + 1, c) {
+        b'\\' => (pattern.get(p + 1).map(|&e| fold::<F>(e)) == Some(fold::<F>(c))).then_some(p + 2),
+        b'[' => match bracket::<F>(pattern, p + 1, c) {
             Bracket::Match(next) => Some(next),
             Bracket::NoMatch => None,
             Bracket::Literal => (c == b'[').then_some(p + 1),
         },
-        literal => (literal == c).then_some(p + 1),
+        literal => (fold::<F>(literal) == fold::<F>(c)).then_some(p + 1),
     }
 }
 
@@ -68,8 +86,10 @@ fn at(pattern: &[u8], p: usize) -> u8 {
 /// glibc's bracket expression in the C locale (posix/fnmatch_loop.c), from after its `[`.
 /// Parsing stops at the first element that matches; the rest is then skipped by a stricter
 /// scanner, as glibc does, so that both agree on which malformed patterns fail.
-fn bracket(pattern: &[u8], mut p: usize, c: u8) -> Bracket {
+fn bracket<const F: bool>(pattern: &[u8], mut p: usize, c: u8) -> Bracket {
     let at = |i| at(pattern, i);
+    // glibc folds the value's byte once (`fn`); classes and `[=x=]` test the byte itself.
+    let (raw, c) = (c, fold::<F>(c));
     let negate = matches!(at(p), b'!' | b'^');
     if negate {
         p += 1;
@@ -82,14 +102,14 @@ fn bracket(pattern: &[u8], mut p: usize, c: u8) -> Bracket {
             if at(p) == 0 {
                 return Bracket::NoMatch;
             }
-            cc = at(p);
+            cc = fold::<F>(at(p));
             p += 1;
             escaped = true;
         }
         if !escaped && cc == b'[' && at(p) == b':' {
             match class_at(pattern, p) {
                 ClassAt::Class(test, next) => {
-                    if test(c) {
+                    if test(raw) {
                         return skip_rest(pattern, next, negate);
                     }
                     p = next;
@@ -106,7 +126,7 @@ fn bracket(pattern: &[u8], mut p: usize, c: u8) -> Bracket {
             }
         } else if !escaped && cc == b'[' && at(p) == b'=' {
             if at(p + 1) != 0 && at(p + 2) == b'=' && at(p + 3) == b']' {
-                if c == at(p + 1) {
+                if raw == at(p + 1) {
                     return skip_rest(pattern, p + 4, negate);
                 }
                 p += 4;
@@ -133,6 +153,9 @@ fn bracket(pattern: &[u8], mut p: usize, c: u8) -> Bracket {
             }
             lo = sym;
         } else {
+            if !escaped {
+                cc = fold::<F>(cc);
+            }
             let is_range = at(p) == b'-' && at(p + 1) != 0 && at(p + 1) != b']';
             if !is_range && cc == c {
                 return skip_rest(pattern, p, negate);
@@ -158,6 +181,7 @@ fn bracket(pattern: &[u8], mut p: usize, c: u8) -> Bracket {
                 if hi == 0 {
                     return Bracket::NoMatch;
                 }
+                hi = fold::<F>(hi);
             }
             if lo <= c && c <= hi {
                 return skip_rest(pattern, p, negate);
@@ -314,10 +338,44 @@ mod tests {
 
     #[cfg(target_env = "gnu")]
     fn libc_fnmatch(pattern: &[u8], value: &[u8]) -> bool {
+        libc_fnmatch_flags(pattern, value, 0)
+    }
+
+    #[cfg(target_env = "gnu")]
+    fn libc_fnmatch_flags(pattern: &[u8], value: &[u8], flags: i32) -> bool {
         use std::ffi::CString;
         let (p, v) = (CString::new(pattern).unwrap(), CString::new(value).unwrap());
         // SAFETY: both pointers are NUL-terminated strings that outlive the call.
-        unsafe { nix::libc::fnmatch(p.as_ptr(), v.as_ptr(), 0) == 0 }
+        unsafe { nix::libc::fnmatch(p.as_ptr(), v.as_ptr(), flags) == 0 }
+    }
+
+    /// glibc's FNM_CASEFOLD (1 << 4), which the libc crate does not name.
+    #[cfg(target_env = "gnu")]
+    const FNM_CASEFOLD: i32 = 1 << 4;
+
+    /// udev's `i"..."` cases (the issue's `KERNEL==i"SDA1"`, `ATTRS{vendor}==i"a?a"`) and the
+    /// corners of folding, against the C library.
+    #[test]
+    fn casefold_cases() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("SDA1", "sda1", true),
+            ("a?a", "ATA", true),
+            ("A?A", "ata", true),
+            ("sd[A-Z]", "sdb", true),
+            ("sd[a-z]", "SDB", true),
+            ("[[:upper:]]", "a", false),
+            ("[[:lower:]]", "A", false),
+            ("[[.a.]-c]", "B", true),
+            ("[[=a=]]", "A", false),
+            ("\\A", "a", true),
+            ("*B", "aab", true),
+            ("[!B]", "b", false),
+        ];
+        for &(p, v, want) in cases {
+            assert_eq!(fnmatch_casefold(p.as_bytes(), v.as_bytes()), want, "{p:?} vs {v:?}");
+            #[cfg(target_env = "gnu")]
+            assert_eq!(libc_fnmatch_flags(p.as_bytes(), v.as_bytes(), FNM_CASEFOLD), want, "libc {p:?} vs {v:?}");
+        }
     }
 
     #[test]
@@ -396,8 +454,17 @@ mod tests {
             b"[:",
             b"[.",
             b"[=",
+            b"A",
+            b"B",
+            b"Z",
+            b"A-Z",
+            b"[:upper:]",
+            b"[:lower:]",
+            b"[=A=]",
+            b"[.A.]",
+            b"\\A",
         ];
-        let chars = b"ab-/.[]!^*?\\:=z0A ";
+        let chars = b"ab-/.[]!^*?\\:=z0A BZ";
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let mut next = move |n: usize| {
             seed ^= seed << 13;
@@ -413,6 +480,13 @@ mod tests {
                 fnmatch(&pattern, &value),
                 libc_fnmatch(&pattern, &value),
                 "pattern {:?} value {:?}",
+                String::from_utf8_lossy(&pattern),
+                String::from_utf8_lossy(&value)
+            );
+            assert_eq!(
+                fnmatch_casefold(&pattern, &value),
+                libc_fnmatch_flags(&pattern, &value, FNM_CASEFOLD),
+                "casefold: pattern {:?} value {:?}",
                 String::from_utf8_lossy(&pattern),
                 String::from_utf8_lossy(&value)
             );

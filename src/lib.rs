@@ -11,6 +11,7 @@
 pub mod log;
 
 pub mod agent;
+pub mod beneath;
 pub mod cli;
 pub mod exit;
 pub mod fnmatch;

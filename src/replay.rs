@@ -2,8 +2,9 @@
 //!
 //! Input is a sysfs tree (a directory), a case directory (`sys/`, optional `dev/`, `events`,
 //! `rules`), or a umockdev recording; plus an optional event stream in the text format of
-//! `udevadm monitor --kernel --property`. Without a stream the tree's devices are replayed as
-//! coldplug `add`s. The output is one line per call the agent would make, in order.
+//! `udevadm monitor --property` ([`crate::uevent::MonitorText`]). Without a stream the tree's
+//! devices are replayed as coldplug `add`s. The output is one line per call the agent would
+//! make, in order.
 //!
 //! The [`Engine`] is the one `autoattach run` uses; probes run inline on the fixture
 //! ([`Nodes::Fixture`]: a regular file stands in for a device node) and time is virtual: it
@@ -14,18 +15,32 @@
 //! which udevadm never prints), applied to a private copy of the fixture:
 //! - `#! wait 5s`: let virtual time pass;
 //! - `#! set sys/devices/.../size 31116288`: write a file (the value plus a newline);
-//! - `#! fill dev/sdc 512`: make a node file of that many readable bytes (0: no media);
+//! - `#! fill dev/sdc 512`: make a node file of that many readable bytes (0: no media; at most
+//!   [`MAX_FILL`]);
 //! - `#! rm sys/devices/...`: remove a file or directory.
+//!
+//! Fixtures come from bug reports, and replay runs as root: nothing is read or written outside
+//! them. The copy is made in a fresh `mkdtemp` directory (0700, never reused); only regular
+//! files (bounded), directories and links that stay inside the tree are copied, anything else
+//! refuses the fixture; directive paths are resolved beneath the copy with no link allowed
+//! ([`crate::beneath`]); the tree is then read through [`Sysfs`], which resolves every path
+//! beneath its root.
 
 use std::fmt;
-use std::path::{Component, Path, PathBuf};
+use std::io::{self, Write as _};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+
 use crate::agent::{Config, Effect, Engine};
+use crate::beneath::{self, BeneathError, Links};
 use crate::readiness::{Nodes, Prober, Qubesdb, Verdict};
 use crate::rules::Parsed;
 use crate::sysfs::Sysfs;
-use crate::uevent::{MonitorText, Record};
+use crate::uevent::{MonitorText, Record, TextError};
 
 /// What to replay.
 #[derive(Debug, Default)]
@@ -41,134 +56,300 @@ pub struct ReplayOptions {
     pub config: Config,
 }
 
-/// Why a replay could not run, with its exit code.
+/// The exit code for input that is missing, unreadable or refused.
+pub const EXIT_INPUT: u8 = 5;
+/// The most bytes a `#! fill` makes (readiness reads only the first 4 KiB).
+pub const MAX_FILL: u64 = 1 << 20;
+/// The largest file copied from a fixture (sysfs attributes are a page; node stand-ins small).
+pub const MAX_FILE: u64 = 16 << 20;
+/// The most files and bytes a fixture may hold.
+pub const MAX_FILES: usize = 200_000;
+pub const MAX_BYTES: u64 = 256 << 20;
+
+/// Why a replay could not run.
 #[derive(Debug)]
-pub struct ReplayError {
-    pub code: u8,
-    pub message: String,
+pub enum ReplayError {
+    /// A file or directory of the input could not be read.
+    Read(PathBuf, io::Error),
+    /// The fixture holds what replay refuses: a link leaving it, a FIFO or device node, a
+    /// file or a tree too large.
+    Refused(PathBuf, BeneathError),
+    /// A umockdev recording is malformed or leaves its tree.
+    Recording(PathBuf, String),
+    /// The event stream is malformed.
+    Events(PathBuf, TextError),
+    /// A directive is malformed or refused (path, 1-based line).
+    Directive(PathBuf, usize, DirectiveError),
+    /// The private work directory could not be made or filled.
+    Work(PathBuf, io::Error),
+    /// The rules have this many errors (reported already).
+    Rules(usize),
+}
+
+impl ReplayError {
+    /// The documented exit code: 3 for rules with errors, 5 for anything about the input.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ReplayError::Rules(_) => crate::agent::EXIT_RULES,
+            _ => EXIT_INPUT,
+        }
+    }
 }
 
 impl fmt::Display for ReplayError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+        match self {
+            ReplayError::Read(p, e) => write!(f, "{}: {e}", p.display()),
+            ReplayError::Refused(p, e) => write!(f, "{}: {e}", p.display()),
+            ReplayError::Recording(p, e) => write!(f, "{}: {e}", p.display()),
+            ReplayError::Events(p, e) => write!(f, "{}: {e}", p.display()),
+            ReplayError::Directive(p, line, e) => write!(f, "{}:{line}: {e}", p.display()),
+            ReplayError::Work(p, e) => write!(f, "work directory {}: {e}", p.display()),
+            ReplayError::Rules(n) => write!(f, "{n} error(s) in the rules"),
+        }
     }
 }
 
-pub const EXIT_INPUT: u8 = 5;
+impl std::error::Error for ReplayError {}
 
-fn input_error(message: String) -> ReplayError {
-    ReplayError { code: EXIT_INPUT, message }
+/// What is wrong with a `#!` directive.
+#[derive(Debug)]
+pub enum DirectiveError {
+    Unknown(String),
+    NoDuration,
+    NoPath(&'static str),
+    NoCount,
+    TooBig(u64),
+    /// Not a plain path under `sys/` or `dev/`.
+    BadPath(String),
+    /// Resolved beneath the copy, the path went through a link or out of it.
+    Refused(BeneathError),
+    Io(String, io::Error),
 }
+
+impl fmt::Display for DirectiveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DirectiveError::Unknown(v) => write!(f, "unknown directive '{v}' (wait, set, fill, rm)"),
+            DirectiveError::NoDuration => f.write_str("wait needs a duration, e.g. 5s"),
+            DirectiveError::NoPath(verb) => write!(f, "{verb} needs a path"),
+            DirectiveError::NoCount => f.write_str("fill needs a byte count"),
+            DirectiveError::TooBig(n) => write!(f, "fill of {n} bytes refused: at most {MAX_FILL}"),
+            DirectiveError::BadPath(p) => write!(f, "{p}: directive paths are relative, under sys/ or dev/"),
+            DirectiveError::Refused(e) => write!(f, "{e}"),
+            DirectiveError::Io(p, e) => write!(f, "{p}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DirectiveError {}
 
 /// The longest a replay lets virtual time run after the last event.
 const DRAIN_LIMIT: u64 = 24 * 3600 * 1000;
 
-/// Where the pieces of a fixture are.
+/// Where the pieces of a fixture are, once copied.
 struct Layout {
-    sys: PathBuf,
-    dev: Option<PathBuf>,
+    /// The private copy (`sys/`, `dev/`), removed on drop.
+    work: Work,
     events: Option<PathBuf>,
     rules: Vec<PathBuf>,
-    /// A temporary copy to work in (removed on drop).
-    _work: Option<Work>,
 }
 
-struct Work(PathBuf);
+/// A directory of our own: made by mkdtemp (0700, a fresh name), removed on drop.
+struct Work {
+    path: PathBuf,
+    fd: OwnedFd,
+}
 
 impl Drop for Work {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
-fn work_dir() -> Result<Work, ReplayError> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "autoattach-replay-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| input_error(format!("{}: {e}", dir.display())))?;
-    Ok(Work(dir))
+impl Work {
+    fn new() -> Result<Work, ReplayError> {
+        let template = std::env::temp_dir().join("autoattach-replay-XXXXXX");
+        let path = nix::unistd::mkdtemp(&template).map_err(|e| ReplayError::Work(template, e.into()))?;
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd =
+            nix::fcntl::open(&path, flags, Mode::empty()).map_err(|e| ReplayError::Work(path.clone(), e.into()))?;
+        for sub in ["sys", "dev"] {
+            nix::sys::stat::mkdirat(&fd, sub, Mode::from_bits_truncate(0o755))
+                .map_err(|e| ReplayError::Work(path.join(sub), e.into()))?;
+        }
+        Ok(Work { path, fd })
+    }
+
+    fn sys(&self) -> PathBuf {
+        self.path.join("sys")
+    }
+
+    fn dev(&self) -> PathBuf {
+        self.path.join("dev")
+    }
+}
+
+/// Opens a directory given by the user as the root of what is read from it.
+fn open_dir(path: &Path) -> Result<OwnedFd, ReplayError> {
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    nix::fcntl::open(path, flags, Mode::empty()).map_err(|e| ReplayError::Read(path.to_owned(), e.into()))
 }
 
 /// Finds the tree, nodes, events and rules of `opts.fixture`, copying them to a private work
 /// directory (directives change the copy, never the fixture).
 fn layout(opts: &ReplayOptions) -> Result<Layout, ReplayError> {
     let fixture = &opts.fixture;
-    let meta = std::fs::metadata(fixture).map_err(|e| input_error(format!("{}: {e}", fixture.display())))?;
-    let work = work_dir()?;
-    let mut rules = Vec::new();
-    let mut events = opts.events.clone();
-    let recording = if meta.is_file() {
-        Some(fixture.clone())
+    let meta = std::fs::metadata(fixture).map_err(|e| ReplayError::Read(fixture.clone(), e))?;
+    let work = Work::new()?;
+    let (mut events, mut rules) = (opts.events.clone(), Vec::new());
+    if meta.is_file() {
+        write_recording(fixture, &work)?;
     } else {
-        let found = std::fs::read_dir(fixture)
-            .map_err(|e| input_error(format!("{}: {e}", fixture.display())))?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "umockdev"));
-        found.filter(|_| !fixture.join("sys").is_dir())
-    };
-    let case = if meta.is_dir() { Some(fixture.as_path()) } else { None };
-    if let Some(case) = case {
-        if events.is_none() && case.join("events").is_file() {
-            events = Some(case.join("events"));
+        let case = open_dir(fixture)?;
+        let has = |name: &str| beneath::exists(&case, Path::new(name));
+        if events.is_none() && has("events") {
+            events = Some(fixture.join("events"));
         }
-        if case.join("rules").exists() {
-            rules.push(case.join("rules"));
+        if has("rules") {
+            rules.push(fixture.join("rules"));
+        }
+        let recording = recording_in(&case, fixture).filter(|_| !has("sys"));
+        match recording {
+            Some(recording) => write_recording(&recording, &work)?,
+            None if has("sys") => {
+                copy_tree(&case, Path::new("sys"), &work, Path::new("sys"), fixture)?;
+                if has("dev") {
+                    copy_tree(&case, Path::new("dev"), &work, Path::new("dev"), fixture)?;
+                }
+            }
+            None => copy_tree(&case, Path::new(""), &work, Path::new("sys"), fixture)?,
         }
     }
-    let (sys, dev) = if let Some(recording) = recording {
-        let text =
-            std::fs::read_to_string(&recording).map_err(|e| input_error(format!("{}: {e}", recording.display())))?;
-        let devices =
-            crate::umockdev::parse(&text).map_err(|e| input_error(format!("{}: {e}", recording.display())))?;
-        crate::umockdev::write_tree(&devices, &work.0)
-            .map_err(|e| input_error(format!("{}: {e}", recording.display())))?;
-        (work.0.join("sys"), work.0.join("dev"))
-    } else {
-        let (tree, nodes) = if fixture.join("sys").is_dir() {
-            (fixture.join("sys"), Some(fixture.join("dev")))
-        } else {
-            (fixture.clone(), None)
-        };
-        copy_tree(&tree, &work.0.join("sys")).map_err(|e| input_error(format!("copying {}: {e}", tree.display())))?;
-        let dev = work.0.join("dev");
-        std::fs::create_dir_all(&dev).map_err(|e| input_error(e.to_string()))?;
-        if let Some(nodes) = nodes.filter(|n| n.is_dir()) {
-            copy_tree(&nodes, &dev).map_err(|e| input_error(format!("copying {}: {e}", nodes.display())))?;
-        }
-        (work.0.join("sys"), dev)
-    };
-    let dev = match &opts.dev {
-        Some(d) => Some(d.clone()),
-        None => Some(dev),
-    };
+    if let Some(dev) = &opts.dev {
+        copy_tree(&open_dir(dev)?, Path::new(""), &work, Path::new("dev"), dev)?;
+    }
     if let Some(r) = &opts.rules {
         rules = r.clone();
     }
-    Ok(Layout { sys, dev, events, rules, _work: Some(work) })
+    Ok(Layout { work, events, rules })
 }
 
-/// Copies a directory, keeping symlinks as symlinks.
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let (src, dst) = (entry.path(), to.join(entry.file_name()));
-        let kind = entry.file_type()?;
-        if kind.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
-        } else if kind.is_dir() {
-            copy_tree(&src, &dst)?;
-        } else {
-            std::fs::copy(&src, &dst)?;
+/// The `*.umockdev` file of a case directory, if any.
+fn recording_in(case: &OwnedFd, fixture: &Path) -> Option<PathBuf> {
+    let names = beneath::list(case, Path::new(""), Links::Refuse).ok()?;
+    let mut found: Vec<_> =
+        names.into_iter().filter(|n| Path::new(n).extension().is_some_and(|x| x == "umockdev")).collect();
+    found.sort();
+    found.first().map(|n| fixture.join(n))
+}
+
+/// Reads a umockdev recording (a regular file, bounded) and writes its tree into the work
+/// directory.
+fn write_recording(recording: &Path, work: &Work) -> Result<(), ReplayError> {
+    let dir = recording.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = Path::new(recording.file_name().unwrap_or_default());
+    let bytes = beneath::read(open_dir(dir)?, name, MAX_BYTES, Links::Refuse)
+        .map_err(|e| ReplayError::Refused(dir.to_owned(), e))?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| ReplayError::Recording(recording.to_owned(), "not UTF-8 text".into()))?;
+    let devices =
+        crate::umockdev::parse(&text).map_err(|e| ReplayError::Recording(recording.to_owned(), e.to_string()))?;
+    crate::umockdev::write_tree(&devices, &work.path)
+        .map_err(|e| ReplayError::Recording(recording.to_owned(), e.to_string()))
+}
+
+/// What a copy has taken so far, against [`MAX_FILES`] and [`MAX_BYTES`].
+#[derive(Default)]
+struct Budget {
+    files: usize,
+    bytes: u64,
+}
+
+/// Copies directory `from_rel` of the fixture (`from`, shown as `shown`) to `to_rel` of the
+/// work directory: regular files (bounded), directories, and links that stay inside the tree
+/// copied; anything else refuses the fixture. No path on either side goes through a link.
+fn copy_tree(from: &OwnedFd, from_rel: &Path, work: &Work, to_rel: &Path, shown: &Path) -> Result<(), ReplayError> {
+    let mut budget = Budget::default();
+    copy_dir(from, from_rel, Path::new(""), &work.fd, to_rel, shown, &mut budget)
+}
+
+/// One directory of [`copy_tree`]; `inner` is its path below the copied tree's top.
+fn copy_dir(
+    from: &OwnedFd,
+    base: &Path,
+    inner: &Path,
+    to: &OwnedFd,
+    to_base: &Path,
+    shown: &Path,
+    budget: &mut Budget,
+) -> Result<(), ReplayError> {
+    let refused = |e| ReplayError::Refused(shown.to_owned(), e);
+    let mut names = beneath::list(from, &base.join(inner), Links::Refuse).map_err(refused)?;
+    names.sort();
+    for name in names {
+        let rel = inner.join(&name);
+        budget.files += 1;
+        if budget.files > MAX_FILES {
+            return Err(refused(BeneathError::TooLong(rel, MAX_FILES as u64)));
+        }
+        let src = base.join(&rel);
+        let st = beneath::open(from, &src, OFlag::O_PATH | OFlag::O_NOFOLLOW, Mode::empty(), Links::Refuse)
+            .and_then(|fd| nix::sys::stat::fstat(&fd).map_err(|e| BeneathError::Io(src.clone(), e.into())))
+            .map_err(refused)?;
+        let dst = to_base.join(&rel);
+        match nix::sys::stat::SFlag::from_bits_truncate(st.st_mode & nix::libc::S_IFMT) {
+            nix::sys::stat::SFlag::S_IFDIR => {
+                make_dir(to, &dst).map_err(|e| ReplayError::Work(dst.clone(), e))?;
+                copy_dir(from, base, &rel, to, to_base, shown, budget)?;
+            }
+            nix::sys::stat::SFlag::S_IFLNK => copy_link(from, &src, &rel, to, &dst).map_err(refused)?,
+            nix::sys::stat::SFlag::S_IFREG => {
+                let bytes = beneath::read(from, &src, MAX_FILE, Links::Refuse).map_err(refused)?;
+                budget.bytes += bytes.len() as u64;
+                if budget.bytes > MAX_BYTES {
+                    return Err(refused(BeneathError::TooLong(shown.to_owned(), MAX_BYTES)));
+                }
+                write_new(to, &dst, &bytes).map_err(|e| ReplayError::Work(dst.clone(), e))?;
+            }
+            _ => return Err(refused(beneath::not_a_file(&src, st.st_mode))),
         }
     }
     Ok(())
+}
+
+/// Copies the link `src` (at `rel` in its tree) to `dst` if its target stays inside the tree.
+fn copy_link(from: &OwnedFd, src: &Path, rel: &Path, to: &OwnedFd, dst: &Path) -> Result<(), BeneathError> {
+    let target = beneath::read_link(from, src, Links::Refuse)?;
+    if !beneath::link_stays_inside(rel, &target) {
+        return Err(BeneathError::Outside(src.join(format!("-> {}", target.display()))));
+    }
+    let (parent, name) = split(dst);
+    let parent = beneath::open(to, parent, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty(), Links::Refuse)?;
+    nix::unistd::symlinkat(&target, &parent, name).map_err(|e| BeneathError::Io(dst.to_owned(), e.into()))
+}
+
+/// `path` as (its parent, its last component).
+fn split(path: &Path) -> (&Path, &Path) {
+    (path.parent().unwrap_or(Path::new("")), Path::new(path.file_name().unwrap_or_default()))
+}
+
+/// Makes directory `rel` in the work directory (its parent resolved without links).
+fn make_dir(to: &OwnedFd, rel: &Path) -> io::Result<()> {
+    let (parent, name) = split(rel);
+    let parent = beneath::open(to, parent, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty(), Links::Refuse)
+        .map_err(io::Error::other)?;
+    match nix::sys::stat::mkdirat(&parent, name, Mode::from_bits_truncate(0o755)) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes a new file `rel` in the work directory (no link anywhere on its path).
+fn write_new(to: &OwnedFd, rel: &Path, bytes: &[u8]) -> io::Result<()> {
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL;
+    let fd = beneath::open(to, rel, flags, Mode::from_bits_truncate(0o644), Links::Refuse).map_err(io::Error::other)?;
+    std::fs::File::from(fd).write_all(bytes)
 }
 
 /// Runs the replay and returns the calls, one line each.
@@ -176,19 +357,12 @@ pub fn replay(opts: &ReplayOptions, load_rules: &dyn Fn(&[PathBuf]) -> Parsed) -
     let layout = layout(opts)?;
     let parsed = load_rules(&layout.rules);
     if !crate::agent::report_rules(&parsed) {
-        return Err(ReplayError {
-            code: crate::agent::EXIT_RULES,
-            message: format!("{} error(s) in the rules", parsed.errors.len()),
-        });
+        return Err(ReplayError::Rules(parsed.errors.len()));
     }
-    let sysfs = Arc::new(Sysfs::new(&layout.sys).map_err(|e| input_error(e.to_string()))?);
-    let root = layout.sys.parent().unwrap_or(&layout.sys).to_owned();
-    let prober = Prober {
-        sysfs: sysfs.clone(),
-        dev: layout.dev.clone().unwrap_or_else(|| root.join("dev")),
-        nodes: Nodes::Fixture,
-        qubesdb: opts.qubesdb.clone(),
-    };
+    let sys = layout.work.sys();
+    let sysfs = Arc::new(Sysfs::new(&sys).map_err(|e| ReplayError::Work(sys.clone(), e))?);
+    let prober =
+        Prober { sysfs: sysfs.clone(), dev: layout.work.dev(), nodes: Nodes::Fixture, qubesdb: opts.qubesdb.clone() };
     let mut run = Run {
         engine: Engine::new(parsed.set, opts.config.clone()),
         prober,
@@ -204,22 +378,7 @@ pub fn replay(opts: &ReplayOptions, load_rules: &dyn Fn(&[PathBuf]) -> Parsed) -
             run.engine.describe(&run.sysfs);
             run.perform(effects);
         }
-        Some(path) => {
-            let text = std::fs::read(path).map_err(|e| input_error(format!("{}: {e}", path.display())))?;
-            for record in MonitorText::new(&text) {
-                match record.map_err(|e| input_error(format!("{}: {e}", path.display())))? {
-                    Record::Event(event, _) => {
-                        let mut effects = Vec::new();
-                        run.engine.on_event(&run.sysfs, &event, run.now, &mut effects);
-                        run.engine.describe(&run.sysfs);
-                        run.perform(effects);
-                    }
-                    Record::Directive(directive, line) => run
-                        .directive(directive, &root)
-                        .map_err(|e| input_error(format!("{}:{line}: {e}", path.display())))?,
-                }
-            }
-        }
+        Some(path) => run.events(path, &layout.work)?,
     }
     run.advance(run.now + DRAIN_LIMIT, true);
     Ok(run.calls)
@@ -235,6 +394,32 @@ struct Run {
 }
 
 impl Run {
+    /// Replays the event stream at `path` (a regular file, bounded).
+    fn events(&mut self, path: &Path, work: &Work) -> Result<(), ReplayError> {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = Path::new(path.file_name().unwrap_or_default());
+        let text = beneath::read(open_dir(dir)?, name, MAX_BYTES, Links::Follow).map_err(|e| match e {
+            BeneathError::Io(_, e) => ReplayError::Read(path.to_owned(), e),
+            e => ReplayError::Refused(dir.to_owned(), e),
+        })?;
+        let mut monitor = MonitorText::new(&text);
+        for record in monitor.by_ref() {
+            match record.map_err(|e| ReplayError::Events(path.to_owned(), e))? {
+                Record::Event(event, _) => {
+                    let mut effects = Vec::new();
+                    self.engine.on_event(&self.sysfs, &event, self.now, &mut effects);
+                    self.engine.describe(&self.sysfs);
+                    self.perform(effects);
+                }
+                Record::Directive(directive, line) => {
+                    self.directive(directive, &work.fd).map_err(|e| ReplayError::Directive(path.to_owned(), line, e))?
+                }
+            }
+        }
+        note_ignored(path, monitor.ignored());
+        Ok(())
+    }
+
     /// Carries out effects until none are left: probes inline, calls recorded.
     fn perform(&mut self, mut effects: Vec<Effect>) {
         while !effects.is_empty() {
@@ -278,41 +463,87 @@ impl Run {
         }
     }
 
-    fn directive(&mut self, directive: &str, root: &Path) -> Result<(), String> {
+    fn directive(&mut self, directive: &str, work: &OwnedFd) -> Result<(), DirectiveError> {
         let mut words = directive.split_whitespace();
         let verb = words.next().unwrap_or_default();
+        if verb == "wait" {
+            let d = words.next().and_then(crate::rules::parse_duration).ok_or(DirectiveError::NoDuration)?;
+            self.advance(self.now + d.as_millis() as u64, false);
+            return Ok(());
+        }
+        let verb = match verb {
+            "set" => "set",
+            "fill" => "fill",
+            "rm" => "rm",
+            other => return Err(DirectiveError::Unknown(other.to_owned())),
+        };
+        let rel = words.next().ok_or(DirectiveError::NoPath(verb))?;
+        let path = directive_path(rel)?;
+        let rest: Vec<&str> = words.collect();
+        let io = |e: io::Error| DirectiveError::Io(rel.to_owned(), e);
         match verb {
-            "wait" => {
-                let d = words.next().and_then(crate::rules::parse_duration).ok_or("wait needs a duration, e.g. 5s")?;
-                self.advance(self.now + d.as_millis() as u64, false);
-                Ok(())
+            "set" => write_beneath(work, path, format!("{}\n", rest.join(" ")).as_bytes()),
+            "fill" => {
+                let n: u64 = rest.first().and_then(|n| n.parse().ok()).ok_or(DirectiveError::NoCount)?;
+                if n > MAX_FILL {
+                    return Err(DirectiveError::TooBig(n));
+                }
+                write_beneath(work, path, &vec![0u8; n as usize])
             }
-            "set" | "fill" | "rm" => {
-                let rel = words.next().ok_or_else(|| format!("{verb} needs a path"))?;
-                let path = fixture_path(root, rel)?;
-                let rest: Vec<&str> = words.collect();
-                let done = match verb {
-                    "set" => std::fs::write(&path, format!("{}\n", rest.join(" "))),
-                    "fill" => {
-                        let n: usize = rest.first().and_then(|n| n.parse().ok()).ok_or("fill needs a byte count")?;
-                        std::fs::write(&path, vec![0u8; n])
-                    }
-                    _ if path.is_dir() => std::fs::remove_dir_all(&path),
-                    _ => std::fs::remove_file(&path),
-                };
-                done.map_err(|e| format!("{verb} {rel}: {e}"))
-            }
-            _ => Err(format!("unknown directive '{verb}' (wait, set, fill, rm)")),
+            _ => remove_beneath(work, path).map_err(io),
         }
     }
 }
 
-/// A directive's path: under `sys/` or `dev/` of the working copy, nothing else.
-fn fixture_path(root: &Path, rel: &str) -> Result<PathBuf, String> {
+/// A directive's path: plain relative components under `sys/` or `dev/` of the copy.
+fn directive_path(rel: &str) -> Result<&Path, DirectiveError> {
     let path = Path::new(rel);
-    let plain = path.components().all(|c| matches!(c, Component::Normal(_)));
+    let plain = beneath::plain(path).is_ok();
     if !plain || !(rel.starts_with("sys/") || rel.starts_with("dev/")) {
-        return Err(format!("{rel}: directive paths are relative, under sys/ or dev/"));
+        return Err(DirectiveError::BadPath(rel.to_owned()));
     }
-    Ok(root.join(path))
+    Ok(path)
+}
+
+/// Writes `bytes` to `rel` of the copy (created if missing), through no link.
+fn write_beneath(work: &OwnedFd, rel: &Path, bytes: &[u8]) -> Result<(), DirectiveError> {
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NONBLOCK;
+    let fd = beneath::open(work, rel, flags, Mode::from_bits_truncate(0o644), Links::Refuse)
+        .map_err(DirectiveError::Refused)?;
+    let shown = rel.display().to_string();
+    std::fs::File::from(fd).write_all(bytes).map_err(|e| DirectiveError::Io(shown, e))
+}
+
+/// Removes `rel` of the copy, a file, a link (not what it points to) or a directory, its
+/// parent reached through no link.
+fn remove_beneath(work: &OwnedFd, rel: &Path) -> io::Result<()> {
+    let (parent, name) = split(rel);
+    let dir = beneath::open(work, parent, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty(), Links::Refuse)
+        .map_err(io::Error::other)?;
+    let st = nix::sys::stat::fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?;
+    if st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFDIR {
+        // The parent's fd, named through /proc: remove_dir_all never follows links inside.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&dir.as_fd());
+        return std::fs::remove_dir_all(Path::new(&format!("/proc/self/fd/{fd}")).join(name));
+    }
+    nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir).map_err(Into::into)
+}
+
+/// Says what of a capture was read past, so that nobody wonders where udev's blocks went.
+fn note_ignored(path: &Path, ignored: &crate::uevent::Ignored) {
+    if ignored.udev_blocks > 0 {
+        notice!(
+            "{}: {} udev block(s) skipped: the kernel's own blocks are replayed",
+            path.display(),
+            ignored.udev_blocks
+        );
+    }
+    if !ignored.udev_properties.is_empty() {
+        let keys: Vec<&str> = ignored.udev_properties.iter().map(String::as_str).collect();
+        notice!(
+            "{}: read udev's blocks as the kernel's events and left out udev's properties: {}",
+            path.display(),
+            keys.join(", ")
+        );
+    }
 }

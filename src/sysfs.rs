@@ -3,7 +3,15 @@
 //! Everything is read relative to a directory fd opened once, through paths built on the
 //! stack, so reading an attribute allocates nothing. A devpath (`/devices/...`) is joined to
 //! the root only after [`crate::uevent::devpath_is_safe`] accepted it, and attribute names
-//! come from checked rules, so no read leaves the tree through `..`.
+//! come from checked rules; the kernel resolves every path beneath the root
+//! (`openat2(RESOLVE_BENEATH)`, see [`crate::beneath`]), so no read leaves the tree, through
+//! `..` or a link. Reads are bounded ([`MAX_ATTR`], [`MAX_UEVENT`]).
+//!
+//! The kernel's own sysfs (the root's filesystem is sysfs) holds only relative links inside
+//! it and no FIFO or device node: there an attribute is one `openat2` and a link one
+//! `readlinkat`, the agent's hot path. Any other tree (a fixture) is a stranger's: there a
+//! file's type is checked on an `O_PATH` fd before it is opened, and links are read through
+//! fds resolved beneath the root.
 //!
 //! Semantics follow systemd's sd-device, which udev rules are written against: an attribute
 //! value loses its trailing newlines and stops at a NUL; a parent is the nearest ancestor
@@ -17,17 +25,23 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 use nix::unistd::AccessFlags;
 
+use crate::beneath::{BeneathError, Links};
 use crate::uevent::devpath_is_safe;
 
 /// The most bytes read from one attribute: sysfs serves at most a page.
 pub const MAX_ATTR: usize = 4096;
 /// The longest relative path built (PATH_MAX).
 const MAX_PATH: usize = 4096;
+/// The longest `uevent` file read (the kernel's is at most a page).
+pub const MAX_UEVENT: u64 = 8192;
 
 /// An attribute could not be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +52,10 @@ pub enum AttrError {
     Unreadable(Errno),
     /// The devpath and name do not fit in PATH_MAX, or are not a safe relative path.
     BadPath,
+    /// The path, or a link on it, leads outside the tree.
+    Outside,
+    /// Not a regular file (a FIFO, a device node), or longer than its bound.
+    NotAFile,
 }
 
 impl fmt::Display for AttrError {
@@ -46,6 +64,8 @@ impl fmt::Display for AttrError {
             AttrError::Missing => f.write_str("no such attribute"),
             AttrError::Unreadable(e) => write!(f, "unreadable: {}", e.desc()),
             AttrError::BadPath => f.write_str("path too long or unsafe"),
+            AttrError::Outside => f.write_str("leads outside the sysfs tree: refused"),
+            AttrError::NotAFile => f.write_str("not a regular file of bounded size: refused"),
         }
     }
 }
@@ -55,6 +75,8 @@ impl fmt::Display for AttrError {
 pub struct Sysfs {
     root: PathBuf,
     dir: OwnedFd,
+    /// The root is the kernel's sysfs (not a fixture).
+    kernel: bool,
     reads: AtomicU64,
 }
 
@@ -67,7 +89,14 @@ impl Sysfs {
             let kind = io::Error::from(e).kind();
             io::Error::new(kind, format!("{}: {}", root.display(), e.desc()))
         })?;
-        Ok(Sysfs { root, dir, reads: AtomicU64::new(0) })
+        let kernel =
+            nix::sys::statfs::fstatfs(&dir).is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::SYSFS_MAGIC);
+        Ok(Sysfs { root, dir, kernel, reads: AtomicU64::new(0) })
+    }
+
+    /// True if the root is the kernel's sysfs (a fixture tree is read more carefully).
+    pub fn is_kernel(&self) -> bool {
+        self.kernel
     }
 
     pub fn root(&self) -> &Path {
@@ -87,7 +116,7 @@ impl Sysfs {
             return self.link(devpath, name, buf).ok_or(AttrError::Missing);
         }
         self.reads.fetch_add(1, Ordering::Relaxed);
-        let fd = self.open(devpath, name, OFlag::O_RDONLY | OFlag::O_NONBLOCK)?;
+        let fd = self.open_file(devpath, name)?;
         let mut len = 0;
         while len < buf.len() {
             match nix::unistd::read(fd.as_fd(), &mut buf[len..]) {
@@ -112,6 +141,15 @@ impl Sysfs {
         self.reads.fetch_add(1, Ordering::Relaxed);
         let mut path = [0u8; MAX_PATH];
         let cpath = rel_path(&mut path, devpath, name).ok()?;
+        if !self.kernel {
+            let target =
+                crate::beneath::read_link(&self.dir, Path::new(OsStr::from_bytes(cpath.to_bytes())), Links::Follow)
+                    .ok()?;
+            let name = target.file_name()?.as_bytes();
+            let n = name.len().min(buf.len());
+            buf[..n].copy_from_slice(&name[..n]);
+            return Some(&buf[..n]);
+        }
         // SAFETY: `cpath` is NUL-terminated and lives across the call; `buf` is writable for
         // `buf.len()` bytes and readlinkat writes at most that many; `self.dir` is an open fd.
         let n = unsafe {
@@ -134,6 +172,9 @@ impl Sysfs {
         let Ok(cpath) = rel_path(&mut path, devpath, name) else {
             return false;
         };
+        if !self.kernel {
+            return crate::beneath::exists(&self.dir, Path::new(OsStr::from_bytes(cpath.to_bytes())));
+        }
         nix::unistd::faccessat(&self.dir, cpath, AccessFlags::F_OK, AtFlags::empty()).is_ok()
     }
 
@@ -152,24 +193,45 @@ impl Sysfs {
         }
     }
 
-    /// The contents of the device's `uevent` file (for coldplug and identity).
+    /// The contents of the device's `uevent` file (for coldplug and identity), at most
+    /// [`MAX_UEVENT`] bytes.
     pub fn uevent_file(&self, devpath: &str) -> Result<Vec<u8>, AttrError> {
-        let fd = self.open(devpath, "uevent", OFlag::O_RDONLY)?;
+        self.read_file(devpath, "uevent", MAX_UEVENT)
+    }
+
+    /// Any regular file of a device, at most `max` bytes (for `record`).
+    pub fn read_file(&self, devpath: &str, name: &str, max: u64) -> Result<Vec<u8>, AttrError> {
+        let fd = self.open_file(devpath, name)?;
         let mut out = Vec::new();
-        let mut file = std::fs::File::from(fd);
+        let mut file = io::Read::take(std::fs::File::from(fd), max + 1);
         io::Read::read_to_end(&mut file, &mut out)
             .map_err(|e| AttrError::Unreadable(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+        if out.len() as u64 > max {
+            return Err(AttrError::NotAFile);
+        }
         Ok(out)
     }
 
-    /// Opens `devpath/name` relative to the root.
-    fn open(&self, devpath: &str, name: &str, flags: OFlag) -> Result<OwnedFd, AttrError> {
+    /// Opens the file `devpath/name` for reading, beneath the root: on the kernel's sysfs in
+    /// one `openat2`, in a fixture after checking it is a regular file.
+    fn open_file(&self, devpath: &str, name: &str) -> Result<OwnedFd, AttrError> {
         let mut path = [0u8; MAX_PATH];
         let cpath = rel_path(&mut path, devpath, name)?;
-        let flags = flags | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
-        openat(&self.dir, cpath, flags, Mode::empty()).map_err(|e| match e {
-            Errno::ENOENT | Errno::ENOTDIR => AttrError::Missing,
-            e => AttrError::Unreadable(e),
+        let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK;
+        let rel = Path::new(OsStr::from_bytes(cpath.to_bytes()));
+        let opened = if self.kernel {
+            crate::beneath::open(&self.dir, rel, flags, Mode::empty(), Links::Follow)
+        } else {
+            crate::beneath::open_file(&self.dir, rel, flags, Links::Follow)
+        };
+        opened.map_err(|e| match e {
+            BeneathError::Outside(_) => AttrError::Outside,
+            BeneathError::NotAFile(..) | BeneathError::TooLong(..) => AttrError::NotAFile,
+            BeneathError::Io(_, e) => match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+                Errno::ENOENT | Errno::ENOTDIR => AttrError::Missing,
+                e => AttrError::Unreadable(e),
+            },
+            BeneathError::BadPath(_) => AttrError::BadPath,
         })
     }
 
@@ -178,16 +240,15 @@ impl Sysfs {
     pub fn scan(&self) -> Vec<String> {
         let mut found = Vec::new();
         for (dir, keep) in [("class/block", None), ("bus/usb/devices", Some(':'))] {
-            let Ok(entries) = std::fs::read_dir(self.root.join(dir)) else {
+            let Ok(entries) = crate::beneath::list(&self.dir, Path::new(dir), Links::Refuse) else {
                 continue;
             };
-            for entry in entries.flatten() {
-                let name = entry.file_name();
+            for name in entries {
                 let Some(name) = name.to_str() else { continue };
                 if keep.is_some_and(|c| name.contains(c)) {
                     continue;
                 }
-                if let Some(devpath) = self.devpath_of_link(&entry.path()) {
+                if let Some(devpath) = self.devpath_of_link(&Path::new(dir).join(name)) {
                     found.push(devpath);
                 }
             }
@@ -211,16 +272,31 @@ impl Sysfs {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return None;
         }
-        ["class/block", "bus/usb/devices"].iter().find_map(|dir| self.devpath_of_link(&self.root.join(dir).join(name)))
+        ["class/block", "bus/usb/devices"].iter().find_map(|dir| self.devpath_of_link(&Path::new(dir).join(name)))
     }
 
-    /// The devpath a `class/...` or `bus/.../devices` link points to.
+    /// The devpath a `class/...` or `bus/.../devices` link (relative to the root) points to:
+    /// its target read beneath the root and resolved lexically, which must stay inside it and
+    /// name a device (`devices/.../uevent` exists).
     fn devpath_of_link(&self, link: &Path) -> Option<String> {
-        let target = std::fs::canonicalize(link).ok()?;
-        let root = std::fs::canonicalize(&self.root).ok()?;
-        let rel = target.strip_prefix(root).ok()?.to_str()?;
-        let devpath = format!("/{rel}");
-        (devpath_is_safe(&devpath) && devpath.starts_with("/devices/")).then_some(devpath)
+        let target = crate::beneath::read_link(&self.dir, link, Links::Refuse).ok()?;
+        if !crate::beneath::link_stays_inside(link, &target) {
+            return None;
+        }
+        let mut at: Vec<&OsStr> = link.parent()?.iter().collect();
+        for c in target.components() {
+            match c {
+                std::path::Component::ParentDir => {
+                    at.pop()?;
+                }
+                std::path::Component::Normal(n) => at.push(n),
+                _ => {}
+            }
+        }
+        let rel: Vec<&str> = at.iter().map(|c| c.to_str()).collect::<Option<_>>()?;
+        let devpath = format!("/{}", rel.join("/"));
+        let ok = devpath_is_safe(&devpath) && devpath.starts_with("/devices/") && self.exists(&devpath, "uevent");
+        ok.then_some(devpath)
     }
 
     /// What is known of a device, for logs, `list` and `test`. Reads freely (allocates):

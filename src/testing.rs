@@ -57,11 +57,13 @@ impl Tree {
         std::fs::write(dir.join("uevent"), uevent).unwrap();
         let class = if subsystem == "block" { format!("class/{subsystem}") } else { format!("bus/{subsystem}") };
         std::fs::create_dir_all(self.root().join(&class)).unwrap();
-        std::os::unix::fs::symlink(self.root().join(&class), dir.join("subsystem")).unwrap();
+        // Relative links inside the tree, as the kernel makes them.
+        let up = "../".repeat(devpath.matches('/').count());
+        std::os::unix::fs::symlink(format!("{up}{class}"), dir.join("subsystem")).unwrap();
         if let Some(driver) = driver {
-            let target = self.root().join(format!("bus/{subsystem}/drivers/{driver}"));
-            std::fs::create_dir_all(&target).unwrap();
-            std::os::unix::fs::symlink(target, dir.join("driver")).unwrap();
+            let target = format!("bus/{subsystem}/drivers/{driver}");
+            std::fs::create_dir_all(self.root().join(&target)).unwrap();
+            std::os::unix::fs::symlink(format!("{up}{target}"), dir.join("driver")).unwrap();
         }
         for (name, value) in attrs {
             let path = dir.join(name);
@@ -72,7 +74,8 @@ impl Tree {
             let list = if subsystem == "block" { "class/block" } else { "bus/usb/devices" };
             let link = self.root().join(list).join(crate::uevent::kernel_name(devpath));
             std::fs::create_dir_all(link.parent().unwrap()).unwrap();
-            let _ = std::os::unix::fs::symlink(&dir, link);
+            let back = "../".repeat(list.matches('/').count() + 1);
+            let _ = std::os::unix::fs::symlink(format!("{back}{}", &devpath[1..]), link);
         }
         self
     }

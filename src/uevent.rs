@@ -141,21 +141,23 @@ pub struct Uevent<'a> {
     base: &'a [u8],
     /// Where each kept variable lies in `base` (8 bytes each, so the event stays small).
     vars: heapless::Vec<Span, MAX_VARS>,
-    /// A monitor block captured without `--property`: the variables are the header's ACTION,
-    /// DEVPATH and SUBSYSTEM (the fields above) and nothing else.
-    header_only: bool,
     dropped: u8,
     first_dropped: &'a [u8],
 }
 
-/// Where one `KEY=VALUE` lies: its key starts at `start`, its value after the `=`. A kept
-/// value is valid UTF-8 without control bytes, checked when it was pushed.
+/// Where one `KEY=VALUE` lies: its key starts at `start`, its value `skip` bytes after the
+/// `=` (a monitor capture's `DEVNAME=/dev/sdb` is the kernel's `sdb`). A kept value is valid
+/// UTF-8 without control bytes, checked when it was pushed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Span {
     start: u32,
-    key: u16,
+    key: u8,
+    skip: u8,
     value: u16,
 }
+
+/// The longest variable name kept (the kernel's are a few bytes).
+const MAX_KEY: usize = u8::MAX as usize;
 
 impl Span {
     fn key(self, base: &[u8]) -> &[u8] {
@@ -163,7 +165,7 @@ impl Span {
     }
 
     fn value(self, base: &[u8]) -> &str {
-        let at = self.start as usize + self.key as usize + 1;
+        let at = self.start as usize + self.key as usize + 1 + self.skip as usize;
         std::str::from_utf8(&base[at..][..self.value as usize]).unwrap_or_default()
     }
 
@@ -185,24 +187,13 @@ impl<'a> Iterator for Vars<'_, 'a> {
 
     fn next(&mut self) -> Option<Var<'a>> {
         let e = self.event;
-        let var = if e.header_only {
-            let (key, value) = match self.next {
-                0 => ("ACTION", e.action.as_str()),
-                1 => ("DEVPATH", e.devpath),
-                2 => ("SUBSYSTEM", e.subsystem),
-                _ => return None,
-            };
-            Var { key, value }
-        } else {
-            e.vars.get(self.next)?.var(e.base)
-        };
+        let var = e.vars.get(self.next)?.var(e.base);
         self.next += 1;
         Some(var)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let total = if self.event.header_only { 3 } else { self.event.vars.len() };
-        let left = total.saturating_sub(self.next);
+        let left = self.event.vars.len().saturating_sub(self.next);
         (left, Some(left))
     }
 }
@@ -282,9 +273,6 @@ impl<'a> Uevent<'a> {
 
     /// The value of `key`, if the event carries it (first occurrence).
     pub fn get(&self, key: &str) -> Option<&'a str> {
-        if self.header_only {
-            return self.vars().find(|v| v.key == key).map(|v| v.value);
-        }
         let base = self.base;
         self.vars.iter().find(|s| s.key(base) == key.as_bytes()).map(|s| s.value(base))
     }
@@ -321,11 +309,13 @@ impl<'a> Uevent<'a> {
         self.get("DISK_MEDIA_CHANGE") == Some("1")
     }
 
-    /// Writes the event as `udevadm monitor --kernel --property` prints it.
+    /// Writes the event as `udevadm monitor --kernel --property` prints it (sd-device's
+    /// DEVNAME: a path under `/dev/`).
     pub fn write_monitor(&self, out: &mut impl Write) -> io::Result<()> {
         writeln!(out, "KERNEL[0.000000] {:<8} {} ({})", self.action.as_str(), self.devpath, self.subsystem)?;
         for v in self.vars() {
-            writeln!(out, "{}={}", v.key, v.value)?;
+            let dev = if v.key == "DEVNAME" && !v.value.starts_with('/') { "/dev/" } else { "" };
+            writeln!(out, "{}={dev}{}", v.key, v.value)?;
         }
         writeln!(out)
     }
@@ -441,9 +431,10 @@ static KEY_BYTE: [bool; 256] = {
 struct Builder<'a> {
     base: &'a [u8],
     vars: heapless::Vec<Span, MAX_VARS>,
-    header_only: bool,
     dropped: u8,
     first_dropped: &'a [u8],
+    /// A monitor capture's block: `DEVNAME=/dev/NAME` is read as the kernel's `NAME`.
+    text: bool,
     /// Every byte of the datagram was checked for control bytes already (the fast path).
     clean: bool,
     /// The first value of each variable the event itself is made of, noted as they come.
@@ -504,10 +495,16 @@ impl<'a> Builder<'a> {
         if value.len() > MAX_VALUE {
             return self.drop_var(key);
         }
-        if start > u32::MAX as usize || key.len() > usize::from(u16::MAX) {
+        if start > u32::MAX as usize || key.len() > MAX_KEY {
             return Err(ParseError::BadVariable);
         }
-        let span = Span { start: start as u32, key: key.len() as u16, value: value.len() as u16 };
+        // sd-device's DEVNAME (device_set_devname) back to the kernel's: `/dev/sdb` is `sdb`.
+        let skip = match value.strip_prefix("/dev/") {
+            Some(name) if self.text && key == "DEVNAME" && !name.is_empty() => 5,
+            _ => 0,
+        };
+        let value = &value[skip..];
+        let span = Span { start: start as u32, key: key.len() as u8, skip: skip as u8, value: value.len() as u16 };
         self.vars.push(span).map_err(|_| ParseError::TooManyVariables)?;
         // Most keys are none of these: the length alone says so.
         match (key.len(), key) {
@@ -529,8 +526,11 @@ impl<'a> Builder<'a> {
         if value > MAX_VALUE {
             return self.drop_var(&text[start..start + key]);
         }
+        if key > MAX_KEY {
+            return Err(ParseError::BadVariable);
+        }
         // Offsets fit: the fast path takes datagrams of at most u16::MAX bytes.
-        let span = Span { start: start as u32, key: key as u16, value: value as u16 };
+        let span = Span { start: start as u32, key: key as u8, skip: 0, value: value as u16 };
         self.vars.push(span).map_err(|_| ParseError::TooManyVariables)?;
         let special = match &text.as_bytes()[start..value_at - 1] {
             b"ACTION" => &mut self.action,
@@ -599,7 +599,6 @@ impl<'a> Builder<'a> {
             seqnum,
             base: self.base,
             vars: self.vars,
-            header_only: self.header_only,
             dropped: self.dropped,
             first_dropped: self.first_dropped,
         })
@@ -693,11 +692,41 @@ pub enum Record<'a> {
     Directive(&'a str, usize),
 }
 
+/// What is wrong with `udevadm monitor` text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextProblem {
+    /// A block refused as a kernel datagram would be.
+    Event(ParseError),
+    /// An event header with no properties after it: captured without `--property`.
+    NoProperties,
+    /// A `#!` directive that is not UTF-8.
+    BadDirective,
+}
+
+impl fmt::Display for TextProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TextProblem::Event(e) => e.fmt(f),
+            TextProblem::NoProperties => f.write_str(
+                "the event has no properties: capture with `udevadm monitor --kernel --property` (add \
+                 `--subsystem-match=block --subsystem-match=usb` to keep it short)",
+            ),
+            TextProblem::BadDirective => f.write_str("directive is not UTF-8"),
+        }
+    }
+}
+
 /// An error in `udevadm monitor` text, with its 1-based line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TextError {
     pub line: usize,
-    pub error: ParseError,
+    pub error: TextProblem,
+}
+
+impl TextError {
+    fn at(line: usize, error: ParseError) -> TextError {
+        TextError { line, error: TextProblem::Event(error) }
+    }
 }
 
 impl fmt::Display for TextError {
@@ -711,67 +740,134 @@ impl std::error::Error for TextError {}
 /// Numbered lines of a text.
 type Lines<'a> = std::iter::Enumerate<std::slice::Split<'a, u8, fn(&u8) -> bool>>;
 
-/// Reads the text printed by `udevadm monitor --kernel --property` (or without `--property`:
-/// the header alone then gives ACTION, DEVPATH and SUBSYSTEM). `UDEV[...]` blocks (udev's own
-/// events) are skipped; lines outside blocks are ignored, except `#!` directives.
+/// What [`MonitorText`] read past: udev's copies of events, and the properties udev added to
+/// them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ignored {
+    /// `UDEV [...]` blocks skipped because the capture has the kernel's own blocks.
+    pub udev_blocks: usize,
+    /// Properties left out of `UDEV [...]` blocks read as events (a capture with `--udev` only):
+    /// udev's additions (`ID_*`, `DEVLINKS`, `TAGS`, ...), which no kernel uevent has.
+    pub udev_properties: std::collections::BTreeSet<String>,
+}
+
+/// Reads the text `udevadm monitor --property` prints (systemd's udevadm-monitor.c, the same
+/// since before systemd 247: a header naming the sources, then per event a line
+/// `KERNEL[SECONDS] ACTION DEVPATH (SUBSYSTEM)` or `UDEV  [...] ...`, its `KEY=VALUE`
+/// properties as sd-device holds them, and an empty line).
+///
+/// - A capture with `--kernel` blocks: those are the events; `UDEV` blocks are udev's copies
+///   of them after its rules ran, and are skipped (counted in [`Ignored`]).
+/// - A capture of `--udev` blocks only: each is read as the kernel's event, without the
+///   properties udev adds (listed in [`Ignored`]).
+/// - `DEVNAME=/dev/sdb` (sd-device's form) is read as the kernel's `DEVNAME=sdb`.
+/// - An event without properties (a capture without `--property`) is an error that says how to
+///   capture. Lines outside blocks are ignored, except `#!` directives (replay fixtures).
 #[derive(Debug)]
 pub struct MonitorText<'a> {
     text: &'a [u8],
     lines: Lines<'a>,
+    /// The capture has `KERNEL[...]` blocks: `UDEV [...]` ones are only copies.
+    has_kernel: bool,
+    ignored: Ignored,
 }
 
 impl<'a> MonitorText<'a> {
     pub fn new(text: &'a [u8]) -> MonitorText<'a> {
         let newline: fn(&u8) -> bool = |&b| b == b'\n';
-        MonitorText { text, lines: text.split(newline).enumerate() }
+        let has_kernel = text.split(newline).any(|l| l.starts_with(b"KERNEL["));
+        MonitorText { text, lines: text.split(newline).enumerate(), has_kernel, ignored: Ignored::default() }
     }
 
-    fn block(&mut self, header: &'a [u8], line: usize) -> Result<Uevent<'a>, TextError> {
-        let err = |error| TextError { line, error };
-        // KERNEL[12.345678] add      /devices/... (subsystem)
-        let rest = header.splitn(2, |&b| b == b']').nth(1).unwrap_or_default();
-        let mut words = rest.split(|&b| b == b' ').filter(|w| !w.is_empty());
-        let action = words.next().ok_or(err(ParseError::NoHeader))?;
-        let action = Action::parse(action).ok_or(err(ParseError::UnknownAction))?;
-        let devpath = words.next().ok_or(err(ParseError::NoHeader))?;
-        let devpath = std::str::from_utf8(devpath).map_err(|_| err(ParseError::BadDevpath))?;
-        let subsystem = words
-            .next()
-            .and_then(|s| s.strip_prefix(b"(")?.strip_suffix(b")"))
-            .and_then(|s| std::str::from_utf8(s).ok());
-        let mut builder = Builder::new(self.text);
+    /// What was read past so far (all of it, once the iterator is done).
+    pub fn ignored(&self) -> &Ignored {
+        &self.ignored
+    }
+
+    /// Reads the block whose header is `header`, on 1-based line `line`.
+    fn block(&mut self, header: &'a [u8], line: usize, udev: bool) -> Result<Uevent<'a>, TextError> {
+        let (action, devpath, subsystem) = parse_header(header).map_err(|e| TextError::at(line, e))?;
+        let mut builder = Builder { text: true, ..Builder::new(self.text) };
+        let mut properties = 0;
         for (n, text) in self.lines.by_ref() {
             let text = text.strip_suffix(b"\r").unwrap_or(text);
             if text.is_empty() {
                 break;
             }
-            let eq = text.iter().position(|&b| b == b'=');
-            let eq = eq.ok_or(TextError { line: n + 1, error: ParseError::BadVariable })?;
-            builder.push(&text[..eq], &text[eq + 1..]).map_err(|error| TextError { line: n + 1, error })?;
-        }
-        if builder.vars.is_empty() && builder.dropped == 0 {
-            // Captured without --property: the header is all there is.
-            let subsystem = subsystem.ok_or(err(ParseError::Missing("SUBSYSTEM")))?;
-            // Checked as a property line would be: a header value is trusted no more.
-            builder.header_only = true;
-            for (key, value) in [("ACTION", action.as_str()), ("DEVPATH", devpath), ("SUBSYSTEM", subsystem)] {
-                if value.len() > MAX_VALUE || value.bytes().any(|b| b.is_ascii_control()) {
-                    builder.drop_var(key).map_err(err)?;
+            if is_header(text) {
+                return Err(TextError { line, error: TextProblem::NoProperties });
+            }
+            let eq = text.iter().position(|&b| b == b'=').ok_or(TextError::at(n + 1, ParseError::BadVariable))?;
+            properties += 1;
+            if udev {
+                if let Some(key) = std::str::from_utf8(&text[..eq]).ok().filter(|k| udev_property(k)) {
+                    self.ignored.udev_properties.insert(key.to_owned());
                     continue;
                 }
-                match key {
-                    "ACTION" => builder.action.note(value),
-                    "DEVPATH" => builder.devpath.note(value),
-                    _ => builder.subsystem.note(value),
-                }
             }
+            builder.push(&text[..eq], &text[eq + 1..]).map_err(|e| TextError::at(n + 1, e))?;
         }
-        let event = builder.finish(Some((action, devpath))).map_err(err)?;
+        if properties == 0 {
+            return Err(TextError { line, error: TextProblem::NoProperties });
+        }
+        let event = builder.finish(Some((action, devpath))).map_err(|e| TextError::at(line, e))?;
         match subsystem {
-            Some(s) if s != event.subsystem => Err(err(ParseError::Mismatch("SUBSYSTEM"))),
+            Some(s) if s != event.subsystem => Err(TextError::at(line, ParseError::Mismatch("SUBSYSTEM"))),
             _ => Ok(event),
         }
     }
+
+    /// Skips the rest of a block.
+    fn skip_block(&mut self) {
+        for (_, l) in self.lines.by_ref() {
+            if l.is_empty() || l == b"\r" {
+                break;
+            }
+        }
+    }
+}
+
+/// An event header line: `KERNEL[...]` or `UDEV` padded to six columns, then `[`.
+fn is_header(line: &[u8]) -> bool {
+    line.starts_with(b"KERNEL[") || line.starts_with(b"UDEV  [")
+}
+
+/// `KERNEL[12.345678] add      /devices/... (subsystem)`: the action, the devpath and the
+/// subsystem if it is in parentheses (udevadm prints `(null)` for none, which no event has).
+fn parse_header(header: &[u8]) -> Result<(Action, &str, Option<&str>), ParseError> {
+    let rest = header.splitn(2, |&b| b == b']').nth(1).unwrap_or_default();
+    let mut words = rest.split(|&b| b == b' ').filter(|w| !w.is_empty());
+    let action = Action::parse(words.next().ok_or(ParseError::NoHeader)?).ok_or(ParseError::UnknownAction)?;
+    let devpath = words.next().ok_or(ParseError::NoHeader)?;
+    let devpath = std::str::from_utf8(devpath).map_err(|_| ParseError::BadDevpath)?;
+    let subsystem =
+        words.next().and_then(|s| s.strip_prefix(b"(")?.strip_suffix(b")")).and_then(|s| std::str::from_utf8(s).ok());
+    Ok((action, devpath, subsystem))
+}
+
+/// True for a property udev adds to an event (its database, builtins and rules), which no
+/// kernel uevent carries: the kernel's keys are plain `[A-Z0-9_]` names, none like these.
+pub fn udev_property(key: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "ID_",
+        ".",
+        "UDISKS_",
+        "SYSTEMD_",
+        "DM_",
+        "LVM_",
+        "MPATH_",
+        "NM_",
+        "COLORD_",
+        "LIBINPUT_",
+        "MTP_",
+        "UPOWER_",
+        "LIBSANE_",
+        "ID-",
+    ];
+    const KEYS: &[&str] = &["DEVLINKS", "TAGS", "CURRENT_TAGS", "USEC_INITIALIZED"];
+    KEYS.contains(&key)
+        || PREFIXES.iter().any(|p| key.starts_with(p))
+        || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 impl<'a> Iterator for MonitorText<'a> {
@@ -784,19 +880,17 @@ impl<'a> Iterator for MonitorText<'a> {
             if let Some(directive) = line.strip_prefix(b"#!") {
                 return Some(match std::str::from_utf8(directive) {
                     Ok(d) => Ok(Record::Directive(d.trim(), n + 1)),
-                    Err(_) => Err(TextError { line: n + 1, error: ParseError::BadVariable }),
+                    Err(_) => Err(TextError { line: n + 1, error: TextProblem::BadDirective }),
                 });
             }
-            if line.starts_with(b"KERNEL[") {
-                return Some(self.block(line, n + 1).map(|e| Record::Event(e, n + 1)));
+            let udev = line.starts_with(b"UDEV  [");
+            if udev && self.has_kernel {
+                self.ignored.udev_blocks += 1;
+                self.skip_block();
+                continue;
             }
-            if line.starts_with(b"UDEV[") {
-                // udev's processed copy of an event: skip its block.
-                for (_, l) in self.lines.by_ref() {
-                    if l.is_empty() || l == b"\r" {
-                        break;
-                    }
-                }
+            if udev || line.starts_with(b"KERNEL[") {
+                return Some(self.block(line, n + 1, udev).map(|e| Record::Event(e, n + 1)));
             }
         }
     }
@@ -895,11 +989,15 @@ SUBSYSTEM=block
 
 #! wait 5s
 KERNEL[3471.000001] remove   /devices/virtual/block/loop200 (block)
+ACTION=remove
+DEVPATH=/devices/virtual/block/loop200
+SUBSYSTEM=block
 ";
 
     #[test]
     fn reads_udevadm_monitor_text() {
-        let records: Vec<_> = MonitorText::new(MONITOR.as_bytes()).collect::<Result<_, _>>().unwrap();
+        let mut text = MonitorText::new(MONITOR.as_bytes());
+        let records: Vec<_> = text.by_ref().collect::<Result<_, _>>().unwrap();
         assert_eq!(records.len(), 3);
         let Record::Event(add, 4) = &records[0] else { panic!("{records:?}") };
         assert_eq!((add.action, add.devnum()), (Action::Add, Some((7, 200))));
@@ -907,6 +1005,79 @@ KERNEL[3471.000001] remove   /devices/virtual/block/loop200 (block)
         let Record::Event(rm, 20) = &records[2] else { panic!("{records:?}") };
         assert_eq!((rm.action, rm.subsystem), (Action::Remove, "block"));
         assert_eq!(rm.get("DEVPATH"), Some("/devices/virtual/block/loop200"));
+        assert_eq!(text.ignored().udev_blocks, 1);
+    }
+
+    /// The events of a capture, as (action, sorted variables).
+    fn events(text: &[u8]) -> (Vec<(Action, Vec<String>)>, Ignored) {
+        let mut monitor = MonitorText::new(text);
+        let mut out = Vec::new();
+        for record in monitor.by_ref() {
+            if let Record::Event(e, _) = record.unwrap() {
+                let mut vars: Vec<String> = e.vars().map(|v| format!("{}={}", v.key, v.value)).collect();
+                vars.sort();
+                out.push((e.action, vars));
+            }
+        }
+        (out, monitor.ignored().clone())
+    }
+
+    /// Real captures from this machine (tests/fixtures/capture-real.sh, udevadm 252): the
+    /// kernel's blocks, a mixed `--kernel --udev` capture and a `--udev` one read as the same
+    /// events, with sd-device's `DEVNAME=/dev/loop870` read as the kernel's `loop870`.
+    #[test]
+    fn real_captures_read_alike() {
+        for (kernel, mixed, udev) in [
+            (
+                &include_bytes!("../tests/fixtures/loop-real/events")[..],
+                &include_bytes!("../tests/fixtures/loop-real/events-mixed")[..],
+                &include_bytes!("../tests/fixtures/loop-real/events-udev")[..],
+            ),
+            (
+                include_bytes!("../tests/fixtures/zram-real/events"),
+                include_bytes!("../tests/fixtures/zram-real/events-mixed"),
+                include_bytes!("../tests/fixtures/zram-real/events-udev"),
+            ),
+        ] {
+            let (want, none) = events(kernel);
+            assert!(want.len() >= 2 && none == Ignored::default());
+            assert!(want.iter().all(|(_, v)| v.iter().any(|v| v.starts_with("DEVNAME=") && !v.contains('/'))));
+            let (got, ignored) = events(mixed);
+            assert_eq!(got, want);
+            assert_eq!(ignored.udev_blocks, want.len());
+            let (got, ignored) = events(udev);
+            assert_eq!(got, want);
+            assert!(ignored.udev_properties.contains("USEC_INITIALIZED"), "{ignored:?}");
+        }
+        let (loop_events, _) = events(include_bytes!("../tests/fixtures/loop-real/events"));
+        let actions: Vec<Action> = loop_events.iter().map(|(a, _)| *a).collect();
+        assert_eq!(actions, [Action::Add, Action::Change, Action::Change, Action::Change, Action::Remove]);
+    }
+
+    /// A capture without `--property` is refused with a message that says how to capture.
+    #[test]
+    fn captures_without_properties_say_how_to_capture() {
+        let text = b"monitor will print the received events for:\nKERNEL - the kernel uevent\n\nKERNEL[1.5] add      /devices/virtual/block/loop0 (block)\nKERNEL[1.6] remove   /devices/virtual/block/loop0 (block)\n";
+        let err = MonitorText::new(text).next().unwrap().unwrap_err();
+        assert_eq!(err, TextError { line: 4, error: TextProblem::NoProperties });
+        assert!(err.to_string().contains("capture with `udevadm monitor --kernel --property`"), "{err}");
+        let last = MonitorText::new(b"KERNEL[1.5] add /devices/x (block)").next().unwrap().unwrap_err();
+        assert_eq!(last.error, TextProblem::NoProperties);
+    }
+
+    /// udevadm's DEVNAME is sd-device's path; the event holds the kernel's name, and prints
+    /// back as udevadm does.
+    #[test]
+    fn devname_is_read_as_the_kernel_sends_it() {
+        let text = b"KERNEL[1.5] add /devices/virtual/block/loop0 (block)\nACTION=add\nDEVPATH=/devices/virtual/block/loop0\nSUBSYSTEM=block\nDEVNAME=/dev/loop0\n\n";
+        let Some(Ok(Record::Event(e, 1))) = MonitorText::new(text).next() else { panic!() };
+        assert_eq!(e.get("DEVNAME"), Some("loop0"));
+        let mut out = Vec::new();
+        e.write_monitor(&mut out).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("\nDEVNAME=/dev/loop0\n"));
+        // A datagram's DEVNAME is the kernel's as it is, whatever it holds.
+        let d = b"add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=block\0DEVNAME=/dev/x\0";
+        assert_eq!(Uevent::parse(d).unwrap().get("DEVNAME"), Some("/dev/x"));
     }
 
     #[test]
@@ -923,7 +1094,7 @@ KERNEL[3471.000001] remove   /devices/virtual/block/loop200 (block)
     fn monitor_text_errors_carry_their_line() {
         let text = b"KERNEL[1.0] add /devices/x (usb)\nACTION=add\nDEVPATH=/devices/y\nSUBSYSTEM=usb\n";
         let err = MonitorText::new(text).next().unwrap().unwrap_err();
-        assert_eq!(err, TextError { line: 1, error: ParseError::Mismatch("DEVPATH") });
+        assert_eq!(err, TextError::at(1, ParseError::Mismatch("DEVPATH")));
         let text = b"KERNEL[1.0] add /devices/x (usb)\nACTION=add\nbroken\n";
         let err = MonitorText::new(text).next().unwrap().unwrap_err();
         assert_eq!(err.line, 3);

@@ -121,35 +121,11 @@ fn check_rel(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Properties udev adds, which the kernel's `uevent` file never has.
+/// Properties udev adds (see [`crate::uevent::udev_property`]) and those the kernel's `uevent`
+/// file never has (the event's own header values).
 fn udev_only(key: &str) -> bool {
-    const PREFIXES: &[&str] = &[
-        "ID_",
-        ".",
-        "UDISKS_",
-        "SYSTEMD_",
-        "DM_",
-        "LVM_",
-        "MPATH_",
-        "NM_",
-        "COLORD_",
-        "LIBINPUT_",
-        "MTP_",
-        "UPOWER_",
-        "LIBSANE_",
-    ];
-    const KEYS: &[&str] = &[
-        "DEVLINKS",
-        "TAGS",
-        "CURRENT_TAGS",
-        "USEC_INITIALIZED",
-        "ACTION",
-        "DEVPATH",
-        "SUBSYSTEM",
-        "SEQNUM",
-        "SYNTH_UUID",
-    ];
-    KEYS.contains(&key) || PREFIXES.iter().any(|p| key.starts_with(p))
+    const KEYS: &[&str] = &["ACTION", "DEVPATH", "SUBSYSTEM", "SEQNUM", "SYNTH_UUID"];
+    KEYS.contains(&key) || crate::uevent::udev_property(key)
 }
 
 /// Writes `devices` as a tree: `root/sys` (the sysfs root) and `root/dev`.

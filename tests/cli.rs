@@ -266,7 +266,11 @@ fn replay_input_errors_exit_5() {
     let out = run(&["replay", "/nonexistent/fixture"]);
     assert_eq!(out.status.code(), Some(5));
     let dir = tempdir("bad-events");
-    std::fs::write(dir.join("events"), "KERNEL[1.0] add /devices/../x (block)\n").unwrap();
+    std::fs::write(
+        dir.join("events"),
+        "KERNEL[1.0] add /devices/../x (block)\nACTION=add\nDEVPATH=/devices/../x\nSUBSYSTEM=block\n",
+    )
+    .unwrap();
     let case = fixtures().join("usb-stick");
     let out = run(&[
         "replay",
@@ -364,4 +368,51 @@ fn rules_from_qubesdb_vm_config() {
         "{text}"
     );
     assert!(text.contains("1 rule(s) loaded, 1 error(s)"), "{text}");
+}
+
+/// Real captures from this machine's kernel (tests/fixtures/capture-real.sh): the kernel's
+/// blocks, a mixed `--kernel --udev` capture and a `--udev` one replay to the same calls, and
+/// the output says what it read past.
+#[test]
+fn real_captures_replay_alike() {
+    for case in ["loop-real", "zram-real"] {
+        let dir = fixtures().join(case);
+        let expected = std::fs::read_to_string(dir.join("expected")).unwrap();
+        assert_eq!(expected.lines().count(), 2, "{case}: an attach and a detach");
+        for (events, note) in [
+            ("events", None),
+            ("events-mixed", Some("udev block(s) skipped")),
+            ("events-udev", Some("left out udev's properties")),
+        ] {
+            let out = run(&["replay", dir.to_str().unwrap(), dir.join(events).to_str().unwrap()]);
+            assert_eq!(out.status.code(), Some(0), "{case}/{events}: {}", stderr(&out));
+            assert_eq!(stdout(&out), expected, "{case}/{events}: {}", stderr(&out));
+            if let Some(note) = note {
+                assert!(stderr(&out).contains(note), "{case}/{events}: {}", stderr(&out));
+            }
+        }
+    }
+}
+
+/// A capture made without `--property` is refused with how to capture it.
+#[test]
+fn replay_refuses_a_capture_without_properties() {
+    let dir = tempdir("no-property");
+    std::fs::write(
+        dir.join("mon.txt"),
+        "monitor will print the received events for:\nKERNEL - the kernel uevent\n\n\
+         KERNEL[1502.956205] add      /devices/virtual/block/loop870 (block)\n\
+         KERNEL[1506.444282] remove   /devices/virtual/block/loop870 (block)\n",
+    )
+    .unwrap();
+    let case = fixtures().join("loop-real");
+    let out = run(&["replay", case.to_str().unwrap(), dir.join("mon.txt").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "mon.txt: line 4: the event has no properties: capture with `udevadm monitor --kernel --property`"
+        ),
+        "{}",
+        stderr(&out)
+    );
 }

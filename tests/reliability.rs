@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use autoattach::rules::{Matcher, parse};
 use autoattach::sysfs::Sysfs;
-use autoattach::uevent::{MonitorText, ParseError, Uevent};
+use autoattach::uevent::{MonitorText, TextProblem, Uevent};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -1051,13 +1051,14 @@ fn scripts_are_shellcheck_clean() {
 // Regressions found by the fuzz targets
 
 /// monitor_text: a block captured without --property took SUBSYSTEM from its header
-/// unchecked, so control bytes got in that a property line would have dropped.
+/// unchecked, so control bytes got in that a property line would have dropped. Such blocks
+/// are now refused whole, with a message that says how to capture.
 #[test]
 fn header_only_monitor_blocks_are_checked_like_properties() {
-    let err = MonitorText::new(b"KERNEL[1.0] add /devices/x (sc\x01i)\n\n").next().unwrap().unwrap_err();
-    assert_eq!(err.error, ParseError::Missing("SUBSYSTEM"));
-    let ok = MonitorText::new(b"KERNEL[1.0] add /devices/x (scsi)\n\n").next().unwrap();
-    assert!(ok.is_ok());
+    for text in [&b"KERNEL[1.0] add /devices/x (sc\x01i)\n\n"[..], b"KERNEL[1.0] add /devices/x (scsi)\n\n"] {
+        let err = MonitorText::new(text).next().unwrap().unwrap_err();
+        assert_eq!(err.error, TextProblem::NoProperties);
+    }
 }
 
 /// rules_match: udev trims an attribute of " \t\n\r" only, and only when the pattern's last

@@ -15,7 +15,7 @@ use crate::uevent::{Action, Uevent};
 pub fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
     let sysfs = sysfs(opts)?;
     let db = qubesdb(opts);
-    let (parsed, _) = Sources::of(opts, db.clone()).load();
+    let parsed = Sources::of(opts, db.clone()).load();
     if !agent::report_rules(&parsed) {
         return Err(Failure::rules(format!("{} error(s) in the rules", parsed.errors.len())));
     }

@@ -36,7 +36,7 @@ pub const PLACEHOLDER: &str = "QUBE";
 
 pub fn list(opts: &Opts) -> Result<u8, Failure> {
     let sysfs = sysfs(opts)?;
-    let (parsed, _) = Sources::of(opts, qubesdb(opts)).load();
+    let parsed = Sources::of(opts, qubesdb(opts)).load();
     if !agent::report_rules(&parsed) {
         return Err(Failure::rules(format!("{} error(s) in the rules", parsed.errors.len())));
     }

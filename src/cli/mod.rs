@@ -167,7 +167,7 @@ fn run(opts: &Opts) -> Result<u8, Failure> {
     let options = RunOptions {
         sysfs: sysfs_root(opts),
         dev: opts.dev.clone().unwrap_or_else(|| "/dev".into()),
-        load_rules: RuleLoader(Box::new(move || sources.load().0)),
+        load_rules: RuleLoader(Box::new(move || sources.load())),
         client: client(opts),
         qubesdb: db,
         dry_run: opts.dry_run,
@@ -206,8 +206,8 @@ fn replay(opts: &Opts) -> Result<u8, Failure> {
         client: client(opts).display().to_string(),
         config: config(opts),
     };
-    let calls = crate::replay::replay(&ropts, &|paths| sources::Sources::files(paths).load().0)
-        .map_err(|e| Failure::new(e.code, e.message))?;
+    let calls = crate::replay::replay(&ropts, &|paths| sources::Sources::files(paths).load())
+        .map_err(|e| Failure::new(e.exit_code(), e.to_string()))?;
     let mut text = String::new();
     for call in calls {
         text.push_str(&call);

@@ -8,12 +8,12 @@
 //! `check` can say where it looked.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::{Opts, print, qubesdb};
 use crate::exit::{self, Failure};
 use crate::readiness::Qubesdb;
-use crate::rules::Parsed;
+use crate::rules::{Found, Parsed, Source};
 
 /// The qubesdb key a disposable sys-usb's rules come from (`qvm-features sys-usb
 /// vm-config.autoattach-rules '...'` in dom0).
@@ -31,32 +31,6 @@ pub struct Sources {
     qubesdb: Option<Qubesdb>,
     /// Why qubesdb is not read, when it is not, for `check`.
     no_qubesdb: Option<&'static str>,
-}
-
-/// What one place held.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Found {
-    /// A default place that does not exist.
-    Missing,
-    /// A file read: its rules and errors.
-    File { rules: usize, errors: usize },
-    /// A directory: its `*.rules` files, each as a `File` (or an error) of its own.
-    Dir { files: usize },
-    /// The place could not be read (the error is among the rules' errors).
-    Unreadable,
-    /// qubesdb has no such key.
-    Unset,
-    /// qubesdb is not read, and why.
-    NotRead(&'static str),
-}
-
-/// One place looked at, and what it held.
-#[derive(Debug)]
-pub struct Looked {
-    pub place: String,
-    /// Nesting: 1 for a file of a directory.
-    pub depth: usize,
-    pub found: Found,
 }
 
 impl Sources {
@@ -83,94 +57,34 @@ impl Sources {
         Sources { paths: paths.to_vec(), required: true, qubesdb: None, no_qubesdb: None }
     }
 
-    /// Reads every source: the rules, and what each place held.
-    pub fn load(&self) -> (Parsed, Vec<Looked>) {
+    /// Reads every source; `parsed.sources` says what each place held.
+    pub fn load(&self) -> Parsed {
         let mut parsed = Parsed::default();
-        let mut looked = Vec::new();
         for path in &self.paths {
-            add_path(&mut parsed, &mut looked, path, self.required);
+            parsed.add_path(path, self.required);
         }
-        if !self.required {
-            let place = format!("qubesdb:{QUBESDB_RULES}");
-            let found = match (&self.qubesdb, self.no_qubesdb) {
-                (Some(db), _) => read_qubesdb(&mut parsed, db, &place),
-                (None, why) => Found::NotRead(why.unwrap_or("not read")),
-            };
-            looked.push(Looked { place, depth: 0, found });
+        if let Some(db) = self.qubesdb.as_ref().filter(|_| !self.required) {
+            read_qubesdb(&mut parsed, db);
         }
-        (parsed, looked)
-    }
-
-    /// The files that were read, for checks on the files themselves.
-    pub fn files_read(looked: &[Looked]) -> impl Iterator<Item = &Path> {
-        looked.iter().filter(|l| matches!(l.found, Found::File { .. })).map(|l| Path::new(&l.place))
+        parsed
     }
 }
 
-/// One file or directory: a directory contributes its `*.rules` files (not subdirectories,
-/// even named `*.rules`) in name order.
-fn add_path(parsed: &mut Parsed, looked: &mut Vec<Looked>, path: &Path, required: bool) {
-    let place = path.display().to_string();
-    match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
-            return looked.push(Looked { place, depth: 0, found: Found::Missing });
-        }
-        Ok(meta) if meta.is_dir() => {}
-        _ => return looked.push(Looked { place, depth: 0, found: read_file(parsed, path) }),
-    }
-    let files = match std::fs::read_dir(path) {
-        Ok(entries) => {
-            let mut files: Vec<PathBuf> = entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "rules") && !p.is_dir())
-                .collect();
-            files.sort();
-            files
-        }
-        Err(e) => {
-            parsed.file_error(&place, format!("cannot list: {}", io_reason(&e)));
-            return looked.push(Looked { place, depth: 0, found: Found::Unreadable });
-        }
+/// qubesdb's rules: their own source, or `Missing` when the key is not set.
+fn read_qubesdb(parsed: &mut Parsed, db: &Qubesdb) {
+    let origin = format!("qubesdb:{QUBESDB_RULES}");
+    let unreadable = |parsed: &mut Parsed, message: String| {
+        parsed.file_error(&origin, message);
+        parsed.sources.push(Source { origin: origin.clone(), found: Found::Unreadable });
     };
-    looked.push(Looked { place, depth: 0, found: Found::Dir { files: files.len() } });
-    for file in files {
-        let found = read_file(parsed, &file);
-        looked.push(Looked { place: file.display().to_string(), depth: 1, found });
-    }
-}
-
-/// Parses one file (through the parser's own reader), counting what it added.
-fn read_file(parsed: &mut Parsed, path: &Path) -> Found {
-    let (rules, errors) = (parsed.set.rules.len(), parsed.errors.len());
-    parsed.add_path(path, true);
-    let (rules, errors) = (parsed.set.rules.len() - rules, parsed.errors.len() - errors);
-    if rules == 0 && parsed.errors.last().is_some_and(|e| e.line == 0 && errors > 0) {
-        Found::Unreadable
-    } else {
-        Found::File { rules, errors }
-    }
-}
-
-fn read_qubesdb(parsed: &mut Parsed, db: &Qubesdb, place: &str) -> Found {
-    let (rules, errors) = (parsed.set.rules.len(), parsed.errors.len());
     match db.read(QUBESDB_RULES) {
-        Ok(None) => return Found::Unset,
+        Ok(None) => parsed.sources.push(Source { origin: origin.clone(), found: Found::Missing }),
         Ok(Some(text)) => match String::from_utf8(text) {
-            Ok(text) => parsed.add(place, &text),
-            Err(_) => parsed.file_error(place, "not UTF-8".into()),
+            Ok(text) => parsed.add(&origin, &text),
+            Err(_) => unreadable(parsed, "not UTF-8".into()),
         },
-        Err(why) => {
-            parsed.file_error(place, format!("cannot read: {why}"));
-            return Found::Unreadable;
-        }
+        Err(why) => unreadable(parsed, format!("cannot read: {why}")),
     }
-    Found::File { rules: parsed.set.rules.len() - rules, errors: parsed.errors.len() - errors }
-}
-
-fn io_reason(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    text.split(" (os error").next().unwrap_or(&text).to_owned()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -179,11 +93,22 @@ fn io_reason(e: &std::io::Error) -> String {
 /// `autoattach check [FILE|DIR]...`: where it looked, every error, every warning, a summary.
 pub fn check(opts: &Opts) -> Result<u8, Failure> {
     let sources = Sources::of(opts, qubesdb(opts));
-    let (mut parsed, looked) = sources.load();
-    lint_files(&mut parsed, Sources::files_read(&looked));
+    let mut parsed = sources.load();
+    let access = service_user_can_read(&sources.paths);
+    parsed.warnings.extend(access);
     let mut out = String::from("rules looked for in:\n");
-    for l in &looked {
-        let _ = writeln!(out, "  {}{}: {}", "  ".repeat(l.depth), l.place, describe(&l.found));
+    let mut dir: Option<&str> = None;
+    for source in &parsed.sources {
+        let inside = dir.is_some_and(|d| source.origin.strip_prefix(d).is_some_and(|r| r.starts_with('/')));
+        if !inside {
+            dir = matches!(source.found, Found::Directory(_)).then_some(source.origin.as_str());
+        }
+        let errors = parsed.errors.iter().filter(|e| *e.origin == *source.origin && e.line > 0).count();
+        let indent = if inside { "    " } else { "  " };
+        let _ = writeln!(out, "{indent}{}: {}", source.origin, describe(&source.found, errors));
+    }
+    if let Some(why) = sources.no_qubesdb {
+        let _ = writeln!(out, "  qubesdb:{QUBESDB_RULES}: {why}");
     }
     for e in &parsed.errors {
         let _ = writeln!(out, "{e}");
@@ -207,30 +132,32 @@ pub fn check(opts: &Opts) -> Result<u8, Failure> {
     Ok(if parsed.errors.is_empty() { exit::SUCCESS } else { exit::RULES })
 }
 
-fn describe(found: &Found) -> String {
+fn describe(found: &Found, errors: usize) -> String {
     let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     match found {
         Found::Missing => "not present".into(),
-        Found::File { rules, errors: 0 } => plural(*rules, "rule"),
-        Found::File { rules, errors } => format!("{}, {}", plural(*rules, "rule"), plural(*errors, "error")),
-        Found::Dir { files: 0 } => "directory, no *.rules files".into(),
-        Found::Dir { files } => format!("directory, {}", plural(*files, "*.rules file")),
+        Found::Rules(rules) if errors == 0 => plural(*rules, "rule"),
+        Found::Rules(rules) => format!("{}, {}", plural(*rules, "rule"), plural(errors, "error")),
+        Found::Directory(0) => "directory, no *.rules files".into(),
+        Found::Directory(files) => format!("directory, {}", plural(*files, "*.rules file")),
         Found::Unreadable => "cannot be read (see below)".into(),
-        Found::Unset => "not set".into(),
-        Found::NotRead(why) => (*why).into(),
     }
 }
 
-/// Checks on the rule files themselves, beyond their text: the parser's lints run as it
-/// parses (their warnings are in `parsed.warnings`).
-///
-/// HOOK for the udev branch (issue 11.4): the warning that a file is unreadable by the
-/// service's user (`autoattach`) when `check` runs as root. Expected:
-/// `crate::rules::lint_files(parsed: &mut Parsed, files: impl Iterator<Item = &Path>)`,
-/// pushing one warning per file the user `autoattach` cannot read, with a hint (`chmod
-/// 0644 FILE`). Until it lands this does nothing.
-fn lint_files<'a>(parsed: &mut Parsed, files: impl Iterator<Item = &'a Path>) {
-    let _ = (parsed, files.count());
+/// The user the packaged service runs as (packaging/autoattach.sysusers).
+const SERVICE_USER: &str = "autoattach";
+
+/// As root, a warning for each rules file or directory the service's user cannot read (the
+/// agent would then stop with exit code 3). Not root, or no such user here: nothing to say
+/// beyond a debug line.
+fn service_user_can_read(paths: &[PathBuf]) -> Vec<crate::rules::RuleError> {
+    match crate::rules::unreadable_by(paths, SERVICE_USER) {
+        Ok(warnings) => warnings,
+        Err(why) => {
+            debug!("not checked whether user {SERVICE_USER} can read the rules: {why}");
+            Vec::new()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -245,39 +172,15 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_lists_its_rules_files_in_order() {
-        let dir = tempdir("dir");
-        std::fs::write(dir.join("20-b.rules"), "KERNEL==\"x\", ATTACH=\"b\"\nKERNEL==\"y\", ATTACH=\"b\"\n").unwrap();
-        std::fs::write(dir.join("10-a.rules"), "KERNEL=\"x\", ATTACH=\"a\"\n").unwrap();
-        std::fs::write(dir.join("notes.txt"), "not rules").unwrap();
-        std::fs::create_dir(dir.join("sub.rules")).unwrap();
-        let (parsed, looked) = Sources::files(std::slice::from_ref(&dir)).load();
-        let shown: Vec<(usize, &str, &Found)> =
-            looked.iter().map(|l| (l.depth, l.place.rsplit('/').next().unwrap(), &l.found)).collect();
-        let name = dir.file_name().unwrap().to_str().unwrap();
-        assert_eq!(
-            shown,
-            [
-                (0, name, &Found::Dir { files: 2 }),
-                (1, "10-a.rules", &Found::File { rules: 0, errors: 1 }),
-                (1, "20-b.rules", &Found::File { rules: 2, errors: 0 }),
-            ]
-        );
-        assert_eq!((parsed.set.rules.len(), parsed.errors.len()), (2, 1));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
     fn a_named_path_must_exist_a_default_one_need_not() {
         let dir = tempdir("missing");
         let gone = dir.join("gone.rules");
-        let (parsed, looked) = Sources::files(std::slice::from_ref(&gone)).load();
-        assert_eq!(looked[0].found, Found::Unreadable);
+        let parsed = Sources::files(std::slice::from_ref(&gone)).load();
+        assert_eq!(parsed.sources[0].found, Found::Unreadable);
         assert_eq!(parsed.errors.len(), 1);
         let sources = Sources { paths: vec![gone], required: false, qubesdb: None, no_qubesdb: Some("x") };
-        let (parsed, looked) = sources.load();
-        assert_eq!((looked[0].found == Found::Missing, parsed.errors.len()), (true, 0));
-        assert_eq!(looked[1].found, Found::NotRead("x"));
+        let parsed = sources.load();
+        assert_eq!((parsed.sources[0].found, parsed.errors.len()), (Found::Missing, 0));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
