@@ -16,10 +16,9 @@
 //! The output is a valid rules file (the descriptions are comments). A rule line is printed
 //! only if it parses and matches the device it was made for: each is checked here, through
 //! the same parser and matcher as the agent's. Values are spelt as the rule language reads
-//! them: `\"` for a quote; where a value holds what a plain string cannot say (`|`, which
-//! always separates alternatives; a trailing `\`; a control or non-UTF-8 byte) the value
-//! becomes a glob with `?` for those bytes and `\` before `*`, `?`, `[` and `\`, and the
-//! line says so.
+//! them: a plain `"..."` where that can hold the value, else `e"..."` with C escapes (and a
+//! glob's `\` before `*`, `?`, `[`); a `|` always separates alternatives, so it becomes
+//! `?`, and the line says so.
 
 use std::fmt::Write as _;
 
@@ -194,7 +193,8 @@ fn keys(sysfs: &Sysfs, event: &Uevent<'_>) -> Vec<(String, Vec<u8>)> {
             }
         }
         None => {
-            keys.push(("KERNEL".into(), event.kernel().as_bytes().to_vec()));
+            // As udev's rules see a kernel name: `!` is `/` (sd-device's sysname).
+            keys.push(("KERNEL".into(), event.kernel().replace('!', "/").into_bytes()));
             if let Some(file) = attr(sysfs, event.devpath, "loop/backing_file").map(trimmed) {
                 keys.push(("ATTR{loop/backing_file}".into(), file));
             }
@@ -232,68 +232,61 @@ fn rule_line(sysfs: &Sysfs, event: &Uevent<'_>) -> Result<RuleLine, String> {
         return Err("no line that matches this device can be written".into());
     }
     let note = (!inexact.is_empty()).then(|| {
-        format!(
-            "{} holds bytes a rule cannot spell (|, a trailing \\, control or non-UTF-8 bytes): each is ? here",
-            inexact.join(", ")
-        )
+        format!("{} holds a | (which a rule always reads as alternatives): each is ? here", inexact.join(", "))
     });
     Ok(RuleLine { text, note })
 }
 
-/// `value` in double quotes as the rule parser reads it, and whether the pattern matches
-/// exactly `value` (true) or also values that differ where `?` stands (false).
+/// `value` quoted as the rule parser reads it, and whether the pattern matches exactly
+/// `value` (true) or also values that differ where a `?` stands for a `|` (false).
 ///
-/// A plain string needs only `\"` for a quote: the parser keeps every other backslash. A
-/// value with `*`, `?` or `[` is a glob to the matcher, so those are escaped with `\` (and
-/// `\` itself); `|` always separates alternatives, and a backslash before the closing
-/// quote would escape it, so those, and bytes a rules file cannot hold, become `?`.
+/// A plain `"..."` string needs only `\"` for a quote: the parser keeps every other
+/// backslash. Anything else is written `e"..."` (C escapes, as udev's cunescape reads them):
+/// `\\`, `\"`, `\xNN` for control and non-UTF-8 bytes. A value with `*`, `?`, `[` is a glob
+/// to the matcher, so those (and `\`) get a glob `\` first; `|` always separates
+/// alternatives, even escaped, so it becomes `?`.
 fn quote(value: &[u8]) -> (String, bool) {
-    if value.is_empty() {
-        return ("\"\"".into(), true);
-    }
     let text = std::str::from_utf8(value).ok();
-    let plain = text.filter(|t| {
-        !t.is_empty() && !t.ends_with('\\') && !t.chars().any(|c| c.is_control() || matches!(c, '|' | '*' | '?' | '['))
-    });
+    let plain =
+        text.filter(|t| !t.ends_with('\\') && !t.chars().any(|c| c.is_control() || matches!(c, '|' | '*' | '?' | '[')));
     if let Some(t) = plain {
         return (format!("\"{}\"", t.replace('"', "\\\"")), true);
     }
-    let mut out = String::from("\"");
-    let mut exact = true;
-    let mut rest = value;
-    while !rest.is_empty() {
-        let (c, len) = match std::str::from_utf8(&rest[..utf8_len(rest[0]).min(rest.len())]) {
-            Ok(s) => (s.chars().next(), s.len()),
-            Err(_) => (None, 1),
-        };
-        let last = len == rest.len();
-        match c {
-            Some('*' | '?' | '[') => {
-                out.push('\\');
-                out.push(c.unwrap_or_default());
-            }
-            Some('\\') if !last => out.push_str("\\\\"),
-            Some('"') => out.push_str("\\\""),
-            Some(c) if !c.is_control() && c != '|' && c != '\\' => out.push(c),
-            _ => {
-                out.push('?');
-                exact = false;
-            }
+    let glob = value.iter().any(|b| b"|*?[".contains(b));
+    let mut pattern = Vec::with_capacity(value.len() + 8);
+    for &b in value {
+        match b {
+            b'|' => pattern.push(b'?'),
+            b'*' | b'?' | b'[' | b'\\' if glob => pattern.extend([b'\\', b]),
+            b => pattern.push(b),
         }
-        rest = &rest[len..];
     }
-    out.push('"');
-    (out, exact)
+    (format!("e\"{}\"", c_escape(&pattern)), !value.contains(&b'|'))
 }
 
-/// The length of the UTF-8 sequence that starts with `b` (1 for an invalid start).
-fn utf8_len(b: u8) -> usize {
-    match b {
-        0xc2..=0xdf => 2,
-        0xe0..=0xef => 3,
-        0xf0..=0xf4 => 4,
-        _ => 1,
+/// `bytes` in C escapes: printable ASCII and UTF-8 text as they are (but `\` and `"`),
+/// everything else `\xNN`.
+fn c_escape(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                c if c.is_control() => {
+                    let mut buf = [0; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        let _ = write!(out, "\\x{b:02x}");
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
     }
+    out
 }
 
 /// The other present devices that `line` also matches.
@@ -337,23 +330,25 @@ mod tests {
 
     #[test]
     fn plain_values_stay_plain_and_quotes_are_escaped() {
-        assert_eq!(round_trip(b"4C530001230101115543"), ("\"4C530001230101115543\"".into(), true));
-        assert_eq!(round_trip(b"a \"b\" c"), ("\"a \\\"b\\\" c\"".into(), true));
-        assert_eq!(round_trip(b"a\\b"), ("\"a\\b\"".into(), true));
-        assert_eq!(round_trip(b"a\\\"b"), ("\"a\\\\\"b\"".into(), true));
+        assert_eq!(round_trip(b"4C530001230101115543"), (r#""4C530001230101115543""#.into(), true));
+        assert_eq!(round_trip(br#"a "b" c"#), (r#""a \"b\" c""#.into(), true));
+        assert_eq!(round_trip(br"a\b"), (r#""a\b""#.into(), true));
+        assert_eq!(round_trip(br#"a\"b"#), (r#""a\\"b""#.into(), true));
         assert_eq!(round_trip("Ünïcode".as_bytes()), ("\"Ünïcode\"".into(), true));
+        assert_eq!(round_trip(b""), (r#""""#.into(), true));
     }
 
     #[test]
-    fn glob_characters_are_escaped_and_unspellable_bytes_become_question_marks() {
-        assert_eq!(round_trip(b"a*b?c[d"), ("\"a\\*b\\?c\\[d\"".into(), true));
-        assert_eq!(round_trip(b"x*\\y"), ("\"x\\*\\\\y\"".into(), true));
-        assert_eq!(round_trip(b"a|b"), ("\"a?b\"".into(), false));
-        assert_eq!(round_trip(b"ends\\"), ("\"ends?\"".into(), false));
-        assert_eq!(round_trip(b"tab\there"), ("\"tab?here\"".into(), false));
-        assert_eq!(round_trip(b"\xff\xfeok"), ("\"??ok\"".into(), false));
-        assert_eq!(round_trip(b"*\"\\"), ("\"\\*\\\"?\"".into(), false));
-        // An exact glob matches nothing else; an inexact one only what differs at `?`.
+    fn other_values_are_c_escaped_and_globs_escaped_for_the_matcher() {
+        assert_eq!(round_trip(b"a*b?c[d"), (r#"e"a\\*b\\?c\\[d""#.into(), true));
+        assert_eq!(round_trip(br"x*\y"), (r#"e"x\\*\\\\y""#.into(), true));
+        assert_eq!(round_trip(br"ends\"), (r#"e"ends\\""#.into(), true));
+        assert_eq!(round_trip(b"tab\there"), (r#"e"tab\x09here""#.into(), true));
+        assert_eq!(round_trip(b"\xff\xfe\"ok"), (r#"e"\xff\xfe\"ok""#.into(), true));
+        // `|` separates alternatives even in e"...": it becomes `?`, and the line says so.
+        assert_eq!(round_trip(b"a|b"), (r#"e"a?b""#.into(), false));
+        assert_eq!(round_trip(br"*|\"), (r#"e"\\*?\\\\""#.into(), false));
+        // An exact glob matches nothing else.
         let (q, _) = quote(b"a*b");
         let parsed = rules::parse("t", &format!("ATTRS{{serial}}=={q}, ATTACH=\"q\""));
         assert!(!parsed.set.rules[0].parent_tests[0].pattern.matches(b"aXb"));
