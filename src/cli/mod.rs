@@ -1,6 +1,6 @@
 //! The command line: parse ([`args`]), then run one command. Each command's code is a
-//! module of its own: where rules come from and `check` ([`sources`]), `test` ([`explain`]),
-//! `list` ([`list`]); `run`, `record` and `replay` are wiring, here.
+//! module of its own: where rules come from and `check` (`sources`), `test` (`explain`),
+//! `list` (`list`); `run`, `record` and `replay` are wiring, here.
 //!
 //! Every failure is an [`exit::Failure`]; [`main`] prints it and returns its code, which
 //! `main.rs` hands back to the system.
