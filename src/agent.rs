@@ -239,7 +239,7 @@ impl Engine {
             return;
         }
         info!("{}: detaching it from {}", entry.who(), entry.qube);
-        if let Ok(call) = Call::new(DETACH_SERVICE, &entry.qube, Kind::Block, &entry.target.dev) {
+        if let Ok(call) = Call::bare(DETACH_SERVICE, &entry.qube, Kind::Block, &entry.target.dev) {
             out.effect(Effect::Call { call, device: entry.who().to_owned() });
         }
     }
@@ -276,7 +276,7 @@ impl Engine {
         };
         let timeout = rule.timeout.unwrap_or(self.config.timeout).as_millis() as u64;
         // A name that could never be sent is refused now, once, not after waiting for it.
-        let refused = Call::new(ATTACH_SERVICE, &rule.attach, kind, dev).err();
+        let refused = Call::bare(ATTACH_SERVICE, &rule.attach, kind, dev).err();
         let state = match refused {
             None => State::Waiting {
                 deadline: now + timeout,
@@ -355,7 +355,7 @@ impl Engine {
             rate.times.push_back(now);
             entry.reserved = Some(now);
         }
-        Call::new(ATTACH_SERVICE, &entry.qube, entry.target.kind, &entry.target.dev).ok()
+        Call::bare(ATTACH_SERVICE, &entry.qube, entry.target.kind, &entry.target.dev).ok()
     }
 
     /// Gives back the rate-limit slot counted for a probe whose device was not ready.
@@ -492,7 +492,7 @@ impl Engine {
             }
             rate.times.push_back(now);
         }
-        match Call::new(ATTACH_SERVICE, &entry.qube, entry.target.kind, &entry.target.dev) {
+        match Call::bare(ATTACH_SERVICE, &entry.qube, entry.target.kind, &entry.target.dev) {
             Ok(call) => {
                 entry.state = State::Done { called: true };
                 out.effect(Effect::Call { call, device: entry.who().to_owned() });

@@ -15,6 +15,7 @@ pub mod beneath;
 pub mod cli;
 pub mod exit;
 pub mod fnmatch;
+pub mod identity;
 pub mod names;
 pub mod netlink;
 pub mod readiness;

@@ -417,7 +417,7 @@ mod tests {
         let pid = spawner.spawn(&[c"-c", c"exit 126"]).unwrap();
         children.add(pid, "c".into(), "d".into(), 0);
         let exit = wait_exit(&mut children);
-        assert_eq!(exit.to_string(), "exit 126: refused by dom0's qrexec policy");
+        assert_eq!(exit.to_string(), "exit 126: qrexec: refused by dom0's qrexec policy (QREXEC_EXIT_REQUEST_REFUSED)");
         let pid = spawner.spawn(&[c"-c", c"sleep 0.5"]).unwrap();
         children.add(pid, "c".into(), "d".into(), 1000);
         assert_eq!(children.next_overdue(Duration::from_secs(1)), Some(2000));

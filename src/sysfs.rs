@@ -347,36 +347,28 @@ impl Sysfs {
         None
     }
 
-    /// udev's ID_USB_INTERFACES: `:ccsspp:` for each distinct interface of the device.
+    /// udev's ID_USB_INTERFACES for the `usb_device` at `usb_devpath` (`:080650:`, or empty
+    /// when udev sets none): every distinct interface triple in its `descriptors`, in
+    /// descriptor order, alternate settings and other configurations included, exactly as
+    /// systemd's `usb_id` computes it (see [`crate::identity`]).
     pub fn usb_interfaces(&self, usb_devpath: &str) -> String {
-        let mut out = String::from(":");
-        let Ok(entries) = std::fs::read_dir(self.root.join(&usb_devpath[1..])) else {
-            return String::new();
-        };
-        let mut names: Vec<String> = entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-            .filter(|n| n.contains(':'))
-            .collect();
-        names.sort();
-        let mut buf = [0u8; MAX_ATTR];
-        for name in names {
-            let dp = format!("{usb_devpath}/{name}");
-            let mut triple = String::new();
-            for attr in ["bInterfaceClass", "bInterfaceSubClass", "bInterfaceProtocol"] {
-                match self.attr(&dp, attr, &mut buf) {
-                    Ok(v) if v.len() == 2 && v.iter().all(u8::is_ascii_hexdigit) => {
-                        triple.push_str(&String::from_utf8_lossy(v).to_ascii_lowercase())
-                    }
-                    _ => break,
-                }
-            }
-            if triple.len() == 6 && !out.contains(&format!(":{triple}:")) {
-                out.push_str(&triple);
-                out.push(':');
+        let interfaces = crate::identity::usb_interfaces(self, usb_devpath).unwrap_or_default();
+        String::from_utf8_lossy(&interfaces).into_owned()
+    }
+
+    /// One `read()` of `devpath/name` into `buf`, as udev reads binary attributes: the bytes
+    /// as they are (no NUL cut, no newline removed), at most what one read returns (kernfs
+    /// serves a binary attribute a page per read).
+    pub fn read_once(&self, devpath: &str, name: &str, buf: &mut [u8]) -> Result<usize, AttrError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let fd = self.open_file(devpath, name)?;
+        loop {
+            match nix::unistd::read(fd.as_fd(), buf) {
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(AttrError::Unreadable(e)),
+                Ok(n) => return Ok(n),
             }
         }
-        if out.len() == 1 { String::new() } else { out }
     }
 }
 

@@ -101,7 +101,15 @@ impl Tree {
             "usb",
             "MAJOR=189\nMINOR=129\nDEVNAME=bus/usb/002/002\nDEVTYPE=usb_device\nDRIVER=usb\nPRODUCT=46f4/1/0\nBUSNUM=002\nDEVNUM=002\n",
             Some("usb"),
-            &[("idVendor", b"46f4\n"), ("idProduct", b"0001\n"), ("serial", &[serial, b"\n"].concat()), ("manufacturer", b"QEMU\n"), ("product", b"QEMU USB HARDDRIVE\n"), ("devnum", b"2\n")],
+            &[
+                ("idVendor", b"46f4\n"),
+                ("idProduct", b"0001\n"),
+                ("serial", &[serial, b"\n"].concat()),
+                ("manufacturer", b"QEMU\n"),
+                ("product", b"QEMU USB HARDDRIVE\n"),
+                ("devnum", b"2\n"),
+                ("descriptors", &usb_descriptors(&[(8, 6, 0x50, 2)])),
+            ],
         );
         t.device(
             &format!("{usb}/2-1:1.0"),
@@ -135,6 +143,24 @@ impl Tree {
         );
         t
     }
+}
+
+/// A `descriptors` attribute as the kernel serves it: the 18-byte device descriptor, then
+/// one configuration: its 9-byte header and, per interface `(class, subclass, protocol,
+/// endpoints)`, a 9-byte interface descriptor followed by 7-byte endpoint descriptors.
+pub fn usb_descriptors(interfaces: &[(u8, u8, u8, u8)]) -> Vec<u8> {
+    let mut config = Vec::new();
+    for (n, &(class, sub, proto, endpoints)) in interfaces.iter().enumerate() {
+        config.extend_from_slice(&[9, 4, n as u8, 0, endpoints, class, sub, proto, 0]);
+        for e in 0..endpoints {
+            config.extend_from_slice(&[7, 5, 0x81 + e, 2, 0, 2, 0]);
+        }
+    }
+    let total = (9 + config.len()) as u16;
+    let mut out = vec![18, 1, 0, 2, 0, 0, 0, 64, 0xf4, 0x46, 0x01, 0x00, 0, 1, 1, 2, 3, 1];
+    out.extend_from_slice(&[9, 2, total as u8, (total >> 8) as u8, interfaces.len() as u8, 1, 0, 0x80, 50]);
+    out.extend_from_slice(&config);
+    out
 }
 
 /// The devpaths of [`Tree::stick`].

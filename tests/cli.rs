@@ -214,6 +214,7 @@ fn list_shows_identity_and_rule() {
          #   usb device     1-2 0781:5581, manufacturer \" USB\", product \" SanDisk 3.2Gen1\"\n\
          #   serial         \"4C530001230101115543\"\n\
          #   interfaces     :080650:\n\
+         #   qubes id       \"0781:5581:4C530001230101115543:u080650:1.0:1\"\n\
          #   rule           {}:2 -> ATTACH=\"backup\"\n\
          SUBSYSTEM==\"block\", ENV{{DEVTYPE}}==\"partition\", ENV{{PARTN}}==\"1\", ATTRS{{idVendor}}==\"0781\", \
          ATTRS{{idProduct}}==\"5581\", ATTRS{{serial}}==\"4C530001230101115543\", ATTACH=\"QUBE\"\n",

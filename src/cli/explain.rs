@@ -23,7 +23,7 @@ pub fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
     let (devpath, datagram) = present_event(&sysfs, name, action.as_str())?;
     let event = Uevent::parse(&datagram).map_err(|e| Failure::input(format!("{devpath}: {e}")))?;
     let mut report = String::new();
-    let _ = writeln!(report, "device {devpath}\n  {}", sysfs.identity(&devpath));
+    let _ = writeln!(report, "device {devpath}\n  {}", crate::identity::describe(&sysfs, &devpath));
     let devtype = event.devtype().unwrap_or("-");
     let _ = writeln!(report, "  event: {} {} {devtype} (from sysfs)", event.action, event.subsystem);
     if agent::attachable(&event).is_none() {

@@ -9,6 +9,7 @@
 //! #   usb device     2-1 0781:5581, manufacturer "SanDisk", product "Cruzer Blade"
 //! #   serial         "4C530001230101115543"
 //! #   interfaces     :080650:
+//! #   qubes id       "0781:5581:4C530001230101115543:u080650:1.0:1"
 //! #   rule           /etc/autoattach/rules.d/backup.rules:3 -> ATTACH="backup"
 //! SUBSYSTEM=="block", ENV{DEVTYPE}=="partition", ENV{PARTN}=="1", ATTRS{idVendor}=="0781", ...
 //! ```
@@ -49,6 +50,7 @@ pub fn list(opts: &Opts) -> Result<u8, Failure> {
             None => "no rule matches".into(),
         };
         describe(&mut out, &sysfs, devpath, &event);
+        qubes_id(&mut out, &sysfs, devpath);
         label(&mut out, "rule", &rule);
         match rule_line(&sysfs, &event) {
             Ok(line) => {
@@ -145,8 +147,18 @@ fn describe(out: &mut String, sysfs: &Sysfs, devpath: &str, event: &Uevent<'_>) 
     if !interfaces.is_empty() {
         label(out, "interfaces", &interfaces);
     }
-    // SLOT (identity branch, issue 9.1): the Qubes device id the call would carry, labelled
-    // `qubes id`, e.g. `label(out, "qubes id", &crate::identity::...)`.
+}
+
+/// The Qubes device id the call would carry (R4.3's `device_id`), as qubesd would compute it
+/// from the records Qubes' udev scripts publish, simulated from sysfs.
+fn qubes_id(out: &mut String, sysfs: &Sysfs, devpath: &str) {
+    let id = crate::identity::from_sysfs(sysfs, devpath)
+        .map_err(|e| e.to_string())
+        .and_then(|simulated| simulated.device_id().map_err(|e| e.to_string()));
+    match id {
+        Ok(id) => label(out, "qubes id", &format!("\"{}\"", Escaped(id.as_bytes()))),
+        Err(why) => label(out, "qubes id", &format!("none ({why})")),
+    }
 }
 
 /// A block device's size for people: `60061696 sectors (28.6 GiB)`, or `no media`. Integer
