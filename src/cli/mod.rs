@@ -113,9 +113,12 @@ fn sysfs_root(opts: &Opts) -> PathBuf {
     opts.sysfs.clone().unwrap_or_else(|| "/sys".into())
 }
 
+/// The sysfs tree: the system's `/sys` missing is fatal (4); a `--sysfs DIR` that is not there
+/// is input not found (5), like any fixture.
 fn sysfs(opts: &Opts) -> Result<Sysfs, Failure> {
     let root = sysfs_root(opts);
-    Sysfs::new(&root).map_err(|e| Failure::fatal(format!("sysfs {}: {e}", root.display())))
+    let code = if opts.sysfs.is_some() { exit::INPUT } else { exit::FATAL };
+    Sysfs::new(&root).map_err(|e| Failure::new(code, format!("sysfs: {e}")))
 }
 
 fn client(opts: &Opts) -> PathBuf {
