@@ -695,6 +695,24 @@ mod tests {
         assert!(!command_help(List).contains("--action"));
     }
 
+    /// The defaults help states are the program's own (a change to one shows here).
+    #[test]
+    fn stated_defaults_are_the_programs() {
+        let help = |long: &str| OPTIONS.iter().find(|o| o.long == long).map(|o| o.help).unwrap_or_default();
+        let config = crate::agent::Config::default();
+        let mib = crate::netlink::DEFAULT_RCVBUF >> 20;
+        assert!(help("rcvbuf").contains(&format!("(default {mib} MiB)")), "{}", help("rcvbuf"));
+        let secs = config.timeout.as_secs();
+        assert!(help("timeout").contains(&format!("(default {secs}s)")), "{}", help("timeout"));
+        let (n, window) = config.rate_limit.unwrap_or_default();
+        let rate = format!("(default {n}/{}m;", window.as_secs() / 60);
+        assert!(help("rate-limit").contains(&rate), "{}", help("rate-limit"));
+        assert_eq!(config.debounce, Duration::ZERO);
+        assert!(help("debounce").contains("(default 0)"));
+        let slow = format!("(default {}m)", super::super::SLOW_CALL.as_secs() / 60);
+        assert!(help("slow-call").contains(&slow), "{}", help("slow-call"));
+    }
+
     #[test]
     fn every_option_is_handled() {
         for o in OPTIONS {

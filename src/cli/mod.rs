@@ -162,6 +162,9 @@ fn with_action(add: &[u8], action: &str) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // Commands that are wiring
 
+/// After this long a call still running is logged (`--slow-call`).
+pub const SLOW_CALL: Duration = Duration::from_secs(120);
+
 /// `autoattach run`: everything the agent needs, then the loop. The one place that builds
 /// [`RunOptions`].
 fn run(opts: &Opts) -> Result<u8, Failure> {
@@ -176,7 +179,7 @@ fn run(opts: &Opts) -> Result<u8, Failure> {
         dry_run: opts.dry_run,
         config: config(opts),
         rcvbuf: opts.rcvbuf.unwrap_or(crate::netlink::DEFAULT_RCVBUF),
-        child_bound: opts.slow_call.unwrap_or(Duration::from_secs(120)),
+        child_bound: opts.slow_call.unwrap_or(SLOW_CALL),
         threads: 3,
     };
     agent::run(options).map(|()| exit::SUCCESS).map_err(|f| Failure::new(f.code, f.message))
