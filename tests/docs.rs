@@ -100,6 +100,11 @@ fn man_page_lists_the_commands_options_and_exit_codes_of_the_program() {
     for (o, (term, text)) in OPTIONS.iter().zip(&options) {
         let used = format!("Used by: {}.", users(o.commands));
         assert!(text.ends_with(&used), "{term}: the man page says {text:?}, the program: {used:?}");
+        // The default --help states, the man page states too.
+        if let Some((_, rest)) = o.help.split_once("default") {
+            let value = rest.trim_start_matches([':', ' ']).split([')', ';', ',']).next().unwrap().trim();
+            assert!(plain(text).contains(value), "{term}: --help says the default is {value:?}; the man page: {text:?}");
+        }
     }
 
     let exits = codes(&section(&page, "EXIT STATUS"));
