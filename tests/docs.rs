@@ -257,3 +257,29 @@ fn man_pages_render_without_warnings() {
     assert_eq!(pages, 3, "autoattach.8, autoattach.rules.5, autoattach-dom0.8");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The variables the dom0 handler reads from dom0's environment (its header's block of
+/// `#   AUTOATTACH_NAME  what (default X)` lines) are the man page's, with the same defaults.
+#[test]
+fn dom0_man_page_lists_the_handlers_variables() {
+    let script = read("dom0/custom.USBDeviceAttach");
+    let mut header = BTreeMap::new();
+    for line in script.lines().take_while(|l| l.starts_with('#')) {
+        let body = line.trim_start_matches('#').trim();
+        let Some(name) = body.split_whitespace().next().filter(|n| n.starts_with("AUTOATTACH_")) else { continue };
+        let default = body.split_once("(default ").map(|(_, d)| d.split(')').next().unwrap().to_owned());
+        header.insert(name.to_owned(), default);
+    }
+    let page = read("man/autoattach-dom0.8.scd");
+    let man: BTreeMap<String, Option<String>> = entries(&section(&page, "ENVIRONMENT"))
+        .into_iter()
+        .filter(|(term, _)| term.starts_with("AUTOATTACH_"))
+        .map(|(term, text)| {
+            let text = plain(&text);
+            let default = text.split_once("(default ").map(|(_, d)| d.split(')').next().unwrap().to_owned());
+            (term, default)
+        })
+        .collect();
+    assert!(!header.is_empty(), "no AUTOATTACH_ variables in the handler's header");
+    assert_eq!(man, header, "man/autoattach-dom0.8.scd ENVIRONMENT and dom0/custom.USBDeviceAttach's header");
+}
