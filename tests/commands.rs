@@ -169,7 +169,7 @@ fn test_action_remove_never_attaches_and_change_is_like_add() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("  event: remove block partition (from sysfs)\n"), "{text}");
     assert!(text.contains("on remove the agent attaches nothing"), "{text}");
-    assert!(!text.contains("would call"), "{text}");
+    assert!(!text.contains("would call:"), "{text}");
     for action in ["change", "add"] {
         let out = run(&args(action));
         let text = stdout(&out);

@@ -103,7 +103,10 @@ fn man_page_lists_the_commands_options_and_exit_codes_of_the_program() {
         // The default --help states, the man page states too.
         if let Some((_, rest)) = o.help.split_once("default") {
             let value = rest.trim_start_matches([':', ' ']).split([')', ';', ',']).next().unwrap().trim();
-            assert!(plain(text).contains(value), "{term}: --help says the default is {value:?}; the man page: {text:?}");
+            assert!(
+                plain(text).contains(value),
+                "{term}: --help says the default is {value:?}; the man page: {text:?}"
+            );
         }
     }
 

@@ -46,13 +46,15 @@ pub fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
     let rule = &parsed.set.rules[index];
     let _ = writeln!(report, "\nfirst match: {} -> ATTACH=\"{}\"", rule.location(), rule.attach);
     if action == Action::Remove {
-        let _ = writeln!(
-            report,
-            "on remove the agent attaches nothing: it detaches a block device it attached \
-             (custom.USBDeviceDetach+{}+__+{}), and forgets the device",
-            rule.attach,
-            crate::log::Escaped(event.get("DEVNAME").unwrap_or_else(|| event.kernel()).as_bytes())
-        );
+        let dev = crate::log::Escaped(event.get("DEVNAME").unwrap_or_else(|| event.kernel()).as_bytes()).to_string();
+        let then = match event.subsystem {
+            "block" => format!(
+                "had it attached {dev} to {}, it would call custom.USBDeviceDetach (unless --no-detach)",
+                rule.attach
+            ),
+            _ => "Qubes detaches a removed USB device by itself".into(),
+        };
+        let _ = writeln!(report, "on remove the agent attaches nothing: {then}");
         print(&report)?;
         return Ok(exit::NO_MATCH);
     }
