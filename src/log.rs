@@ -131,6 +131,66 @@ impl fmt::Display for Escaped<'_> {
     }
 }
 
+impl<'a> Escaped<'a> {
+    /// A device-derived `&str` (a devpath, a name from an event), escaped the same way.
+    pub fn str(s: &'a str) -> Escaped<'a> {
+        Escaped(s.as_bytes())
+    }
+}
+
+/// A warning that a sender outside our control (the kernel on a device's behalf, a local
+/// process) can cause at will: the first is logged with its detail, the next ones within the
+/// window only counted, then summarised once per window. The caller owns the clock (ms).
+#[derive(Clone, Debug, Default)]
+pub struct RateLimited {
+    /// Counted since the last line, not logged.
+    pending: u64,
+    /// When the next summary may be written (None: the next warning is logged at once).
+    next: Option<u64>,
+}
+
+impl RateLimited {
+    /// The window between two lines of the same warning.
+    pub const WINDOW_MS: u64 = 10_000;
+
+    /// A warning happened at `now`: true if it is to be logged now (the caller writes the
+    /// detailed line), false if it was only counted.
+    pub fn note(&mut self, now: u64) -> bool {
+        match self.next {
+            None => {
+                self.next = Some(now + Self::WINDOW_MS);
+                true
+            }
+            Some(_) => {
+                self.pending += 1;
+                false
+            }
+        }
+    }
+
+    /// When [`RateLimited::summary`] has something to say, for the loop's timer.
+    pub fn next_report(&self) -> Option<u64> {
+        self.next.filter(|_| self.pending > 0)
+    }
+
+    /// At or after [`RateLimited::next_report`]: how many were counted since the last line (to
+    /// log as one summary), or None; the window starts again.
+    pub fn summary(&mut self, now: u64) -> Option<u64> {
+        match self.next {
+            Some(at) if at <= now && self.pending > 0 => {
+                let n = std::mem::take(&mut self.pending);
+                self.next = Some(now + Self::WINDOW_MS);
+                Some(n)
+            }
+            Some(at) if at <= now => {
+                self.next = None;
+                None
+            }
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +199,19 @@ mod tests {
     fn escapes_everything_a_device_could_abuse() {
         let hostile = b"a\"b\\c\nd\x1b[31me\xff$(rm -rf /)";
         assert_eq!(Escaped(hostile).to_string(), "a\\\"b\\\\c\\x0ad\\x1b[31me\\xff$(rm -rf /)");
+    }
+
+    #[test]
+    fn rate_limited_warnings_log_once_then_summarise() {
+        let mut r = RateLimited::default();
+        assert!(r.note(0));
+        assert!(!r.note(1) && !r.note(2));
+        assert_eq!(r.next_report(), Some(RateLimited::WINDOW_MS));
+        assert_eq!(r.summary(5), None, "not before the window ends");
+        assert_eq!(r.summary(RateLimited::WINDOW_MS), Some(2));
+        assert_eq!(r.summary(3 * RateLimited::WINDOW_MS), None);
+        assert!(r.note(3 * RateLimited::WINDOW_MS + 1), "a quiet window later, the next one is logged");
+        assert_eq!(Escaped::str("a\u{202e}b\n").to_string(), "a\\xe2\\x80\\xaeb\\x0a");
     }
 
     #[test]

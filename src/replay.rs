@@ -322,7 +322,7 @@ fn copy_dir(
 fn copy_link(from: &OwnedFd, src: &Path, rel: &Path, to: &OwnedFd, dst: &Path) -> Result<(), BeneathError> {
     let target = beneath::read_link(from, src, Links::Refuse)?;
     if !beneath::link_stays_inside(rel, &target) {
-        return Err(BeneathError::Outside(src.join(format!("-> {}", target.display()))));
+        return Err(BeneathError::Outside(PathBuf::from(format!("{} -> {}", src.display(), target.display()))));
     }
     let (parent, name) = split(dst);
     let parent = beneath::open(to, parent, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty(), Links::Refuse)?;
@@ -545,5 +545,29 @@ fn note_ignored(path: &Path, ignored: &crate::uevent::Ignored) {
             path.display(),
             keys.join(", ")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The work directory is mkdtemp's: a fresh, unguessable name, 0700, never one that was
+    /// there before (the old `autoattach-replay-PID-N` was predictable and reused).
+    #[test]
+    fn work_directories_are_fresh_and_private() {
+        let (a, b) = (Work::new().unwrap(), Work::new().unwrap());
+        assert_ne!(a.path, b.path);
+        for w in [&a, &b] {
+            let meta = std::fs::symlink_metadata(&w.path).unwrap();
+            assert!(meta.is_dir());
+            assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+            let name = w.path.file_name().unwrap().to_str().unwrap();
+            assert!(!name.contains(&std::process::id().to_string()), "{name}");
+        }
+        let gone = a.path.clone();
+        drop(a);
+        assert!(!gone.exists());
     }
 }

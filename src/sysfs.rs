@@ -212,6 +212,36 @@ impl Sysfs {
         Ok(out)
     }
 
+    /// The entries of a device's directory, read beneath the root, sorted by name: regular
+    /// files, links (with their target) and the rest (directories, anything else).
+    pub fn entries(&self, devpath: &str) -> Vec<(String, Entry)> {
+        let Some(rel) = devpath.strip_prefix('/').filter(|_| devpath_is_safe(devpath)) else {
+            return Vec::new();
+        };
+        let Ok(names) = crate::beneath::list(&self.dir, Path::new(rel), Links::Follow) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, Entry)> = names
+            .into_iter()
+            .filter_map(|n| n.into_string().ok())
+            .map(|name| {
+                let path = Path::new(rel).join(&name);
+                let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW;
+                let fd = crate::beneath::open(&self.dir, &path, flags, Mode::empty(), Links::Follow);
+                let mode = fd.ok().and_then(|fd| nix::sys::stat::fstat(&fd).ok()).map_or(0, |st| st.st_mode);
+                let entry = match mode & nix::libc::S_IFMT {
+                    nix::libc::S_IFREG => Entry::File,
+                    nix::libc::S_IFLNK => crate::beneath::read_link(&self.dir, &path, Links::Follow)
+                        .map_or(Entry::Other, |t| Entry::Link(Path::new(rel).join(&name), t)),
+                    _ => Entry::Other,
+                };
+                (name, entry)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Opens the file `devpath/name` for reading, beneath the root: on the kernel's sysfs in
     /// one `openat2`, in a fixture after checking it is a regular file.
     fn open_file(&self, devpath: &str, name: &str) -> Result<OwnedFd, AttrError> {
@@ -386,6 +416,41 @@ fn rel_path<'b>(buf: &'b mut [u8; MAX_PATH], devpath: &str, name: &str) -> Resul
     CStr::from_bytes_with_nul(&buf[..=len]).map_err(|_| AttrError::BadPath)
 }
 
+/// One entry of a device's directory (see [`Sysfs::entries`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    File,
+    /// A symbolic link: its path relative to the root, and its target.
+    Link(PathBuf, PathBuf),
+    Other,
+}
+
+/// What an error opening or reading a device node (the first-sector read) says about the
+/// device, so that a permission problem is reported as one and retried, not taken for "no
+/// media".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeProblem {
+    /// EACCES, EPERM: the agent's user may not read the node (a udev-less system leaves nodes
+    /// root:disk 0660): retry until the timeout, then say what to fix.
+    Permission,
+    /// ENOMEDIUM, EIO, a short read: no readable media yet; the kernel announces media.
+    NoMedia,
+    /// ENOENT, ENODEV, ENXIO: the node or the device is gone.
+    Gone,
+    /// Anything else: retry until the timeout.
+    Other,
+}
+
+/// Classifies an error from opening or reading a device node.
+pub fn classify_node_error(e: &io::Error) -> NodeProblem {
+    match e.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::EACCES | Errno::EPERM) => NodeProblem::Permission,
+        Some(Errno::ENOMEDIUM | Errno::EIO) => NodeProblem::NoMedia,
+        Some(Errno::ENOENT | Errno::ENODEV | Errno::ENXIO) => NodeProblem::Gone,
+        _ => NodeProblem::Other,
+    }
+}
+
 /// A device's identity, for people.
 #[derive(Clone, Debug, Default)]
 pub struct Identity {
@@ -436,5 +501,43 @@ impl fmt::Display for Identity {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_errors_are_classified() {
+        let e = |n| io::Error::from_raw_os_error(n);
+        assert_eq!(classify_node_error(&e(nix::libc::EACCES)), NodeProblem::Permission);
+        assert_eq!(classify_node_error(&e(nix::libc::EPERM)), NodeProblem::Permission);
+        assert_eq!(classify_node_error(&e(nix::libc::ENOMEDIUM)), NodeProblem::NoMedia);
+        assert_eq!(classify_node_error(&e(nix::libc::ENXIO)), NodeProblem::Gone);
+        assert_eq!(classify_node_error(&e(nix::libc::EBUSY)), NodeProblem::Other);
+    }
+
+    /// A fixture's attribute that leaves the tree, is a FIFO or is endless is refused, never
+    /// read (the kernel's sysfs is detected and read the quick way).
+    #[test]
+    fn fixture_reads_stay_beneath_the_root() {
+        let tree = crate::testing::Tree::stick(b"S1");
+        let sysfs = Sysfs::new(tree.root()).unwrap();
+        assert!(!sysfs.is_kernel());
+        assert!(Sysfs::new("/sys").unwrap().is_kernel());
+        let dev = tree.root().join(&crate::testing::STICK_USB[1..]);
+        std::os::unix::fs::symlink("/etc/hostname", dev.join("outside")).unwrap();
+        std::os::unix::fs::symlink("../../../../../../../etc/hostname", dev.join("escape")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dev.join("zero")).unwrap();
+        nix::unistd::mkfifo(&dev.join("fifo"), Mode::from_bits_truncate(0o644)).unwrap();
+        let mut buf = [0u8; MAX_ATTR];
+        for name in ["outside", "escape", "zero"] {
+            assert_eq!(sysfs.attr(crate::testing::STICK_USB, name, &mut buf), Err(AttrError::Outside), "{name}");
+        }
+        assert_eq!(sysfs.attr(crate::testing::STICK_USB, "fifo", &mut buf), Err(AttrError::NotAFile));
+        assert_eq!(sysfs.attr(crate::testing::STICK_USB, "idVendor", &mut buf), Ok(&b"46f4"[..]));
+        std::fs::write(dev.join("big"), vec![b'x'; MAX_UEVENT as usize + 1]).unwrap();
+        assert_eq!(sysfs.read_file(crate::testing::STICK_USB, "big", MAX_UEVENT), Err(AttrError::NotAFile));
     }
 }

@@ -24,7 +24,7 @@
 
 use std::fmt;
 use std::io::{self, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 
 use crate::sysfs::Sysfs;
 use crate::uevent::devpath_is_safe;
@@ -161,33 +161,7 @@ pub fn write_tree(devices: &[Device], root: &Path) -> io::Result<()> {
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(target, link)?;
         }
-        let depth = d.devpath.matches('/').count();
-        let up = "../".repeat(depth);
-        if let Some(subsystem) = d.prop("SUBSYSTEM") {
-            check_rel(subsystem)
-                .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, format!("SUBSYSTEM {subsystem:?}: {m}")))?;
-            let class = if subsystem == "block" { "class/block".to_owned() } else { format!("bus/{subsystem}") };
-            std::fs::create_dir_all(sys.join(&class))?;
-            link_fresh(&format!("{up}{class}"), &dir.join("subsystem"))?;
-            let kernel = crate::uevent::kernel_name(&d.devpath);
-            let listing = match subsystem {
-                "block" => Some("class/block".to_owned()),
-                "usb" if d.prop("DEVTYPE") == Some("usb_device") => Some("bus/usb/devices".to_owned()),
-                _ => None,
-            };
-            if let Some(listing) = listing {
-                std::fs::create_dir_all(sys.join(&listing))?;
-                let back = "../".repeat(listing.matches('/').count() + 1);
-                link_fresh(&format!("{}{}", back.trim_end_matches('/'), d.devpath), &sys.join(&listing).join(kernel))?;
-            }
-            if let Some(driver) = d.prop("DRIVER") {
-                check_rel(driver)
-                    .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, format!("DRIVER {driver:?}: {m}")))?;
-                let drivers = format!("bus/{subsystem}/drivers/{driver}");
-                std::fs::create_dir_all(sys.join(&drivers))?;
-                link_fresh(&format!("{up}{drivers}"), &dir.join("driver"))?;
-            }
-        }
+        link_subsystem(d, &sys, &dir)?;
         if let Some((name, contents)) = &d.node {
             let path = dev.join(name);
             std::fs::create_dir_all(path.parent().unwrap_or(&dev))?;
@@ -199,6 +173,39 @@ pub fn write_tree(devices: &[Device], root: &Path) -> io::Result<()> {
                 _ => Vec::new(),
             };
             std::fs::write(path, bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// The `subsystem` and `driver` links of a recorded device, and its entry in the listings
+/// coldplug reads (`class/block`, `bus/usb/devices`).
+fn link_subsystem(d: &Device, sys: &Path, dir: &Path) -> io::Result<()> {
+    let depth = d.devpath.matches('/').count();
+    let up = "../".repeat(depth);
+    if let Some(subsystem) = d.prop("SUBSYSTEM") {
+        check_rel(subsystem)
+            .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, format!("SUBSYSTEM {subsystem:?}: {m}")))?;
+        let class = if subsystem == "block" { "class/block".to_owned() } else { format!("bus/{subsystem}") };
+        std::fs::create_dir_all(sys.join(&class))?;
+        link_fresh(&format!("{up}{class}"), &dir.join("subsystem"))?;
+        let kernel = crate::uevent::kernel_name(&d.devpath);
+        let listing = match subsystem {
+            "block" => Some("class/block".to_owned()),
+            "usb" if d.prop("DEVTYPE") == Some("usb_device") => Some("bus/usb/devices".to_owned()),
+            _ => None,
+        };
+        if let Some(listing) = listing {
+            std::fs::create_dir_all(sys.join(&listing))?;
+            let back = "../".repeat(listing.matches('/').count() + 1);
+            link_fresh(&format!("{}{}", back.trim_end_matches('/'), d.devpath), &sys.join(&listing).join(kernel))?;
+        }
+        if let Some(driver) = d.prop("DRIVER") {
+            check_rel(driver)
+                .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, format!("DRIVER {driver:?}: {m}")))?;
+            let drivers = format!("bus/{subsystem}/drivers/{driver}");
+            std::fs::create_dir_all(sys.join(&drivers))?;
+            link_fresh(&format!("{up}{drivers}"), &dir.join("driver"))?;
         }
     }
     Ok(())
@@ -268,7 +275,6 @@ pub fn record(sysfs: &Sysfs, devpath: &str, out: &mut impl Write) -> io::Result<
 }
 
 fn record_one(sysfs: &Sysfs, devpath: &str, out: &mut impl Write) -> io::Result<()> {
-    let dir = sysfs.root().join(&devpath[1..]);
     writeln!(out, "P: {devpath}")?;
     let uevent = sysfs.uevent_file(devpath).unwrap_or_default();
     let uevent = String::from_utf8_lossy(&uevent);
@@ -286,39 +292,30 @@ fn record_one(sysfs: &Sysfs, devpath: &str, out: &mut impl Write) -> io::Result<
         let v = if k == "DEVNAME" { format!("/dev/{v}") } else { v.to_owned() };
         writeln!(out, "E: {k}={v}")?;
     }
-    let mut names: Vec<String> =
-        std::fs::read_dir(&dir)?.flatten().filter_map(|e| e.file_name().into_string().ok()).collect();
-    names.sort();
-    for name in names {
+    for (name, entry) in sysfs.entries(devpath) {
         if matches!(name.as_str(), "subsystem" | "driver" | "firmware_node" | "uevent") {
             continue;
         }
-        let path = dir.join(&name);
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if meta.file_type().is_symlink() {
-            if let Ok(target) = std::fs::read_link(&path) {
-                if path.is_file() {
+        match entry {
+            // A link is recorded if it stays in the tree and leads to a file there.
+            crate::sysfs::Entry::Link(at, target) => {
+                if crate::beneath::link_stays_inside(&at, &target) && sysfs.read_file(devpath, &name, 64 * 1024).is_ok()
+                {
                     writeln!(out, "L: {name}={}", target.display())?;
                 }
             }
-        } else if meta.is_file() {
-            if let Ok(value) = read_limited(&path, 64 * 1024) {
-                match std::str::from_utf8(&value) {
-                    Ok(text) if !text.contains('\0') => writeln!(out, "A: {name}={}", escape(text.as_bytes()))?,
-                    _ => writeln!(out, "H: {name}={}", hex(&value))?,
+            crate::sysfs::Entry::File => {
+                if let Ok(value) = sysfs.read_file(devpath, &name, 64 * 1024) {
+                    match std::str::from_utf8(&value) {
+                        Ok(text) if !text.contains('\0') => writeln!(out, "A: {name}={}", escape(text.as_bytes()))?,
+                        _ => writeln!(out, "H: {name}={}", hex(&value))?,
+                    }
                 }
             }
+            crate::sysfs::Entry::Other => {}
         }
     }
     writeln!(out)
-}
-
-fn read_limited(path: &PathBuf, max: u64) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    io::Read::read_to_end(&mut io::Read::take(std::fs::File::open(path)?, max), &mut out)?;
-    Ok(out)
 }
 
 /// glib's g_strescape: `\b \f \n \r \t \v \\ \"` and octal `\NNN` for other control bytes and

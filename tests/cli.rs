@@ -417,3 +417,129 @@ fn replay_refuses_a_capture_without_properties() {
         stderr(&out)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Containment (issue 11.6): replay, test, list and record never leave their fixture.
+
+/// A copy of the usb-stick case to tamper with, and a victim directory outside it.
+fn tampered_case(tag: &str) -> (PathBuf, PathBuf) {
+    let dir = tempdir(tag);
+    let case = dir.join("case");
+    let status = Command::new("cp").arg("-a").arg(fixtures().join("usb-stick")).arg(&case).status().unwrap();
+    assert!(status.success());
+    let victim = dir.join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("important"), "keep me").unwrap();
+    (case, victim)
+}
+
+fn replay_case(case: &Path) -> Output {
+    run(&["replay", case.to_str().unwrap()])
+}
+
+/// `#! set` through a link that leaves the case: refused, nothing written outside.
+#[test]
+fn replay_never_writes_outside_the_fixture() {
+    let (case, victim) = tampered_case("contain-write");
+    std::os::unix::fs::symlink(&victim, case.join("sys/devices/evil")).unwrap();
+    std::fs::write(case.join("events"), "#! set sys/devices/evil/written 1\n").unwrap();
+    let out = replay_case(&case);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("leads outside the fixture"), "{}", stderr(&out));
+    assert!(!victim.join("written").exists());
+    // The same directive on a link inside the copy is refused too (no link on a directive's path).
+    std::fs::remove_file(case.join("sys/devices/evil")).unwrap();
+    std::os::unix::fs::symlink("pci0000:00", case.join("sys/devices/alias")).unwrap();
+    std::fs::write(case.join("events"), "#! set sys/devices/alias/written 1\n").unwrap();
+    let out = replay_case(&case);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("events:1: sys/devices/alias/written: leads outside the fixture"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!case.join("sys/devices/pci0000:00/written").exists(), "the fixture itself is never written");
+}
+
+/// `#! rm` through an escaping relative link: refused, nothing deleted.
+#[test]
+fn replay_never_deletes_outside_the_fixture() {
+    let (case, victim) = tampered_case("contain-delete");
+    std::os::unix::fs::symlink("../../victim", case.join("sys/devices/evil")).unwrap();
+    std::fs::write(case.join("events"), "#! rm sys/devices/evil/important\n").unwrap();
+    let out = replay_case(&case);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("sys/devices/evil -> ../../victim: leads outside the fixture"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(victim.join("important")).unwrap(), "keep me");
+}
+
+/// Attributes linked to files outside the tree are not read: `list` and `test` print nothing of
+/// them, and `record` records no such link.
+#[test]
+fn tools_never_read_outside_the_fixture() {
+    let (case, victim) = tampered_case("contain-read");
+    std::fs::write(victim.join("secret"), "s3cr3t-d1scl0sed").unwrap();
+    let usb = case.join("sys/devices/pci0000:00/0000:00:14.0/usb1/1-2");
+    std::fs::remove_file(usb.join("product")).unwrap();
+    std::os::unix::fs::symlink(victim.join("secret"), usb.join("product")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../victim/secret", usb.join("manufacturer.lnk")).unwrap();
+    let sys = case.join("sys");
+    let rules = case.join("rules");
+    for args in [
+        vec!["list", "--sysfs", sys.to_str().unwrap(), "--rules", rules.to_str().unwrap()],
+        vec!["test", "sda1", "--sysfs", sys.to_str().unwrap(), "--rules", rules.to_str().unwrap()],
+        vec!["record", "sda1", "--sysfs", sys.to_str().unwrap()],
+    ] {
+        let out = run(&args);
+        let all = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(!all.contains("s3cr3t"), "{args:?} disclosed the secret:\n{all}");
+    }
+}
+
+/// A `uevent` linked to /dev/zero, a FIFO, a device node: refused at once, never read.
+#[test]
+fn replay_refuses_endless_and_special_files() {
+    let (case, _) = tampered_case("contain-special");
+    let disk = case.join("sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/host0/target0:0:0/0:0:0:0/block/sda");
+    std::fs::remove_file(disk.join("uevent")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", disk.join("uevent")).unwrap();
+    let out = replay_case(&case);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("uevent -> /dev/zero: leads outside the fixture"), "{}", stderr(&out));
+    std::fs::remove_file(disk.join("uevent")).unwrap();
+    nix::unistd::mkfifo(&disk.join("uevent"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let started = std::time::Instant::now();
+    let out = replay_case(&case);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("uevent: is a FIFO, not a regular file: refused"), "{}", stderr(&out));
+    // `list` on the tree itself does not hang on the FIFO either.
+    let out =
+        run(&["list", "--sysfs", case.join("sys").to_str().unwrap(), "--rules", case.join("rules").to_str().unwrap()]);
+    assert!(out.status.code().is_some());
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    std::fs::remove_file(disk.join("uevent")).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        let dev = nix::sys::stat::makedev(1, 5);
+        let mode = nix::sys::stat::Mode::from_bits_truncate(0o644);
+        nix::sys::stat::mknod(&disk.join("uevent"), nix::sys::stat::SFlag::S_IFCHR, mode, dev).unwrap();
+        let out = replay_case(&case);
+        assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("uevent: is a character device, not a regular file: refused"),
+            "{}",
+            stderr(&out)
+        );
+    } else {
+        assert!(std::env::var_os("AUTOATTACH_FULL").is_none(), "AUTOATTACH_FULL=1 needs root for the device node case");
+    }
+}
+
+/// `#! fill` is bounded.
+#[test]
+fn replay_refuses_a_huge_fill() {
+    let (case, _) = tampered_case("contain-fill");
+    std::fs::write(case.join("events"), "#! fill dev/sdc 2000000000\n").unwrap();
+    let out = replay_case(&case);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("events:1: fill of 2000000000 bytes refused: at most 1048576"), "{}", stderr(&out));
+}

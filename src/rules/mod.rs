@@ -293,7 +293,7 @@ impl Test {
         self.on_string(Some(value))
     }
 
-    /// Would this test hold for a string `value` (as [`Test::on_string`]; for lints).
+    /// Would this test hold for a string `value` (udev's token_match_string; for lints).
     pub fn holds_for(&self, value: Option<&[u8]>) -> bool {
         self.on_string(value)
     }

@@ -461,3 +461,85 @@ fn prefixes_and_commas_are_checked_as_udev_checks_them() {
     let shown = parsed.set.rules[0].parent_tests[0].to_string();
     assert_eq!(shown, "ATTRS{serial}==\"\\xff\"");
 }
+
+/// `check`'s never-attaching forms, each with its hint.
+#[test]
+fn lint_flags_rules_that_can_never_attach() {
+    let warnings = |text: &str| -> Vec<String> {
+        let parsed = parse("r", &format!("{text}, ATTACH=\"w\"\n"));
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        parsed.warnings.iter().map(ToString::to_string).collect()
+    };
+    let base = "SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{serial}==\"1\"";
+    let one = |extra: &str| {
+        let got = warnings(&format!("{base}, {extra}"));
+        assert_eq!(got.len(), 1, "{extra}: {got:?}");
+        got.into_iter().next().unwrap()
+    };
+    let w = one("ENV{ID_SERIAL_SHORT}==\"4C53\"");
+    assert!(w.contains("ENV{ID_SERIAL_SHORT}==\"4C53\": ID_SERIAL_SHORT is set by udev, never in a kernel uevent, so this test never holds: the rule can never attach"), "{w}");
+    assert!(w.contains("(hint: match ATTRS{serial} instead"), "{w}");
+    assert!(one("ENV{ID_VENDOR}!=\"x\"").contains("so this test always holds"));
+    assert!(one("ENV{ID_MODEL_ID}==\"5581\"").contains("match ATTRS{idProduct} instead"));
+    assert!(one("ENV{DEVLINKS}==\"*by-id*\"").contains("never holds"));
+    let w = one("ACTION==\"remove\"");
+    assert!(w.contains("devices are attached on add, change and bind events only"), "{w}");
+    assert!(warnings(&format!("{base}, ACTION==\"add|remove\"")).is_empty());
+    assert!(warnings(&format!("{base}, ACTION==\"bind\"")).is_empty());
+    let w = one("ATTRS{idvendor}==\"0781\"");
+    assert!(w.contains("sysfs names are case-sensitive") && w.contains("(hint: write ATTRS{idVendor})"), "{w}");
+    assert!(one("ATTR{SIZE}==\"0\"").contains("write ATTR{size}"));
+    let w = one("ENV{DEVNAME}==\"sdb1\"");
+    assert!(w.contains("udev's DEVNAME is a path (/dev/sdb1)"), "{w}");
+    assert!(warnings(&format!("{base}, ENV{{DEVNAME}}==\"/dev/sdb1\"")).is_empty());
+    assert!(one("ENV{MY-KEY}==\"1\"").contains("never in a kernel uevent"));
+}
+
+/// Where rules were looked for, for `check` to say.
+#[test]
+fn sources_say_where_rules_were_looked_for() {
+    let dir = crate::testing::TempDir::new("sources");
+    std::fs::write(dir.path().join("a.rules"), "SUBSYSTEM==\"block\", ATTRS{serial}==\"1\", ATTACH=\"a\"\n").unwrap();
+    let mut parsed = Parsed::default();
+    parsed.add_path(dir.path(), false);
+    parsed.add_path(&dir.path().join("nope"), false);
+    parsed.add("qubesdb:/vm-config/autoattach-rules", "");
+    let shown = |s: &Source| (s.origin.rsplit('/').next().unwrap().to_owned(), s.found);
+    let got: Vec<_> = parsed.sources.iter().map(shown).collect();
+    let dir_name = dir.path().file_name().unwrap().to_str().unwrap().to_owned();
+    assert_eq!(
+        got,
+        [
+            (dir_name, Found::Directory(1)),
+            ("a.rules".into(), Found::Rules(1)),
+            ("nope".into(), Found::Missing),
+            ("autoattach-rules".into(), Found::Rules(0)),
+        ]
+    );
+}
+
+/// As root: a rules file the service's user cannot read is found, one it can is not; not as
+/// root: the check says it cannot run.
+#[test]
+fn unreadable_by_the_service_user_is_found() {
+    let dir = crate::testing::TempDir::new("unreadable");
+    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(dir.path()).unwrap().permissions(), 0o755);
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (open, closed) = (dir.path().join("10-open.rules"), dir.path().join("20-closed.rules"));
+    std::fs::write(&open, "").unwrap();
+    std::fs::write(&closed, "").unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&closed, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    if !nix::unistd::geteuid().is_root() {
+        assert!(matches!(unreadable_by(&[dir.path().to_owned()], "nobody"), Err(AccessCheckError::NotRoot)));
+        assert!(std::env::var_os("AUTOATTACH_FULL").is_none(), "AUTOATTACH_FULL=1 runs this as root");
+        return;
+    }
+    let found = unreadable_by(&[dir.path().to_owned()], "nobody").unwrap();
+    let names: Vec<String> = found.iter().map(|w| w.origin.rsplit('/').next().unwrap().to_owned()).collect();
+    assert_eq!(names, ["20-closed.rules"], "{found:?}");
+    assert!(found[0].message.contains("the service's user \"nobody\" cannot read this"), "{found:?}");
+    assert!(matches!(unreadable_by(&[open], "no-such-user-here"), Err(AccessCheckError::NoUser(_))));
+    // The calling thread kept its own identity.
+    assert!(nix::unistd::geteuid().is_root() && std::fs::read(&closed).is_ok());
+}
