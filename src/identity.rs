@@ -144,6 +144,11 @@ pub enum IdError {
     TooDeep,
     /// An R4.1/R4.2 record whose `desc` is empty: nothing identifies the device.
     EmptyDesc,
+    /// The published id differs from the one sysfs gives, and sysfs cannot say what udev
+    /// published: a manufacturer or product string overflowed `usb_id`'s 256-byte encoding
+    /// buffer, after which systemd's output is undefined (an unterminated value, a stray NUL
+    /// written past the buffer into the next property).
+    UdevUndefined(String),
 }
 
 impl fmt::Display for IdError {
@@ -155,6 +160,12 @@ impl fmt::Display for IdError {
             }
             IdError::TooDeep => write!(f, "more than {MAX_DEPTH} parent records, or a loop of them"),
             IdError::EmptyDesc => f.write_str("the published desc is empty"),
+            IdError::UdevUndefined(published) => write!(
+                f,
+                "published id \"{}\" cannot be checked: this device's manufacturer or product string overflows \
+                 udev's usb_id buffer, whose output is then undefined",
+                Escaped(published.as_bytes())
+            ),
         }
     }
 }
@@ -303,6 +314,12 @@ impl UsbProps {
         UsbRecord { desc: Some(desc), interfaces: Some(self.interfaces.clone().unwrap_or_default()) }
     }
 
+    /// False when udev's output for the device is undefined (an encoding overflowed its
+    /// buffer): the record is then only the likeliest one.
+    pub fn exact(&self) -> bool {
+        self.vendor_enc.is_ok() && self.model_enc.is_ok()
+    }
+
     /// R4.1/R4.2's `desc`: `"${ID_VENDOR_ID}:${ID_MODEL_ID} ${ID_SERIAL}"`.
     pub fn legacy_desc(&self) -> Vec<u8> {
         [&self.vendor_id[..], b":", &self.model_id, b" ", &self.serial].concat()
@@ -324,6 +341,9 @@ pub struct Simulated {
     pub records: Records,
     /// The device's own udev properties, when it is a USB device.
     pub usb: Option<UsbProps>,
+    /// False when udev's output for a USB device in the chain is undefined (see
+    /// [`UsbProps::exact`]): the records are then the likeliest ones, not certain.
+    pub exact: bool,
 }
 
 impl Simulated {
@@ -332,7 +352,9 @@ impl Simulated {
         device_id(&self.records, &self.port)
     }
 
-    /// The identity a call carries where there is no qubesdb to check against.
+    /// The identity a call carries where there is no qubesdb to check against (when not
+    /// [`exact`](Simulated::exact), the likeliest one: dom0's check refuses it if udev
+    /// published otherwise).
     pub fn identity(&self) -> Result<Identity, IdError> {
         self.device_id().map(Identity::Id)
     }
@@ -366,14 +388,15 @@ pub fn from_sysfs(sysfs: &Sysfs, devpath: &str) -> Result<Simulated, SimError> {
     match sysfs.link(devpath, "subsystem", &mut buf) {
         Some(b"block") => {
             let mut records = Records::default();
-            let name = simulate_block(sysfs, devpath, &uevent, &mut records, 0)?;
-            Ok(Simulated { port: Port::Block(name), records, usb: None })
+            let mut exact = true;
+            let name = simulate_block(sysfs, devpath, &uevent, &mut records, &mut exact, 0)?;
+            Ok(Simulated { port: Port::Block(name), records, usb: None, exact })
         }
         Some(b"usb") if prop(&uevent, "DEVTYPE") == Some(b"usb_device") => {
             let props = UsbProps::read(sysfs, devpath);
             let mut records = Records::default();
             records.insert_usb(&props.busid, props.record());
-            Ok(Simulated { port: Port::Usb(props.busid.clone()), records, usb: Some(props) })
+            Ok(Simulated { port: Port::Usb(props.busid.clone()), records, exact: props.exact(), usb: Some(props) })
         }
         _ => Err(SimError::NotAttachable(devpath.to_owned())),
     }
@@ -387,6 +410,7 @@ fn simulate_block(
     devpath: &str,
     uevent: &[u8],
     records: &mut Records,
+    exact: &mut bool,
     depth: usize,
 ) -> Result<String, SimError> {
     let name = prop(uevent, "DEVNAME")
@@ -397,11 +421,13 @@ fn simulate_block(
         let disk = dirname(devpath);
         let disk_uevent = sysfs.uevent_file(disk).map_err(|_| SimError::Gone(disk.to_owned()))?;
         if depth < MAX_DEPTH {
-            simulate_block(sysfs, disk, &disk_uevent, records, depth + 1)?;
+            simulate_block(sysfs, disk, &disk_uevent, records, exact, depth + 1)?;
         }
     } else if let Some((ident, _)) = parent.split_once(':') {
         if let Some(usb) = usb_parent(sysfs, devpath, ident) {
-            records.insert_usb(ident, UsbProps::read(sysfs, usb).record());
+            let props = UsbProps::read(sysfs, usb);
+            *exact &= props.exact();
+            records.insert_usb(ident, props.record());
         }
     }
     Ok(name)
@@ -521,7 +547,7 @@ fn read_block<Q: QubesDbRead>(db: &mut Q, name: &str) -> Result<Option<BlockReco
 fn read_dir<Q: QubesDbRead>(db: &mut Q, port: &Port) -> Result<Option<Keys>, Q::Error> {
     let dir = port.qubesdb_dir();
     let valid = |c: u8| c.is_ascii_alphanumeric() || b"-_/.:@".contains(&c);
-    if dir.len() + "interfaces".len() >= 64 || !dir.bytes().all(valid) {
+    if dir.len() >= 64 || !dir.bytes().all(valid) {
         return Ok(None);
     }
     let keys: Keys = db
@@ -559,6 +585,9 @@ fn verify_id(published: &Records, expected: &Simulated) -> Verdict {
     };
     if have == want {
         return Verdict::Send(Identity::Id(have));
+    }
+    if !expected.exact {
+        return Verdict::Unverifiable(IdError::UdevUndefined(have));
     }
     let mut shown = format!("id \"{}\"", Escaped(have.as_bytes()));
     for (ident, _) in expected.records.usb.iter().filter(|(ident, _)| published.usb(ident).is_none()) {
@@ -810,7 +839,18 @@ mod tests {
         let props = sim.usb.as_ref().unwrap();
         assert_eq!(props.vendor_enc, Ok(b"46f4".to_vec()), "no manufacturer: idVendor");
         assert_eq!(props.model_enc.as_ref().unwrap_err().len(), 255);
-        assert_eq!(sim.device_id().unwrap(), "46f4:0001:S1:u080650", "the id does not depend on it");
+        assert!(!props.exact() && !sim.exact);
+        assert_eq!(sim.device_id().unwrap(), "46f4:0001:S1:u080650", "the likeliest id");
+        // What udev published is undefined: systemd 252 as Debian builds it writes its stray
+        // NUL over ID_USB_INTERFACES. A published id that differs cannot be checked.
+        let mut db = Db::default();
+        db.set_usb("2-1", &UsbRecord { desc: Some(b"46f4:0001 46f4 x S1".to_vec()), interfaces: Some(Vec::new()) });
+        assert_eq!(
+            check(&mut db, &sim),
+            Ok(Verdict::Unverifiable(IdError::UdevUndefined("46f4:0001:S1:?******".into())))
+        );
+        db.publish(&sim);
+        assert_eq!(check(&mut db, &sim), Ok(Verdict::Send(Identity::Id("46f4:0001:S1:u080650".into()))));
     }
 
     #[test]
@@ -958,6 +998,26 @@ mod tests {
             published,
             "id \"0000:0000::?******:1\" (qubesdb has no /qubes-usb-devices/2-1/: not yet, or Qubes' udev rules exclude it)"
         );
+    }
+
+    #[test]
+    fn published_records_follow_qubesdb_path_rules() {
+        let long = "a".repeat(32);
+        let mut db = Db::default();
+        db.keys.insert(format!("/qubes-block-devices/{long}/parent"), b"".to_vec());
+        db.keys.insert(format!("/qubes-block-devices/{long}/desc"), b"x".to_vec());
+        let records = read_published(&mut db, &Port::Block(long.clone())).unwrap();
+        assert_eq!(device_id(&records, &Port::Block(long)).unwrap(), ":None", "a 32-byte name fits qubesdb");
+        // A parent named with bytes, or at a length, qubesdb refuses is not published there.
+        let mut db = Db::default();
+        db.keys.insert("/qubes-block-devices/sdb1/parent".into(), b"sd b".to_vec());
+        db.keys.insert("/qubes-block-devices/sd_b/parent".into(), b"".to_vec());
+        let records = read_published(&mut db, &Port::Block("sdb1".into())).unwrap();
+        assert!(records.block("sd_b").is_some(), "sanitized to sd_b, which qubesdb can hold");
+        db.keys.insert("/qubes-block-devices/sdb1/parent".into(), "s".repeat(50).into_bytes());
+        db.keys.insert(format!("/qubes-block-devices/{}/parent", "s".repeat(50)), b"".to_vec());
+        let records = read_published(&mut db, &Port::Block("sdb1".into())).unwrap();
+        assert_eq!(device_id(&records, &Port::Block("sdb1".into())).unwrap(), "0000:0000::?******:1");
     }
 
     #[test]
