@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tests of the dom0 side (dom0/custom.USBDeviceAttach, run under both service names).
 #
-# The real script runs under dash and bash with stand-ins for qvm-check, qvm-start,
+# The real script runs under bash with gawk (as in dom0) and under dash with mawk, with stand-ins for qvm-check, qvm-start,
 # qvm-block, qvm-usb, qubesdb-read and logger first on PATH (tests/dom0/standins/). They
 # keep a small Qubes in $STATE (which qubes exist and run, what each qube's qubesdb holds,
 # the device ids R4.3 qubesd computes, what is attached where) and speak the R4.1/R4.2 or
@@ -25,6 +25,8 @@ need shellcheck shellcheck
 need dash dash
 need python3 python3
 need flock util-linux
+need column bsdextrautils
+need gawk gawk
 
 # Identities: stick A (the rule's), stick B (swapped in at the same name), a security key.
 A_ID=0781:5581:4C530001230101115543:u080650:1.0 A_DESC='Cruzer_Blade (BACKUP)'
@@ -535,11 +537,16 @@ suite() {
 	lock_cases
 }
 
-for sh_ in dash bash; do
-	label=$sh_
+# Twice: bash with gawk, as dom0 runs it (Fedora: /bin/sh is bash, awk is gawk), and dash
+# with the awk Debian has first (mawk), so that it stays POSIX sh and POSIX awk.
+for sh_ in bash dash; do
+	rm -f "$bin/awk"
+	if [ "$sh_" = bash ]; then ln -s "$(command -v gawk)" "$bin/awk"; fi
+	label="$sh_+$(basename "$(readlink -f "$(PATH=$bin:$PATH command -v awk)")")"
 	command -v "$sh_" >/dev/null || { fail "$sh_" "not installed"; continue; }
 	suite
 done
+rm -f "$bin/awk"
 sh_=dash label=static
 
 # Lint every script with shellcheck, each as the shell it is written for.
