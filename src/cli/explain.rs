@@ -14,8 +14,7 @@ use crate::uevent::{Action, Uevent};
 
 pub fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
     let sysfs = sysfs(opts)?;
-    let db = qubesdb(opts);
-    let parsed = Sources::of(opts, db.clone()).load();
+    let parsed = Sources::of(opts).load();
     if !agent::report_rules(&parsed) {
         return Err(Failure::rules(format!("{} error(s) in the rules", parsed.errors.len())));
     }
@@ -58,7 +57,7 @@ pub fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
         print(&report)?;
         return Ok(exit::NO_MATCH);
     }
-    would_call(opts, sysfs, db, parsed.set, &event, &mut report);
+    would_call(opts, sysfs, parsed.set, &event, &mut report);
     print(&report)?;
     Ok(exit::SUCCESS)
 }
@@ -67,14 +66,7 @@ pub fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
 ///
 /// WIRING POINT (issue 10.3, loop branch): the probe-then-call step written once for `run`,
 /// `replay` and `test` replaces the body of this function.
-fn would_call(
-    opts: &Opts,
-    sysfs: Sysfs,
-    db: Option<crate::readiness::Qubesdb>,
-    rules: rules::RuleSet,
-    event: &Uevent<'_>,
-    report: &mut String,
-) {
+fn would_call(opts: &Opts, sysfs: Sysfs, rules: rules::RuleSet, event: &Uevent<'_>, report: &mut String) {
     let mut engine = Engine::new(rules, config(opts));
     let mut effects = Vec::new();
     engine.on_event(&sysfs, event, 0, &mut effects);
@@ -82,7 +74,7 @@ fn would_call(
     // Under the real /dev a node must be a block device; a fixture's nodes are files.
     let dev = opts.dev.clone().unwrap_or_else(|| "/dev".into());
     let nodes = if dev == Path::new("/dev") { Nodes::Real } else { Nodes::Fixture };
-    let prober = Prober { sysfs: std::sync::Arc::new(sysfs), dev, nodes, qubesdb: db };
+    let prober = Prober { sysfs: std::sync::Arc::new(sysfs), dev, nodes, qubesdb: qubesdb(opts) };
     let client = client(opts);
     for effect in effects {
         let Effect::Probe { epoch, target, call } = effect else { continue };

@@ -23,7 +23,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Opts, print, qubesdb, sources::Sources, sysfs};
+use super::{Opts, print, sources::Sources, sysfs};
 use crate::agent;
 use crate::exit::{self, Failure};
 use crate::log::Escaped;
@@ -36,7 +36,7 @@ pub const PLACEHOLDER: &str = "QUBE";
 
 pub fn list(opts: &Opts) -> Result<u8, Failure> {
     let sysfs = sysfs(opts)?;
-    let parsed = Sources::of(opts, qubesdb(opts)).load();
+    let parsed = Sources::of(opts).load();
     if !agent::report_rules(&parsed) {
         return Err(Failure::rules(format!("{} error(s) in the rules", parsed.errors.len())));
     }

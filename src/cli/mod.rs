@@ -86,14 +86,22 @@ fn utf8_arg<'a>(arg: &'a OsString, what: &str) -> Result<&'a str, Failure> {
 // ---------------------------------------------------------------------------------------------
 // What the commands share
 
+/// The qubesdb reader the options ask for (the probes'; rule loading makes its own).
+fn qubesdb(opts: &Opts) -> Option<Qubesdb> {
+    qubesdb_with(opts.no_qubesdb, opts.qubesdb_read.as_deref())
+}
+
 /// The qubesdb reader to use, if any: `--qubesdb-read`, else `qubesdb-read` if installed,
 /// never with `--no-qubesdb`.
-fn qubesdb(opts: &Opts) -> Option<Qubesdb> {
-    if opts.no_qubesdb {
+///
+/// WIRING POINT (loop branch, issue 10.1): the body becomes
+/// `Publication::choose(no_qubesdb, reader)` and the type `Option<Publication>`.
+fn qubesdb_with(no_qubesdb: bool, reader: Option<&Path>) -> Option<Qubesdb> {
+    if no_qubesdb {
         return None;
     }
-    let reader = match &opts.qubesdb_read {
-        Some(path) => path.clone(),
+    let reader = match reader {
+        Some(path) => path.to_owned(),
         None => crate::spawn::find_program(Path::new("qubesdb-read"))?,
     };
     Some(Qubesdb { reader, bound: Duration::from_secs(2) })
@@ -168,14 +176,13 @@ pub const SLOW_CALL: Duration = Duration::from_secs(120);
 /// `autoattach run`: everything the agent needs, then the loop. The one place that builds
 /// [`RunOptions`].
 fn run(opts: &Opts) -> Result<u8, Failure> {
-    let db = qubesdb(opts);
-    let sources = sources::Sources::of(opts, db.clone());
+    let sources = sources::Sources::of(opts);
     let options = RunOptions {
         sysfs: sysfs_root(opts),
         dev: opts.dev.clone().unwrap_or_else(|| "/dev".into()),
         load_rules: RuleLoader(Box::new(move || sources.load())),
         client: client(opts),
-        qubesdb: db,
+        qubesdb: qubesdb(opts),
         dry_run: opts.dry_run,
         config: config(opts),
         rcvbuf: opts.rcvbuf.unwrap_or(crate::netlink::DEFAULT_RCVBUF),

@@ -10,7 +10,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use super::{Opts, print, qubesdb};
+use super::{Opts, print, qubesdb_with};
 use crate::exit::{self, Failure};
 use crate::readiness::Qubesdb;
 use crate::rules::{Found, Parsed, Source};
@@ -25,18 +25,18 @@ pub const DEFAULT_RULE_DIRS: [&str; 2] = ["/etc/autoattach/rules.d", "/rw/config
 #[derive(Debug)]
 pub struct Sources {
     paths: Vec<PathBuf>,
-    /// The paths were named by the user: each must exist.
+    /// The paths were named by the user: each must exist; qubesdb is not read.
     required: bool,
-    /// Read qubesdb too (default places only); None if there is no qubesdb here.
-    qubesdb: Option<Qubesdb>,
-    /// Why qubesdb is not read, when it is not, for `check`.
-    no_qubesdb: Option<&'static str>,
+    /// `--no-qubesdb` and `--qubesdb-read PATH`: qubesdb is chosen at each load (a reload
+    /// gets a fresh reader), as the agent's probes choose theirs.
+    no_qubesdb: bool,
+    reader: Option<PathBuf>,
 }
 
 impl Sources {
     /// The sources the command line names (`--rules`, and `check`'s arguments), else the
     /// default places and, unless told otherwise, qubesdb.
-    pub fn of(opts: &Opts, qubesdb: Option<Qubesdb>) -> Sources {
+    pub fn of(opts: &Opts) -> Sources {
         let mut paths = opts.rules.clone();
         if opts.command == Some(super::Command::Check) {
             paths.extend(opts.args.iter().map(PathBuf::from));
@@ -44,17 +44,17 @@ impl Sources {
         if !paths.is_empty() {
             return Sources::files(&paths);
         }
-        let no_qubesdb = match (&qubesdb, opts.no_qubesdb) {
-            (Some(_), _) => None,
-            (None, true) => Some("not read (--no-qubesdb)"),
-            (None, false) => Some("not read (no qubesdb-read here: not a Qubes qube?)"),
-        };
-        Sources { paths: DEFAULT_RULE_DIRS.iter().map(PathBuf::from).collect(), required: false, qubesdb, no_qubesdb }
+        Sources {
+            paths: DEFAULT_RULE_DIRS.iter().map(PathBuf::from).collect(),
+            required: false,
+            no_qubesdb: opts.no_qubesdb,
+            reader: opts.qubesdb_read.clone(),
+        }
     }
 
     /// Exactly these paths, each of which must exist.
     pub fn files(paths: &[PathBuf]) -> Sources {
-        Sources { paths: paths.to_vec(), required: true, qubesdb: None, no_qubesdb: None }
+        Sources { paths: paths.to_vec(), required: true, no_qubesdb: true, reader: None }
     }
 
     /// Reads every source; `parsed.sources` says what each place held.
@@ -63,10 +63,23 @@ impl Sources {
         for path in &self.paths {
             parsed.add_path(path, self.required);
         }
-        if let Some(db) = self.qubesdb.as_ref().filter(|_| !self.required) {
-            read_qubesdb(&mut parsed, db);
+        if self.required {
+            return parsed;
+        }
+        if let Some(db) = qubesdb_with(self.no_qubesdb, self.reader.as_deref()) {
+            read_qubesdb(&mut parsed, &db);
         }
         parsed
+    }
+
+    /// Why qubesdb was not read, for `check`; None when it was (or should not be).
+    fn qubesdb_not_read(&self, parsed: &Parsed) -> Option<&'static str> {
+        let read = parsed.sources.iter().any(|s| s.origin.starts_with("qubesdb:"));
+        match (self.required || read, self.no_qubesdb) {
+            (true, _) => None,
+            (false, true) => Some("not read (--no-qubesdb)"),
+            (false, false) => Some("not read (no qubesdb here: not a Qubes qube?)"),
+        }
     }
 }
 
@@ -92,7 +105,7 @@ fn read_qubesdb(parsed: &mut Parsed, db: &Qubesdb) {
 
 /// `autoattach check [FILE|DIR]...`: where it looked, every error, every warning, a summary.
 pub fn check(opts: &Opts) -> Result<u8, Failure> {
-    let sources = Sources::of(opts, qubesdb(opts));
+    let sources = Sources::of(opts);
     let mut parsed = sources.load();
     let access = service_user_can_read(&sources.paths);
     parsed.warnings.extend(access);
@@ -107,7 +120,7 @@ pub fn check(opts: &Opts) -> Result<u8, Failure> {
         let indent = if inside { "    " } else { "  " };
         let _ = writeln!(out, "{indent}{}: {}", source.origin, describe(&source.found, errors));
     }
-    if let Some(why) = sources.no_qubesdb {
+    if let Some(why) = sources.qubesdb_not_read(&parsed) {
         let _ = writeln!(out, "  qubesdb:{QUBESDB_RULES}: {why}");
     }
     for e in &parsed.errors {
@@ -178,7 +191,7 @@ mod tests {
         let parsed = Sources::files(std::slice::from_ref(&gone)).load();
         assert_eq!(parsed.sources[0].found, Found::Unreadable);
         assert_eq!(parsed.errors.len(), 1);
-        let sources = Sources { paths: vec![gone], required: false, qubesdb: None, no_qubesdb: Some("x") };
+        let sources = Sources { paths: vec![gone], required: false, no_qubesdb: true, reader: None };
         let parsed = sources.load();
         assert_eq!((parsed.sources[0].found, parsed.errors.len()), (Found::Missing, 0));
         let _ = std::fs::remove_dir_all(&dir);
