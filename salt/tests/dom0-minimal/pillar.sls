@@ -1,0 +1,2 @@
+autoattach:
+  allow: []

@@ -1,0 +1,3 @@
+autoattach:
+  allow:
+    - {source: "sys-usb\\nwork", class: block, target: work}

@@ -1,0 +1,2 @@
+autoattach:
+  usbvm: none

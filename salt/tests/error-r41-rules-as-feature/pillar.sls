@@ -1,0 +1,3 @@
+autoattach:
+  rules: |
+    SUBSYSTEM=="block", ATTACH="work"

@@ -1,0 +1,2 @@
+autoattach:
+  rules_via: features

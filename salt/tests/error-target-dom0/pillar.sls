@@ -1,0 +1,3 @@
+autoattach:
+  allow:
+    - {source: sys-usb, class: block, target: dom0}
