@@ -168,8 +168,10 @@ check-docs:
 	fi
 
 # dom0 files: symlinks stay symlinks, scripts keep 0755, the rest is 0644; SHA256SUMS
-# lets the user check a copy made into dom0. Man pages are installed compressed
-# (gzip -n: no name or time stamp, so the packages are reproducible).
+# lets the user check a copy made into dom0. The Salt formula (salt/) goes in
+# $(DATADIR)/salt laid out as dom0's /srv (user_salt, user_pillar), with its own SHA256SUMS.
+# Man pages are installed compressed (gzip -n: no name or time stamp, so the packages are
+# reproducible).
 install: check-dom0 check-docs $(BIN)
 	install -d -m 0755 $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PRESETDIR) \
 		$(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(SYSCONFDIR)/autoattach \
@@ -203,6 +205,14 @@ install: check-dom0 check-docs $(BIN)
 		else install -m 0644 "$$src" "$$dst"; fi || exit 1; \
 	done
 	cd $(DESTDIR)$(DATADIR)/dom0 && sha256sum $(DOM0_FILES) > SHA256SUMS && chmod 0644 SHA256SUMS
+	install -d -m 0755 $(DESTDIR)$(DATADIR)/salt/user_salt/autoattach $(DESTDIR)$(DATADIR)/salt/user_pillar/autoattach
+	install -m 0644 salt/autoattach/*.sls salt/autoattach/*.jinja $(DESTDIR)$(DATADIR)/salt/user_salt/autoattach/
+	install -m 0644 salt/autoattach.top $(DESTDIR)$(DATADIR)/salt/user_salt/autoattach.top
+	install -m 0644 salt/pillar/autoattach.top $(DESTDIR)$(DATADIR)/salt/user_pillar/autoattach.top
+	install -m 0644 salt/pillar/autoattach/init.sls $(DESTDIR)$(DATADIR)/salt/user_pillar/autoattach/init.sls
+	install -m 0644 salt/README.md $(DESTDIR)$(DATADIR)/salt/README.md
+	cd $(DESTDIR)$(DATADIR)/salt && find user_salt user_pillar README.md -type f | LC_ALL=C sort | \
+		xargs sha256sum > SHA256SUMS && chmod 0644 SHA256SUMS
 
 # --- packages ------------------------------------------------------------------------
 # A fresh staging root per package format (they differ in the zsh completion directory).

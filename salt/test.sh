@@ -36,8 +36,11 @@ if ! "$venv/bin/salt-call" --version 2>/dev/null | grep -q "^salt-call $SALT_VER
     echo "#    installing salt $SALT_VERSION from PyPI into $venv"
     rm -rf "$venv"
     # Debian's python3 (not a pyenv one): python3-venv is part of test.sh's packages.
-    /usr/bin/python3 -m venv "$venv" && "$venv/bin/pip" install -q "salt==$SALT_VERSION" >"$venv.log" 2>&1 ||
-        { bad "install salt $SALT_VERSION from PyPI" "$(tail -n 20 "$venv.log")"; echo "$pass passed, $fail failed"; exit 1; }
+    if ! { /usr/bin/python3 -m venv "$venv" && "$venv/bin/pip" install -q "salt==$SALT_VERSION"; } >"$venv.log" 2>&1; then
+        bad "install salt $SALT_VERSION from PyPI" "$(tail -n 20 "$venv.log")"
+        echo "$pass passed, $fail failed"
+        exit 1
+    fi
 fi
 salt_call=$venv/bin/salt-call
 
@@ -46,7 +49,8 @@ trap 'rm -rf "$scratch"' EXIT
 
 # render CASE: prints the case's top and its state render as JSON, or the error.
 render() {
-    local case=$1 root=$scratch/$(basename "$1")
+    local case=$1 root
+    root=$scratch/$(basename "$1")
     mkdir -p "$root/user_salt" "$root/user_pillar/autoattach" "$root/base" "$root/conf" "$root/var"
     cp -r salt/autoattach "$root/user_salt/"
     cp salt/autoattach.top "$root/user_salt/top.sls"
