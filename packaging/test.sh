@@ -217,6 +217,7 @@ required_lines=(
     "ExecStart=/usr/bin/autoattach run"
     "ExecReload=/bin/kill -HUP \$MAINPID"
     "KillMode=process"
+    "TimeoutStopSec=90s"
     "Restart=on-failure"
     "RestartSec=5s"
     "RestartPreventExitStatus=2 3"
