@@ -2,6 +2,7 @@
 #
 #   make                                   cargo build --release (this machine's glibc)
 #   make static                            the static musl binary the packages ship
+#   make man                               the man pages (man/*.scd, scdoc) into target/man
 #   make install DESTDIR=/tmp/x PREFIX=/usr install into a staging root
 #   make deb rpm                           target/pkg/autoattach_*.deb, autoattach-*.rpm (templates)
 #   make dom0-rpm                          target/pkg/autoattach-dom0-*.noarch.rpm (dom0, R4.2/R4.3)
@@ -52,7 +53,8 @@ DOM0_FILES ?= README.md custom.USBDeviceAttach custom.USBDeviceDetach autoattach
               30-autoattach.policy
 
 # Man pages and shell completions, from the CLI side (man/, completions/): `make man`
-# builds the pages into $(MAN_OUT). Each file listed here must exist before install.
+# builds the pages from man/*.scd (scdoc) into $(MAN_OUT). Each file listed here must
+# exist before install; the packages build them first.
 MAN_OUT          ?= target/man
 MAN_PAGES        ?= $(MAN_OUT)/autoattach.8 $(MAN_OUT)/autoattach.rules.5
 DOM0_MAN_PAGES   ?= $(MAN_OUT)/autoattach-dom0.8
@@ -72,7 +74,8 @@ PKGDIR  := target/pkg
 # Homepage: field and the rpm's URL: tag.
 HOMEPAGE ?=
 
-.PHONY: all build static install check-dom0 check-docs check-prereqs check-rust check-musl \
+.PHONY: all build static man install check-dom0 check-docs check-prereqs check-rust check-musl \
+	check-man-tools \
 	check-deb-tools check-rpm-tools check-changelog stage-deb stage-rpm deb rpm dom0-rpm \
 	packages check-packaging check-sandbox clean-packages print-dom0-files
 
@@ -114,12 +117,17 @@ check-rpm-tools:
 	@$(call need,dpkg-parsechangelog,dpkg-dev,dpkg-dev,to read packaging/debian/changelog (the rpm %changelog is made from it))
 	@$(call need,gzip,gzip,gzip,to compress man pages)
 
+check-man-tools:
+	@[ -f man/Makefile ] || { \
+		echo "error: man/Makefile missing: the man page sources (man/*.scd) come with the CLI side" >&2; exit 1; }
+	@$(call need,scdoc,scdoc,scdoc,to build the man pages from man/*.scd)
+
 check-prereqs:
 	@ok=1; \
 	$(MAKE) --no-print-directory -s check-musl || ok=; \
+	$(MAKE) --no-print-directory -s check-man-tools || ok=; \
 	$(MAKE) --no-print-directory -s check-deb-tools || ok=; \
 	$(MAKE) --no-print-directory -s check-rpm-tools || ok=; \
-	$(MAKE) --no-print-directory -s check-docs || ok=; \
 	[ -n "$$ok" ] && echo "all build prerequisites are present"
 
 check-changelog:
@@ -130,6 +138,10 @@ check-changelog:
 		exit 1; }
 
 # --- build ---------------------------------------------------------------------------
+# The man pages: man/Makefile (the CLI side's) renders them with scdoc.
+man: check-man-tools
+	$(MAKE) --no-print-directory -C man OUT=$(abspath $(MAN_OUT))
+
 build: check-rust
 	$(CARGO) build --release
 
@@ -217,7 +229,7 @@ install: check-dom0 check-docs $(BIN)
 # --- packages ------------------------------------------------------------------------
 # A fresh staging root per package format (they differ in the zsh completion directory).
 # The binary is checked first: present, and no larger than the packages may carry.
-stage-deb stage-rpm: stage-%: check-dom0 check-docs check-changelog $(PKG_BIN)
+stage-deb stage-rpm: stage-%: man check-dom0 check-docs check-changelog $(PKG_BIN)
 	@size=$$(stat -c %s $(PKG_BIN)); [ "$$size" -le $(MAX_BIN_BYTES) ] || { \
 		echo "error: $(PKG_BIN) is $$size bytes, more than the $(MAX_BIN_BYTES) the packages may carry" >&2; exit 1; }
 	rm -rf $(PKGDIR)/$*-root
@@ -235,7 +247,7 @@ rpm: check-rpm-tools stage-rpm
 # tree: the handler under both service names, the policy, the allowlist (a config file
 # rpm keeps when edited), the dom0 man page and README.
 DOM0_STAGE := $(PKGDIR)/dom0-root
-dom0-rpm: check-rpm-tools check-dom0 check-docs check-changelog
+dom0-rpm: check-rpm-tools man check-dom0 check-docs check-changelog
 	rm -rf $(DOM0_STAGE)
 	umask 022 && install -d -m 0755 $(DOM0_STAGE)/etc/qubes-rpc $(DOM0_STAGE)/etc/qubes/policy.d \
 		$(DOM0_STAGE)/usr/share/doc/autoattach-dom0 $(DOM0_STAGE)$(MANDIR)/man8

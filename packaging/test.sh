@@ -58,11 +58,12 @@ trap cleanup EXIT
 # --- tools ------------------------------------------------------------------------
 # tool:package pairs; python3-rpm and python3-enchant + hunspell-en-us serve rpmlint
 # (its rpm bindings, its spelling check as in Fedora), devscripts its bashism check
-# (checkbashisms), debhelper the maintainer-script comparison, man-db `man --warnings`.
+# (checkbashisms), debhelper the maintainer-script comparison, man-db `man --warnings`,
+# scdoc the man pages.
 need_pkgs=()
 for pair in shellcheck:shellcheck rpmbuild:rpm dpkg-deb:dpkg dpkg-parsechangelog:dpkg-dev \
     lintian:lintian rpmlint:rpmlint dh_installsystemd:debhelper checkbashisms:devscripts \
-    man:man-db systemd-analyze:systemd; do
+    man:man-db scdoc:scdoc systemd-analyze:systemd; do
     command -v "${pair%%:*}" >/dev/null || need_pkgs+=("${pair#*:}")
 done
 for p in python3-rpm python3-venv python3-enchant hunspell-en-us; do
@@ -76,7 +77,7 @@ if [ ${#need_pkgs[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
         echo "#    apt-get failed: $(tail -n 3 "$scratch/apt.log")"
 fi
 for tool in shellcheck rpmbuild rpm dpkg-deb dpkg-parsechangelog lintian rpmlint dh_installsystemd \
-    checkbashisms man systemd-analyze systemctl make sha256sum; do
+    checkbashisms man scdoc systemd-analyze systemctl make sha256sum; do
     check "tool present: $tool" command -v "$tool"
 done
 if ! "$RPMLINT_VENV/bin/rpmlint" --version 2>/dev/null | grep -qx "$RPMLINT_VERSION"; then
@@ -144,11 +145,7 @@ missing_dom0() {
 check "make install fails clearly, writing nothing, when a dom0 file is missing" missing_dom0
 
 # --- man pages --------------------------------------------------------------------
-if make -n man >/dev/null 2>&1; then
-    check "make man" make --no-print-directory man
-else
-    bad "make man: the Makefile has no man target (man pages come from the CLI side: man/)"
-fi
+check "make man (man/*.scd through scdoc)" make --no-print-directory man
 check "man pages and completions present" make --no-print-directory -s check-docs
 
 # --- the binary -------------------------------------------------------------------
