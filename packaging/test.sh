@@ -149,6 +149,11 @@ check "make man (man/*.scd through scdoc)" make --no-print-directory man
 check "man pages and completions present" make --no-print-directory -s check-docs
 
 # --- the binary -------------------------------------------------------------------
+# The packages ship the static musl build: Rust's musl target comes from rustup.
+if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+    echo "#    rustup target add x86_64-unknown-linux-musl"
+    rustup target add x86_64-unknown-linux-musl >"$scratch/rustup.log" 2>&1 || tail -n 5 "$scratch/rustup.log"
+fi
 if [ ! -x "$PKG_BIN" ]; then
     echo "#    building $PKG_BIN (make static)"
     nice make --no-print-directory static >"$scratch/cargo.log" 2>&1 || tail -n 20 "$scratch/cargo.log"
