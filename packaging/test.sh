@@ -154,8 +154,8 @@ if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-
     echo "#    rustup target add x86_64-unknown-linux-musl"
     rustup target add x86_64-unknown-linux-musl >"$scratch/rustup.log" 2>&1 || tail -n 5 "$scratch/rustup.log"
 fi
-if [ ! -x "$PKG_BIN" ]; then
-    echo "#    building $PKG_BIN (make static)"
+if [ "$PKG_BIN" = target/x86_64-unknown-linux-musl/release/autoattach ]; then
+    echo "#    make static (builds $PKG_BIN, or finds it up to date)"
     nice make --no-print-directory static >"$scratch/cargo.log" 2>&1 || tail -n 20 "$scratch/cargo.log"
 fi
 check "binary to package exists: $PKG_BIN" test -x "$PKG_BIN"
