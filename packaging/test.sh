@@ -63,7 +63,7 @@ trap cleanup EXIT
 need_pkgs=()
 for pair in shellcheck:shellcheck rpmbuild:rpm dpkg-deb:dpkg dpkg-parsechangelog:dpkg-dev \
     lintian:lintian rpmlint:rpmlint dh_installsystemd:debhelper checkbashisms:devscripts \
-    man:man-db scdoc:scdoc systemd-analyze:systemd; do
+    man:man-db scdoc:scdoc systemd-analyze:systemd rpm2cpio:rpm2cpio cpio:cpio file:file readelf:binutils; do
     command -v "${pair%%:*}" >/dev/null || need_pkgs+=("${pair#*:}")
 done
 for p in python3-rpm python3-venv python3-enchant hunspell-en-us; do
