@@ -10,15 +10,15 @@
 # of the `user` environment (/srv/user_salt, /srv/user_pillar), and the nodegroups are
 # Qubes' own (qubes-mgmt-salt etc/salt/minion.d/f_defaults.conf: dom0 and vm).
 #
-# Each case is a directory under salt/tests/:
-#   id            the minion id (dom0, or a template's name)
-#   grains        extra grains, YAML (os_family, osrelease)
-#   pillar.sls    the pillar autoattach/init.sls; absent: the shipped example
-#   sls           the state to render (autoattach.dom0 or autoattach.template)
-#   top           the states the top file gives this minion, one a line (empty: none)
-#   expected.json the rendered states (without Salt's __sls__/__env__ bookkeeping), or
-#   error         a text the render must fail with
-# UPDATE=1 rewrites expected.json from the render (review the diff before committing).
+# Each case is salt/tests/NAME.yaml:
+#   id      the minion id (dom0, or a template's name)
+#   grains  grains of that minion (os_family, osrelease)
+#   sls     the state to render (autoattach.dom0 or autoattach.template)
+#   top     the states the top file must give this minion (empty: none)
+#   pillar  the text of the pillar autoattach/init.sls; absent: the shipped example
+#   error   a text the render must fail with; absent: the render must equal NAME.json
+#           (the states, without Salt's __sls__/__env__ bookkeeping)
+# UPDATE=1 rewrites NAME.json from the render (review the diff before committing).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
@@ -47,16 +47,33 @@ salt_call=$venv/bin/salt-call
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
-# render CASE: prints the case's top and its state render as JSON, or the error.
+py=$venv/bin/python # Salt's own python, with PyYAML
+
+# field CASE KEY: a field of a case file (a list one item a line; nothing when absent).
+field() {
+    "$py" - "$1" "$2" <<'PY'
+import sys, yaml
+value = yaml.safe_load(open(sys.argv[1])).get(sys.argv[2])
+if isinstance(value, list):
+    print("\n".join(value))
+elif isinstance(value, dict):
+    print(yaml.safe_dump(value, default_flow_style=False), end="")
+elif value is not None:
+    print(value, end="" if str(value).endswith("\n") else "\n")
+PY
+}
+
+# render CASE: prints the case's top ("TOP ...") and its state render as JSON, or the error.
 render() {
     local case=$1 root
-    root=$scratch/$(basename "$1")
+    root=$scratch/$(basename "$case" .yaml)
     mkdir -p "$root/user_salt" "$root/user_pillar/autoattach" "$root/base" "$root/conf" "$root/var"
     cp -r salt/autoattach "$root/user_salt/"
     cp salt/autoattach.top "$root/user_salt/top.sls"
     cp salt/pillar/autoattach.top "$root/user_pillar/top.sls"
-    if [ -f "$case/pillar.sls" ]; then cp "$case/pillar.sls" "$root/user_pillar/autoattach/init.sls"
-    else cp salt/pillar/autoattach/init.sls "$root/user_pillar/autoattach/init.sls"; fi
+    field "$case" pillar >"$root/user_pillar/autoattach/init.sls"
+    [ -s "$root/user_pillar/autoattach/init.sls" ] ||
+        cp salt/pillar/autoattach/init.sls "$root/user_pillar/autoattach/init.sls"
     {
         echo "root_dir: $root/var"
         echo "file_client: local"
@@ -68,14 +85,14 @@ render() {
         echo "nodegroups: {dom0: dom0, vm: '* and not dom0'}"
         echo "log_level: quiet"
         echo "grains:"
-        sed 's/^/  /' "$case/grains"
+        field "$case" grains | sed 's/^/  /'
     } >"$root/conf/minion"
     local id
-    id=$(cat "$case/id")
+    id=$(field "$case" id)
     "$salt_call" --local --config-dir "$root/conf" --id "$id" --out=json --retcode-passthrough \
         state.show_top >"$root/top.json" 2>"$root/top.err" || { cat "$root/top.err"; return 1; }
     "$salt_call" --local --config-dir "$root/conf" --id "$id" --out=json --retcode-passthrough \
-        state.show_sls "$(cat "$case/sls")" saltenv=user pillarenv=user >"$root/sls.json" 2>"$root/sls.err"
+        state.show_sls "$(field "$case" sls)" saltenv=user pillarenv=user >"$root/sls.json" 2>"$root/sls.err"
     local rc=$?
     python3 - "$root/top.json" "$root/sls.json" "$rc" <<'PY'
 import json, sys
@@ -97,28 +114,29 @@ print(json.dumps(states, indent=2, sort_keys=True))
 PY
 }
 
-for case in salt/tests/*/; do
-    case=${case%/}
-    name=$(basename "$case")
+for case in salt/tests/*.yaml; do
+    name=$(basename "$case" .yaml)
+    expected=${case%.yaml}.json
     out=$(render "$case") || { bad "$name: salt-call ran" "$out"; continue; }
+    id=$(field "$case" id)
     top=$(sed -n 's/^TOP //p' <<<"$out" | tr ' ' '\n' | sed '/^$/d')
-    want_top=$(sed '/^$/d' "$case/top")
-    if [ "$top" = "$want_top" ]; then ok "$name: the top gives $(cat "$case/id") [${want_top//$'\n'/ }]"
-    else bad "$name: the top gives $(cat "$case/id") [${want_top//$'\n'/ }]" "got: [${top//$'\n'/ }]"; fi
+    want_top=$(field "$case" top)
+    if [ "$top" = "$want_top" ]; then ok "$name: the top gives $id [${want_top//$'\n'/ }]"
+    else bad "$name: the top gives $id [${want_top//$'\n'/ }]" "got: [${top//$'\n'/ }]"; fi
     body=$(sed '/^TOP /d' <<<"$out")
-    if [ -f "$case/error" ]; then
-        want=$(cat "$case/error")
+    want=$(field "$case" error)
+    if [ -n "$want" ]; then
         if grep -q '^ERROR ' <<<"$body" && grep -qF -- "$want" <<<"$body"; then ok "$name: render fails: $want"
         else bad "$name: render fails: $want" "$body"; fi
     elif grep -q '^ERROR ' <<<"$body"; then
         bad "$name: renders" "$body"
     elif [ "${UPDATE:-}" = 1 ]; then
-        printf '%s\n' "$body" >"$case/expected.json"
-        ok "$name: expected.json updated"
-    elif diff_out=$(diff -u "$case/expected.json" - <<<"$body"); then
-        ok "$name: renders $(cat "$case/sls") as expected.json"
+        printf '%s\n' "$body" >"$expected"
+        ok "$name: $expected updated"
+    elif diff_out=$(diff -u "$expected" - <<<"$body"); then
+        ok "$name: renders $(field "$case" sls) as $name.json"
     else
-        bad "$name: renders $(cat "$case/sls") as expected.json" "$diff_out"
+        bad "$name: renders $(field "$case" sls) as $name.json" "$diff_out"
     fi
 done
 

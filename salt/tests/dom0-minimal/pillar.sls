@@ -1,2 +1,0 @@
-autoattach:
-  allow: []

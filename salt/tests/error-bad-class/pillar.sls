@@ -1,4 +1,0 @@
-autoattach:
-  allow:
-    - {source: sys-usb, class: block, target: work}
-    - {source: sys-usb, class: disk, target: work}

@@ -1,3 +1,0 @@
-autoattach:
-  allow:
-    - {source: "sys-usb\\nwork", class: block, target: work}

@@ -1,2 +1,0 @@
-autoattach:
-  usbvm: none

@@ -1,3 +1,0 @@
-autoattach:
-  rules: |
-    SUBSYSTEM=="block", ATTACH="work"

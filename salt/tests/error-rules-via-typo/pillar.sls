@@ -1,2 +1,0 @@
-autoattach:
-  rules_via: features

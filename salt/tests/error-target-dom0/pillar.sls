@@ -1,3 +1,0 @@
-autoattach:
-  allow:
-    - {source: sys-usb, class: block, target: dom0}
