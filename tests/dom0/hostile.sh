@@ -62,11 +62,13 @@ passed=0 failed=0
 fail() { failed=$((failed + 1)); printf 'FAIL %s\n' "$*"; }
 shown() { printf '%s' "${1:0:40}" | tr -c ' -~' '?'; }
 
-for sh_ in dash bash; do
-	command -v "$sh_" >/dev/null || { fail "$sh_ is not installed"; continue; }
+need gawk gawk
+for sh in dash bash; do
+	command -v "$sh" >/dev/null || { fail "$sh is not installed"; continue; }
+	shell_as "$sh"
 	reset
 	call Detach "work+__+sda+__+$GOOD"
-	if [ "$code" != 0 ] || [ -s "$STATE/block.attached" ]; then fail "$sh_: the control request exited $code"; fi
+	if [ "$code" != 0 ] || [ -s "$STATE/block.attached" ]; then fail "$label: the control request exited $code"; fi
 	reset
 	for name in Attach Detach; do
 		for via in arg env; do
@@ -75,7 +77,7 @@ for sh_ in dash bash; do
 				: >"$STATE/log"
 				VIA=$via
 				call "$name" "$form"
-				what="$sh_ $name via $via '$(shown "$form")' (${#form} bytes)"
+				what="$label $name via $via '$(shown "$form")' (${#form} bytes)"
 				case $code in
 				64 | 65 | 66) ;;
 				*) fail "$what: exit $code, want 64, 65 or 66"; continue ;;

@@ -27,6 +27,17 @@ need() {
 			apt-get -o DPkg::Lock::Timeout=600 install -y -q "$2" >/dev/null 2>&1; } || :
 }
 
+# shell_as SH: run the service with SH; bash with gawk, as dom0 runs it (Fedora: /bin/sh is
+# bash, awk is gawk), dash with the first awk on PATH (mawk on Debian), to keep it POSIX.
+# Sets label (SH+AWK) for the output.
+# shellcheck disable=SC2034
+shell_as() {
+	sh_=$1
+	rm -f "$bin/awk"
+	[ "$1" != bash ] || ! command -v gawk >/dev/null || ln -s "$(command -v gawk)" "$bin/awk"
+	label="$1+$(basename "$(readlink -f "$(PATH=$bin:$PATH command -v awk)")")"
+}
+
 # world RELEASE: a fresh Qubes of that release (41, 42, 43). dom0, sys-usb, sys-usb2 and
 # sys-net run; work, vault and personal exist, halted; the allowlist is $STATE/autoattach.conf.
 world() {
