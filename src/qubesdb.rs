@@ -547,8 +547,9 @@ impl Client {
         let io = |source| QdbError::Connect { socket: self.socket.clone(), source };
         let fd: OwnedFd = socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
             .map_err(|e| io(e.into()))?;
-        let bound =
-            TimeVal::new(self.timeout.as_secs().try_into().unwrap_or(i64::MAX), self.timeout.subsec_micros().into());
+        // A zero SO_SNDTIMEO means "no bound": never ask for less than a millisecond.
+        let timeout = self.timeout.max(Duration::from_millis(1));
+        let bound = TimeVal::new(timeout.as_secs().try_into().unwrap_or(i64::MAX), timeout.subsec_micros().into());
         socket::setsockopt(&fd, sockopt::SendTimeout, &bound).map_err(|e| io(e.into()))?;
         let addr = UnixAddr::new(&self.socket).map_err(|e| io(e.into()))?;
         socket::connect(fd.as_raw_fd(), &addr).map_err(|e| io(e.into()))?;
