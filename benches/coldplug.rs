@@ -14,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use autoattach::agent::{Config, Effect, Engine};
+use autoattach::engine::{Config, Effect, Engine};
 use autoattach::sysfs::Sysfs;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -31,7 +31,7 @@ fn bench(c: &mut Criterion) {
     let mut engine = Engine::new(common::hundred_rule_set(), Config::default());
     let before = sysfs.reads();
     let present = engine.resync(&sysfs, 0, &mut effects);
-    let probes = effects.iter().filter(|e| matches!(e, Effect::Probe { .. })).count();
+    let probes = effects.iter().filter(|e| matches!(e, Effect::Probe(_))).count();
     println!(
         "coldplug: {present} devices present, {} matched, {probes} probes asked, {} sysfs reads ({:.1} per device)",
         engine.tracked(),

@@ -13,7 +13,7 @@ mod common;
 
 use std::hint::black_box;
 
-use autoattach::agent::attachable;
+use autoattach::engine::attachable;
 use autoattach::rules::{Matcher, Rule, RuleSet, Test, Trace};
 use autoattach::sysfs::Sysfs;
 use autoattach::uevent::{Action, Uevent};

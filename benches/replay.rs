@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use autoattach::agent::Config;
+use autoattach::engine::Config;
 use autoattach::replay::{ReplayOptions, replay};
 use autoattach::rules::Parsed;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::agent::{self, Config, Engine, RuleLoader, RunOptions};
-use crate::readiness::{Nodes, Prober, Qubesdb};
+use crate::engine::{self, Config, Engine};
+use crate::readiness::{Nodes, Prober, Publication};
 use crate::rules::{self, Parsed, Rule, Test, Trace};
+use crate::runloop::{self, RuleLoader, RunOptions};
 use crate::sysfs::Sysfs;
 use crate::uevent::Uevent;
 
@@ -50,7 +51,7 @@ options:
   --no-detach         do not call custom.USBDeviceDetach when an attached block device goes
   --slow-call DURATION  log a call still running after this long (default 2m); calls are
                       detached and never killed (dom0 may be waiting for the user)
-  --rcvbuf BYTES      receive buffer to ask for (default 64 MiB)
+  --rcvbuf BYTES      receive buffer to ask for (default 8 MiB)
   -o, --output FILE   where `record` writes (default stdout)
   -v, --verbose       debug logging;  -q, --quiet: warnings and errors only
   -h, --help          this text;      --version
@@ -229,20 +230,13 @@ pub const QUBESDB_RULES: &str = "/vm-config/autoattach-rules";
 const DEFAULT_RULE_DIRS: [&str; 2] = ["/etc/autoattach/rules.d", "/rw/config/autoattach"];
 
 /// The qubesdb reader to use, if any.
-fn qubesdb(opts: &Opts) -> Option<Qubesdb> {
-    if opts.no_qubesdb {
-        return None;
-    }
-    let reader = match &opts.qubesdb_read {
-        Some(path) => path.clone(),
-        None => crate::spawn::find_program(Path::new("qubesdb-read"))?,
-    };
-    Some(Qubesdb { reader, bound: Duration::from_secs(2) })
+fn qubesdb(opts: &Opts) -> Option<Publication> {
+    Publication::choose(opts.no_qubesdb, opts.qubesdb_read.as_deref())
 }
 
 /// Loads rules: the `--rules` paths (each must exist), or the default places (each may be
 /// missing) and qubesdb.
-fn load_rules(paths: &[PathBuf], qubesdb: Option<&Qubesdb>) -> Parsed {
+fn load_rules(paths: &[PathBuf], qubesdb: Option<&Publication>) -> Parsed {
     let mut parsed = Parsed::default();
     if !paths.is_empty() {
         for p in paths {
@@ -279,14 +273,14 @@ fn config(opts: &Opts) -> Config {
 
 fn sysfs(opts: &Opts) -> Result<Sysfs, Failure> {
     let root = opts.sysfs.clone().unwrap_or_else(|| "/sys".into());
-    Sysfs::new(root).map_err(|e| Failure { code: agent::EXIT_STARTUP, message: format!("sysfs: {e}") })
+    Sysfs::new(root).map_err(|e| Failure { code: runloop::EXIT_STARTUP, message: format!("sysfs: {e}") })
 }
 
 fn rules_or_fail(parsed: &Parsed) -> Result<(), Failure> {
-    if agent::report_rules(parsed) {
+    if runloop::report_rules(parsed) {
         Ok(())
     } else {
-        Err(Failure { code: agent::EXIT_RULES, message: format!("{} error(s) in the rules", parsed.errors.len()) })
+        Err(Failure { code: runloop::EXIT_RULES, message: format!("{} error(s) in the rules", parsed.errors.len()) })
     }
 }
 
@@ -295,20 +289,24 @@ fn rules_or_fail(parsed: &Parsed) -> Result<(), Failure> {
 
 fn run(opts: &Opts) -> Result<u8, Failure> {
     let db = qubesdb(opts);
-    let (paths, db_for_rules) = (opts.rules.clone(), db.clone());
+    let watch = db.as_ref().filter(|db| db.watches()).map(|_| runloop::Connect::local());
+    let (paths, none, reader) = (opts.rules.clone(), opts.no_qubesdb, opts.qubesdb_read.clone());
+    let rules = move || load_rules(&paths, Publication::choose(none, reader.as_deref()).as_ref());
     let options = RunOptions {
         sysfs: opts.sysfs.clone().unwrap_or_else(|| "/sys".into()),
         dev: opts.dev.clone().unwrap_or_else(|| "/dev".into()),
-        load_rules: RuleLoader(Box::new(move || load_rules(&paths, db_for_rules.as_ref()))),
+        load_rules: RuleLoader(Box::new(rules)),
         client: opts.client.clone().unwrap_or_else(|| "qrexec-client-vm".into()),
         qubesdb: db,
         dry_run: opts.dry_run,
         config: config(opts),
         rcvbuf: opts.rcvbuf.unwrap_or(crate::netlink::DEFAULT_RCVBUF),
         child_bound: opts.slow_call.unwrap_or(Duration::from_secs(120)),
-        threads: 3,
+        workers: runloop::WORKERS,
+        probe_deadline: runloop::PROBE_DEADLINE,
+        watch,
     };
-    agent::run(options).map(|()| 0).map_err(|f| Failure { code: f.code, message: f.message })
+    runloop::run(options).map(|()| 0).map_err(|f| Failure { code: f.code, message: f.message })
 }
 
 fn check(opts: &Opts) -> Result<u8, Failure> {
@@ -329,7 +327,7 @@ fn check(opts: &Opts) -> Result<u8, Failure> {
         parsed.errors.len(),
         parsed.warnings.len()
     );
-    Ok(if parsed.errors.is_empty() { 0 } else { agent::EXIT_RULES })
+    Ok(if parsed.errors.is_empty() { 0 } else { runloop::EXIT_RULES })
 }
 
 /// A present device's `add` event, built from sysfs.
@@ -342,7 +340,7 @@ fn present_event(sysfs: &Sysfs, name: &str) -> Result<(String, Vec<u8>), Failure
         ),
     };
     let devpath = sysfs.resolve(name).ok_or_else(not_found)?;
-    let datagram = agent::synthetic_add(sysfs, &devpath).ok_or_else(not_found)?;
+    let datagram = engine::synthetic_add(sysfs, &devpath).ok_or_else(not_found)?;
     Ok((devpath, datagram))
 }
 
@@ -363,7 +361,7 @@ fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
         event.subsystem,
         event.devtype().unwrap_or("-")
     );
-    let kind = agent::attachable(&event);
+    let kind = engine::attachable(&event);
     if kind.is_none() {
         let _ = writeln!(
             report,
@@ -395,23 +393,22 @@ fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
             let prober = Prober { sysfs: std::sync::Arc::new(sysfs), dev, nodes, qubesdb: db };
             let client = opts.client.clone().unwrap_or_else(|| "qrexec-client-vm".into());
             for effect in effects {
-                if let agent::Effect::Probe { epoch, target, call } = effect {
-                    let verdict = prober.check(&target);
-                    let _ = writeln!(report, "readiness now: {verdict}");
-                    let mut calls = Vec::new();
-                    let made = match call {
-                        Some(call) if verdict == crate::readiness::Verdict::Ready => {
-                            calls.push(agent::Effect::Call { call, device: String::new() });
-                            Some(true)
-                        }
-                        _ => None,
-                    };
-                    engine.on_verdict(epoch, &target.devpath, verdict, made, 0, &mut calls);
-                    for c in calls {
-                        if let agent::Effect::Call { call, .. } = c {
-                            let _ = writeln!(report, "would call: {} dom0 {}", client.display(), call.service_arg());
-                        }
-                    }
+                let engine::Effect::Probe(job) = effect else { continue };
+                let outcome = job.run(&prober, |call| call.clone());
+                let _ = writeln!(report, "readiness now: {}", outcome.verdict);
+                let mut calls = Vec::new();
+                if let Some(Ok((call, _))) = &outcome.made {
+                    calls.push(call.clone());
+                }
+                let mut later = Vec::new();
+                let carried = outcome.carried(|_| true);
+                engine.on_verdict(outcome.epoch, &outcome.devpath, outcome.verdict, carried, 0, &mut later);
+                calls.extend(later.into_iter().filter_map(|e| match e {
+                    engine::Effect::Call { call, .. } => Some(call),
+                    _ => None,
+                }));
+                for call in calls {
+                    let _ = writeln!(report, "would call: {} dom0 {}", client.display(), call.service_arg());
                 }
             }
             print!("{report}");
@@ -477,13 +474,13 @@ fn list(opts: &Opts) -> Result<u8, Failure> {
     let mut matcher = rules::Matcher::new(&parsed.set);
     let mut out = std::io::stdout().lock();
     for devpath in sysfs.scan() {
-        let Some(datagram) = agent::synthetic_add(&sysfs, &devpath) else {
+        let Some(datagram) = engine::synthetic_add(&sysfs, &devpath) else {
             continue;
         };
         let Ok(event) = Uevent::parse(&datagram) else {
             continue;
         };
-        if agent::attachable(&event).is_none() {
+        if engine::attachable(&event).is_none() {
             continue;
         }
         let rule = match matcher.first_match(&sysfs, &parsed.set, &event) {
@@ -524,7 +521,10 @@ fn replay(opts: &Opts) -> Result<u8, Failure> {
         events: opts.args.get(1).map(PathBuf::from),
         rules: (!opts.rules.is_empty()).then(|| opts.rules.clone()),
         dev: opts.dev.clone(),
-        qubesdb: opts.qubesdb_read.clone().map(|reader| Qubesdb { reader, bound: Duration::from_secs(2) }),
+        qubesdb: opts
+            .qubesdb_read
+            .clone()
+            .map(|path| crate::qubesdb::Program { path, timeout: crate::readiness::QUBESDB_TIMEOUT }),
         client: opts.client.as_ref().map_or_else(|| "qrexec-client-vm".into(), |c| c.display().to_string()),
         config: config(opts),
     };

@@ -3,15 +3,18 @@
 //! Read top to bottom: the kernel's event format ([`uevent`]), the socket it arrives on
 //! ([`netlink`]), the device tree it describes ([`sysfs`]), globs ([`fnmatch`]) and the rules
 //! that pick devices ([`rules`]), the names that may reach dom0 ([`names`]), readiness
-//! ([`readiness`]), detached children ([`spawn`]), the loop that joins them ([`agent`]),
+//! ([`readiness`], with Qubes' publication read from [`qubesdb`]), detached children
+//! ([`spawn`]), the decisions ([`engine`]) and the loop that drives them ([`runloop`]),
 //! fixtures ([`umockdev`], [`replay`]) and the command line ([`cli`]). `main.rs` only calls
-//! [`cli::main`].
+//! [`cli::main`]; only `main.rs` may exit the process (`clippy::exit` is denied here).
+
+#![deny(clippy::exit)]
 
 #[macro_use]
 pub mod log;
 
-pub mod agent;
 pub mod cli;
+pub mod engine;
 pub mod fnmatch;
 pub mod names;
 pub mod netlink;
@@ -19,6 +22,7 @@ pub mod qubesdb;
 pub mod readiness;
 pub mod replay;
 pub mod rules;
+pub mod runloop;
 pub mod spawn;
 pub mod sysfs;
 pub mod uevent;

@@ -7,9 +7,10 @@
 //! and a process multicasting to group 1 itself has its own portid. Both are refused. The
 //! udev group (2) is never joined.
 //!
-//! The receive buffer is the only defence against bursts: [`UeventSocket::open`] asks
-//! SO_RCVBUFFORCE (CAP_NET_ADMIN) for tens of MiB and falls back to SO_RCVBUF. When it
-//! overflows anyway, `recv` reports [`Received::Overflow`] (ENOBUFS) and the agent resyncs.
+//! The receive buffer absorbs bursts: [`UeventSocket::open`] asks SO_RCVBUFFORCE
+//! (CAP_NET_ADMIN) for [`DEFAULT_RCVBUF`] and falls back to SO_RCVBUF. When it overflows
+//! anyway, `recv` reports [`Received::Overflow`] (ENOBUFS) and the agent resyncs from sysfs,
+//! which is the real defence: the buffer only has to make overflows rare, not impossible.
 //!
 //! The fd is an [`OwnedFd`] held here and never cloned; `recv` fills the caller's buffer with
 //! one `recvmsg` and allocates nothing.
@@ -27,8 +28,12 @@ use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 /// The kernel's uevent multicast group (udev's own rebroadcasts use group 2).
 pub const KERNEL_GROUP: u32 = 1;
 
-/// Receive buffer size asked for by default: room for tens of thousands of events.
-pub const DEFAULT_RCVBUF: usize = 64 << 20;
+/// Receive buffer size asked for by default: 8 MiB, which the kernel doubles for its
+/// bookkeeping to 16 MiB, room for about 20,000 small uevents (each costs about 832 bytes of
+/// buffer) even while the agent is not reading. The memory is unswappable, and taken only
+/// while events wait: 64 MiB (128 MiB counted) would be a third of a 400 MB sys-usb at worst.
+/// A storm beyond it costs a resync, not lost devices (tests/reliability.rs).
+pub const DEFAULT_RCVBUF: usize = 8 << 20;
 
 /// Who sent a refused datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

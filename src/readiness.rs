@@ -3,27 +3,33 @@
 //! A kernel `add` arrives before a device can be used from dom0: a card reader has no media,
 //! a CD drive reports a size but cannot be read, Qubes has not yet published the device in
 //! qubesdb (and `qvm-block attach` fails with "doesn't expose device"). [`Prober::check`]
-//! answers for one device, and may block (it reads the first sector, runs `qubesdb-read`), so
-//! the agent runs it on worker threads and replay runs it inline.
+//! answers for one device, and may block (it reads the first sector, asks qubesdb), so the
+//! agent runs it on probe workers and replay and `test` run it inline.
 //!
 //! - Block device: still present; `size` non-zero; its node under `--dev` is a block device
 //!   with the event's major:minor; its first 512 bytes can be read; published in qubesdb.
 //! - USB device: still present; `idVendor`/`idProduct` readable; a driver bound (or the bind
 //!   event seen); published in qubesdb.
 //!
-//! "No media" (size 0, or the first sector unreadable) is not retried on a timer: the kernel
-//! announces media with a `change` event, which re-runs the probe.
+//! The answer is a [`Verdict`]; why a device is not ready is a [`Why`], never a string, so
+//! the engine can tell "no media" (not retried on a timer: the kernel announces media with a
+//! `change` event, which re-runs the probe) from "not published yet" (with a qubesdb watch,
+//! waited for without polling) from everything else (retried with backoff until the
+//! timeout). A ready device's verdict carries [`Facts`]: what the probe learnt that the call
+//! needs (the device's identity, once it is wired in), so the call is completed on the
+//! probe worker, before it is made.
 
-use std::ffi::OsStr;
 use std::fmt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use nix::errno::Errno;
 
 use crate::names::Kind;
+use crate::qubesdb::{Client, Program, QdbError};
 use crate::sysfs::{MAX_ATTR, Sysfs};
 
 /// What to probe.
@@ -39,30 +45,133 @@ pub struct Target {
     pub bound: bool,
 }
 
+/// What a probe learnt about a ready device that its call needs. Empty today; the device
+/// identity (issue 9, see IDENTITY.md) goes here, read on the probe worker from sysfs and
+/// qubesdb, and [`crate::engine::CallPlan::call`] puts it into the call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Facts {}
+
 /// The answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    Ready,
+    Ready(Facts),
     /// Not yet; try again soon (until the timeout).
-    Wait(String),
+    Wait(Why),
+    /// Ready here, but Qubes has not published it to dom0 yet: its qubesdb directory (this
+    /// key, e.g. `/qubes-block-devices/sdb/`) is awaited with a watch. Only a prober that
+    /// reads qubesdb through a client that can watch answers this; the fallback program
+    /// answers [`Verdict::Wait`] with [`Why::Unpublished`], and is asked again on a timer.
+    Unpublished(String),
     /// No media: wait for the kernel's change event.
-    NoMedia(String),
+    NoMedia(Why),
     /// The device is gone.
     Gone,
+}
+
+/// Why a device is not ready.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// `size` could not be read.
+    SizeUnreadable,
+    /// `size` is 0: no media.
+    SizeZero,
+    /// The node does not exist (yet).
+    NoNode(PathBuf),
+    /// The node is not a block device.
+    NotBlockDevice(PathBuf),
+    /// A fixture's stand-in node is neither a file nor a block device.
+    NotAFile(PathBuf),
+    /// The node is another device than the event's.
+    WrongDevnum { node: PathBuf, found: (u32, u32), want: (u32, u32) },
+    /// The first sector could not be read.
+    Unreadable { node: PathBuf, error: ReadError },
+    /// A USB device attribute could not be read.
+    AttrUnreadable(&'static str),
+    /// No driver bound to the USB device.
+    NoDriver,
+    /// Not yet published in qubesdb (asked with the fallback program).
+    Unpublished { key: String, reader: PathBuf },
+    /// qubesdb could not be asked.
+    Qubesdb(QdbFailure),
+}
+
+/// Why the first sector could not be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadError {
+    Short(usize),
+    Io(Errno),
 }
 
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Verdict::Ready => f.write_str("ready"),
+            Verdict::Ready(_) => f.write_str("ready"),
             Verdict::Wait(why) => write!(f, "not ready: {why}"),
+            Verdict::Unpublished(key) => write!(f, "not yet published to dom0 in qubesdb ({key})"),
             Verdict::NoMedia(why) => write!(f, "no media: {why}"),
             Verdict::Gone => f.write_str("gone"),
         }
     }
 }
 
-/// How device nodes are checked.
+impl fmt::Display for Why {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Why::SizeUnreadable => f.write_str("size unreadable"),
+            Why::SizeZero => f.write_str("size is 0"),
+            Why::NoNode(node) => write!(f, "no device node {}", node.display()),
+            Why::NotBlockDevice(node) => write!(f, "{} is not a block device", node.display()),
+            Why::NotAFile(node) => write!(f, "{} is not a file", node.display()),
+            Why::WrongDevnum { node, found, want } => {
+                write!(f, "{} is {}:{}, expected {}:{}", node.display(), found.0, found.1, want.0, want.1)
+            }
+            Why::Unreadable { node, error } => {
+                write!(f, "cannot read the first sector of {}: {error}", node.display())
+            }
+            Why::AttrUnreadable(attr) => write!(f, "{attr} unreadable"),
+            Why::NoDriver => f.write_str("no driver bound"),
+            Why::Unpublished { key, reader } => {
+                write!(f, "not yet published to dom0 in qubesdb ({key}, asked with {})", reader.display())
+            }
+            Why::Qubesdb(e) => e.fmt(f),
+        }
+    }
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::Short(n) => write!(f, "short read ({n} bytes)"),
+            ReadError::Io(errno) => f.write_str(errno.desc()),
+        }
+    }
+}
+
+impl From<std::io::Error> for ReadError {
+    fn from(e: std::io::Error) -> ReadError {
+        ReadError::Io(e.raw_os_error().map_or(Errno::EIO, Errno::from_raw))
+    }
+}
+
+/// A qubesdb failure, shared (verdicts are cloned and compared; the error is neither).
+#[derive(Clone, Debug)]
+pub struct QdbFailure(pub Arc<QdbError>);
+
+impl PartialEq for QdbFailure {
+    fn eq(&self, other: &QdbFailure) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for QdbFailure {}
+
+impl fmt::Display for QdbFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// How devices are checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Nodes {
     /// The node must be a block device with the event's major:minor.
@@ -71,55 +180,74 @@ pub enum Nodes {
     Fixture,
 }
 
-/// Where Qubes publishes devices to dom0.
-#[derive(Clone, Debug)]
-pub struct Qubesdb {
-    /// The `qubesdb-read` program.
-    pub reader: PathBuf,
-    /// How long one read may take before it is killed.
-    pub bound: Duration,
+/// The qubesdb directory Qubes writes when it exposes a device (qubes-linux-utils
+/// `udev/udev-block-add-change`, `udev-usb-add-change`: `/qubes-block-devices/NAME/` and
+/// `/qubes-usb-devices/BUSID/` with `.` replaced by `_`, qubesdb allowing no dot in a key).
+/// Its `desc` is written first, in the same `qubesdb-write` as the rest.
+pub fn publication_dir(kind: Kind, dev: &str) -> String {
+    match kind {
+        Kind::Block => format!("/qubes-block-devices/{dev}/"),
+        Kind::Usb => format!("/qubes-usb-devices/{}/", dev.replace('.', "_")),
+    }
 }
 
-impl Qubesdb {
-    /// The qubesdb key Qubes writes when it exposes a device (qubes-linux-utils udev scripts).
-    pub fn key(kind: Kind, dev: &str) -> String {
-        match kind {
-            Kind::Block => format!("/qubes-block-devices/{dev}/desc"),
-            Kind::Usb => format!("/qubes-usb-devices/{}/desc", dev.replace('.', "_")),
-        }
-    }
+/// How long one qubesdb question may take (socket or program).
+pub const QUBESDB_TIMEOUT: Duration = Duration::from_secs(2);
 
-    /// True if `key` exists. A reader that fails, hangs or is missing counts as "not yet".
-    pub fn has(&self, key: &str) -> Result<bool, String> {
-        self.read(key).map(|v| v.is_some())
+/// Where a probe asks whether Qubes has published a device.
+#[derive(Debug)]
+pub enum Publication {
+    /// The qubesdb daemon's socket: a device not yet published is awaited with a watch (on the
+    /// run loop's own connection), never polled.
+    Socket(Mutex<Client>),
+    /// The `qubesdb-read` program (no daemon socket: not a Qubes qube, an old one, or tests):
+    /// run per probe; a device not yet published is asked about again on a timer.
+    Program(Program),
+}
+
+impl Publication {
+    /// What `--no-qubesdb` and `--qubesdb-read PATH` ask for, or by default this qube's
+    /// qubesdb socket, else `qubesdb-read` if it is installed, else nothing.
+    pub fn choose(none: bool, reader: Option<&Path>) -> Option<Publication> {
+        let program = |path: PathBuf| Publication::Program(Program { path, timeout: QUBESDB_TIMEOUT });
+        if none {
+            return None;
+        }
+        if let Some(path) = reader {
+            return Some(program(path.to_owned()));
+        }
+        match Client::connect_local(QUBESDB_TIMEOUT) {
+            Ok(client) => return Some(Publication::Socket(Mutex::new(client))),
+            Err(e) if !e.absent() => warning!("{e}; asking qubesdb-read instead"),
+            Err(_) => {}
+        }
+        crate::spawn::find_program(Path::new("qubesdb-read")).map(program)
     }
 
     /// Reads `key`: Some(value), None if absent.
-    pub fn read(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
-        let mut child = Command::new(&self.reader)
-            .arg(OsStr::new(key))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.reader.display()))?;
-        let start = Instant::now();
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    let mut out = Vec::new();
-                    if let Some(mut stdout) = child.stdout.take() {
-                        let _ = std::io::Read::read_to_end(&mut stdout, &mut out);
-                    }
-                    return Ok(status.success().then_some(out));
-                }
-                Ok(None) if start.elapsed() < self.bound => std::thread::sleep(Duration::from_millis(5)),
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!("{} {key} took longer than {:?}", self.reader.display(), self.bound));
-                }
-                Err(e) => return Err(format!("waiting for {}: {e}", self.reader.display())),
+    pub fn read(&self, key: &str) -> Result<Option<Vec<u8>>, QdbError> {
+        match self {
+            Publication::Socket(client) => client.lock().unwrap_or_else(PoisonError::into_inner).read(key),
+            Publication::Program(program) => program.read(key),
+        }
+    }
+
+    /// True if a device not yet published can be watched for.
+    pub fn watches(&self) -> bool {
+        matches!(self, Publication::Socket(_))
+    }
+}
+
+impl fmt::Display for Publication {
+    /// How publication is awaited, for the log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Publication::Socket(client) => {
+                let client = client.lock().unwrap_or_else(PoisonError::into_inner);
+                write!(f, "a watch on the qubesdb socket {}", client.socket().display())
+            }
+            Publication::Program(p) => {
+                write!(f, "{} run again with growing pauses (no qubesdb socket)", p.path.display())
             }
         }
     }
@@ -131,84 +259,86 @@ pub struct Prober {
     pub sysfs: Arc<Sysfs>,
     pub dev: PathBuf,
     pub nodes: Nodes,
-    pub qubesdb: Option<Qubesdb>,
+    pub qubesdb: Option<Publication>,
 }
 
 impl Prober {
-    /// Checks `target` once. May block (sector read, qubesdb-read).
+    /// Checks `target` once. May block (sector read, qubesdb).
     pub fn check(&self, target: &Target) -> Verdict {
         let local = match target.kind {
             Kind::Block => self.block(target),
             Kind::Usb => self.usb(target),
         };
-        if local != Verdict::Ready {
+        if let Err(not_ready) = local {
             // Not ready, or not there at all: only then is it worth asking which.
-            return if self.sysfs.exists(&target.devpath, "uevent") { local } else { Verdict::Gone };
+            return if self.sysfs.exists(&target.devpath, "uevent") { not_ready } else { Verdict::Gone };
         }
         match &self.qubesdb {
-            None => Verdict::Ready,
-            Some(db) => match db.has(&Qubesdb::key(target.kind, &target.dev)) {
-                Ok(true) => Verdict::Ready,
-                Ok(false) => Verdict::Wait("not yet published to dom0 in qubesdb".into()),
-                Err(why) => Verdict::Wait(why),
-            },
+            None => Verdict::Ready(Facts::default()),
+            Some(db) => published(db, target),
         }
     }
 
-    fn block(&self, target: &Target) -> Verdict {
+    fn block(&self, target: &Target) -> Result<(), Verdict> {
         let mut buf = [0u8; MAX_ATTR];
         let size = match self.sysfs.attr(&target.devpath, "size", &mut buf) {
             Ok(v) => std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u64>().ok()),
             Err(_) => None,
         };
         match size {
-            None => return Verdict::Wait("size unreadable".into()),
-            Some(0) => return Verdict::NoMedia("size is 0".into()),
+            None => return Err(Verdict::Wait(Why::SizeUnreadable)),
+            Some(0) => return Err(Verdict::NoMedia(Why::SizeZero)),
             Some(_) => {}
         }
         let node = self.dev.join(&target.dev);
-        let meta = match std::fs::metadata(&node) {
-            Ok(m) => m,
-            Err(_) => return Verdict::Wait(format!("no device node {}", node.display())),
-        };
+        let meta = std::fs::metadata(&node).map_err(|_| Verdict::Wait(Why::NoNode(node.clone())))?;
+        self.node_is_the_device(&node, &meta, target.devnum).map_err(Verdict::Wait)?;
+        read_first_sector(&node, self.nodes == Nodes::Real)
+            .map_err(|error| Verdict::NoMedia(Why::Unreadable { node: node.clone(), error }))
+    }
+
+    /// A real node must be a block device with the event's major:minor; a fixture's stands
+    /// in as a file.
+    fn node_is_the_device(&self, node: &Path, meta: &std::fs::Metadata, devnum: Option<(u32, u32)>) -> Result<(), Why> {
+        let block = meta.file_type().is_block_device();
         match self.nodes {
+            Nodes::Real if !block => Err(Why::NotBlockDevice(node.to_owned())),
             Nodes::Real => {
-                if !meta.file_type().is_block_device() {
-                    return Verdict::Wait(format!("{} is not a block device", node.display()));
-                }
                 let rdev = meta.rdev();
-                let (major, minor) = (nix::sys::stat::major(rdev) as u32, nix::sys::stat::minor(rdev) as u32);
-                if let Some(want) = target.devnum.filter(|&want| want != (major, minor)) {
-                    return Verdict::Wait(format!(
-                        "{} is {major}:{minor}, expected {}:{}",
-                        node.display(),
-                        want.0,
-                        want.1
-                    ));
+                let found = (nix::sys::stat::major(rdev) as u32, nix::sys::stat::minor(rdev) as u32);
+                match devnum {
+                    Some(want) if want != found => Err(Why::WrongDevnum { node: node.to_owned(), found, want }),
+                    _ => Ok(()),
                 }
             }
-            Nodes::Fixture if !(meta.is_file() || meta.file_type().is_block_device()) => {
-                return Verdict::Wait(format!("{} is not a file", node.display()));
-            }
-            Nodes::Fixture => {}
-        }
-        match read_first_sector(&node, self.nodes == Nodes::Real) {
-            Ok(()) => Verdict::Ready,
-            Err(why) => Verdict::NoMedia(format!("cannot read the first sector of {}: {why}", node.display())),
+            Nodes::Fixture if !(meta.is_file() || block) => Err(Why::NotAFile(node.to_owned())),
+            Nodes::Fixture => Ok(()),
         }
     }
 
-    fn usb(&self, target: &Target) -> Verdict {
+    fn usb(&self, target: &Target) -> Result<(), Verdict> {
         let mut buf = [0u8; MAX_ATTR];
         for attr in ["idVendor", "idProduct"] {
             if self.sysfs.attr(&target.devpath, attr, &mut buf).is_err() {
-                return Verdict::Wait(format!("{attr} unreadable"));
+                return Err(Verdict::Wait(Why::AttrUnreadable(attr)));
             }
         }
         if !target.bound && !self.sysfs.exists(&target.devpath, "driver") {
-            return Verdict::Wait("no driver bound".into());
+            return Err(Verdict::Wait(Why::NoDriver));
         }
-        Verdict::Ready
+        Ok(())
+    }
+}
+
+/// Whether Qubes has published the device: its record's `desc` exists.
+fn published(db: &Publication, target: &Target) -> Verdict {
+    let dir = publication_dir(target.kind, &target.dev);
+    let key = format!("{dir}desc");
+    match (db.read(&key), db) {
+        (Ok(Some(_)), _) => Verdict::Ready(Facts::default()),
+        (Ok(None), Publication::Socket(_)) => Verdict::Unpublished(dir),
+        (Ok(None), Publication::Program(p)) => Verdict::Wait(Why::Unpublished { key, reader: p.path.clone() }),
+        (Err(e), _) => Verdict::Wait(Why::Qubesdb(QdbFailure(Arc::new(e)))),
     }
 }
 
@@ -217,7 +347,10 @@ impl Prober {
 /// 4096), so that the check reads what it needs and not a 128 KiB readahead into a page
 /// cache that the last close drops anyway; at least 512 bytes must come back. A fixture file,
 /// or a node that refuses O_DIRECT, is read plainly.
-fn read_first_sector(node: &std::path::Path, direct: bool) -> Result<(), String> {
+///
+/// This read is where a dying device holds a probe worker in the kernel (uninterruptible
+/// sleep, for as long as the SCSI layer retries): see the run loop's probe deadline.
+fn read_first_sector(node: &Path, direct: bool) -> Result<(), ReadError> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     #[repr(C, align(4096))]
     struct Block([u8; 4096]);
@@ -234,7 +367,7 @@ fn read_first_sector(node: &std::path::Path, direct: bool) -> Result<(), String>
             read => Some(read),
         },
         Some(Err(e)) if einval(&e) => None,
-        Some(Err(e)) => return Err(e.to_string()),
+        Some(Err(e)) => return Err(e.into()),
     };
     let read = match direct {
         Some(read) => read,
@@ -242,8 +375,8 @@ fn read_first_sector(node: &std::path::Path, direct: bool) -> Result<(), String>
     };
     match read {
         Ok(n) if n >= 512 => Ok(()),
-        Ok(n) => Err(format!("short read ({n} bytes)")),
-        Err(e) => Err(e.to_string()),
+        Ok(n) => Err(ReadError::Short(n)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -252,7 +385,7 @@ mod tests {
     use super::*;
     use crate::testing::{STICK_DISK, STICK_USB, TempDir, Tree};
 
-    fn prober(tree: &Tree, dev: &TempDir, qubesdb: Option<Qubesdb>) -> Prober {
+    fn prober(tree: &Tree, dev: &TempDir, qubesdb: Option<Publication>) -> Prober {
         Prober {
             sysfs: Arc::new(Sysfs::new(tree.root()).unwrap()),
             dev: dev.path().to_owned(),
@@ -265,18 +398,24 @@ mod tests {
         Target { kind: Kind::Block, devpath: STICK_DISK.into(), dev: "sdb".into(), devnum: Some((8, 16)), bound: false }
     }
 
+    const READY: Verdict = Verdict::Ready(Facts {});
+
     #[test]
     fn block_readiness_steps() {
         let tree = Tree::stick(b"S1");
         let dev = TempDir::new("dev");
         let p = prober(&tree, &dev, None);
-        assert!(matches!(p.check(&disk()), Verdict::Wait(w) if w.starts_with("no device node")));
-        std::fs::write(dev.path().join("sdb"), [0u8; 100]).unwrap();
-        assert!(matches!(p.check(&disk()), Verdict::NoMedia(w) if w.contains("short read")));
-        std::fs::write(dev.path().join("sdb"), [0u8; 512]).unwrap();
-        assert_eq!(p.check(&disk()), Verdict::Ready);
+        let node = dev.path().join("sdb");
+        assert_eq!(p.check(&disk()), Verdict::Wait(Why::NoNode(node.clone())));
+        assert_eq!(p.check(&disk()).to_string(), format!("not ready: no device node {}", node.display()));
+        std::fs::write(&node, [0u8; 100]).unwrap();
+        let short = Verdict::NoMedia(Why::Unreadable { node: node.clone(), error: ReadError::Short(100) });
+        assert_eq!(p.check(&disk()), short);
+        assert!(short.to_string().ends_with("short read (100 bytes)"), "{short}");
+        std::fs::write(&node, [0u8; 512]).unwrap();
+        assert_eq!(p.check(&disk()), READY);
         std::fs::write(tree.root().join(&STICK_DISK[1..]).join("size"), "0\n").unwrap();
-        assert_eq!(p.check(&disk()), Verdict::NoMedia("size is 0".into()));
+        assert_eq!(p.check(&disk()), Verdict::NoMedia(Why::SizeZero));
         let mut gone = disk();
         gone.devpath.push_str("/nothing");
         assert_eq!(p.check(&gone), Verdict::Gone);
@@ -289,7 +428,7 @@ mod tests {
         std::fs::write(dev.path().join("sdb"), [0u8; 512]).unwrap();
         let mut p = prober(&tree, &dev, None);
         p.nodes = Nodes::Real;
-        assert!(matches!(p.check(&disk()), Verdict::Wait(w) if w.ends_with("is not a block device")));
+        assert_eq!(p.check(&disk()), Verdict::Wait(Why::NotBlockDevice(dev.path().join("sdb"))));
     }
 
     #[test]
@@ -299,40 +438,81 @@ mod tests {
         let p = prober(&tree, &dev, None);
         let mut usb =
             Target { kind: Kind::Usb, devpath: STICK_USB.into(), dev: "2-1".into(), devnum: None, bound: false };
-        assert_eq!(p.check(&usb), Verdict::Ready);
+        assert_eq!(p.check(&usb), READY);
         std::fs::remove_file(tree.root().join(&STICK_USB[1..]).join("driver")).unwrap();
-        assert_eq!(p.check(&usb), Verdict::Wait("no driver bound".into()));
+        assert_eq!(p.check(&usb), Verdict::Wait(Why::NoDriver));
+        assert_eq!(Why::NoDriver.to_string(), "no driver bound");
         usb.bound = true;
-        assert_eq!(p.check(&usb), Verdict::Ready);
+        assert_eq!(p.check(&usb), READY);
     }
 
+    /// The fallback reader: asked per probe, and bounded.
     #[test]
-    fn qubesdb_publication_is_awaited_and_bounded() {
+    fn qubesdb_publication_is_asked_with_the_program_and_bounded() {
         let tree = Tree::stick(b"S1");
         let dev = TempDir::new("dev");
         std::fs::write(dev.path().join("sdb"), [0u8; 512]).unwrap();
         let reader = dev.path().join("qubesdb-read");
         let published = dev.path().join("published");
-        std::fs::write(
-            &reader,
-            format!(
-                "#!/bin/sh\n[ \"$1\" = /qubes-block-devices/sdb/desc ] && [ -e {} ] && echo desc\n",
-                published.display()
-            ),
-        )
-        .unwrap();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&reader).unwrap().permissions(), 0o755);
+        let script = format!(
+            "#!/bin/sh\n[ \"$2\" = /qubes-block-devices/sdb/desc ] && [ -e {} ] && echo desc && exit 0\nexit 2\n",
+            published.display()
+        );
+        std::fs::write(&reader, script).unwrap();
         std::fs::set_permissions(&reader, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let db = Qubesdb { reader: reader.clone(), bound: Duration::from_secs(5) };
-        let p = prober(&tree, &dev, Some(db));
-        assert_eq!(p.check(&disk()), Verdict::Wait("not yet published to dom0 in qubesdb".into()));
+        let program = |timeout| Publication::Program(Program { path: reader.clone(), timeout });
+        let p = prober(&tree, &dev, Some(program(Duration::from_secs(5))));
+        let key = "/qubes-block-devices/sdb/desc".to_owned();
+        let unpublished = Verdict::Wait(Why::Unpublished { key: key.clone(), reader: reader.clone() });
+        assert_eq!(p.check(&disk()), unpublished);
+        assert_eq!(
+            unpublished.to_string(),
+            format!("not ready: not yet published to dom0 in qubesdb ({key}, asked with {})", reader.display())
+        );
         std::fs::write(&published, "").unwrap();
-        assert_eq!(p.check(&disk()), Verdict::Ready);
+        assert_eq!(p.check(&disk()), READY);
         std::fs::write(&reader, "#!/bin/sh\nexec sleep 10\n").unwrap();
-        let slow = Prober { qubesdb: Some(Qubesdb { reader, bound: Duration::from_millis(100) }), ..p };
-        let start = Instant::now();
-        assert!(matches!(slow.check(&disk()), Verdict::Wait(w) if w.contains("took longer than")));
+        let slow = Prober { qubesdb: Some(program(Duration::from_millis(100))), ..p };
+        let start = std::time::Instant::now();
+        let Verdict::Wait(Why::Qubesdb(e)) = slow.check(&disk()) else { panic!("not a qubesdb failure") };
+        assert!(e.to_string().contains("no answer within 100 ms"), "{e}");
         assert!(start.elapsed() < Duration::from_secs(5));
-        assert_eq!(Qubesdb::key(Kind::Usb, "2-1.4"), "/qubes-usb-devices/2-1_4/desc");
+        assert_eq!(publication_dir(Kind::Usb, "2-1.4"), "/qubes-usb-devices/2-1_4/");
+        assert_eq!(publication_dir(Kind::Block, "sdb1"), "/qubes-block-devices/sdb1/");
+    }
+
+    /// Through the daemon's socket (the stand-in daemon of tests/support), a device not yet
+    /// published is `Unpublished` with its directory, for the run loop to watch.
+    #[test]
+    fn qubesdb_publication_through_the_socket_is_watched_for() {
+        let tree = Tree::stick(b"S1");
+        let dev = TempDir::new("dev");
+        std::fs::write(dev.path().join("sdb"), [0u8; 512]).unwrap();
+        let standin = dev.path().join("qubesdb-standin");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/qubesdb-standin.c");
+        let built = std::process::Command::new("cc").args(["-O2", "-o"]).arg(&standin).arg(&src).status().unwrap();
+        assert!(built.success());
+        let socket = dev.path().join("qubesdb.sock");
+        let mut daemon = std::process::Command::new(&standin)
+            .arg("daemon")
+            .arg(&socket)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(daemon.stdout.take().unwrap()), &mut ready).unwrap();
+        let client = Client::connect(&socket, Duration::from_secs(5)).unwrap();
+        let p = prober(&tree, &dev, Some(Publication::Socket(Mutex::new(client))));
+        assert_eq!(p.check(&disk()), Verdict::Unpublished("/qubes-block-devices/sdb/".into()));
+        let wrote = std::process::Command::new(&standin)
+            .arg("write")
+            .arg(&socket)
+            .args(["/qubes-block-devices/sdb/desc", "Stick"])
+            .status()
+            .unwrap();
+        assert!(wrote.success());
+        assert_eq!(p.check(&disk()), READY);
+        let _ = daemon.kill();
+        let _ = daemon.wait();
     }
 }

@@ -21,8 +21,9 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use crate::agent::{Config, Effect, Engine};
-use crate::readiness::{Nodes, Prober, Qubesdb, Verdict};
+use crate::engine::{Config, Effect, Engine};
+use crate::qubesdb::Program;
+use crate::readiness::{Nodes, Prober, Publication};
 use crate::rules::Parsed;
 use crate::sysfs::Sysfs;
 use crate::uevent::{MonitorText, Record};
@@ -35,7 +36,7 @@ pub struct ReplayOptions {
     /// Rules; None means the case directory's `rules` (file or directory).
     pub rules: Option<Vec<PathBuf>>,
     pub dev: Option<PathBuf>,
-    pub qubesdb: Option<Qubesdb>,
+    pub qubesdb: Option<Program>,
     /// How the client is named in the output (`qrexec-client-vm`).
     pub client: String,
     pub config: Config,
@@ -175,9 +176,9 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 pub fn replay(opts: &ReplayOptions, load_rules: &dyn Fn(&[PathBuf]) -> Parsed) -> Result<Vec<String>, ReplayError> {
     let layout = layout(opts)?;
     let parsed = load_rules(&layout.rules);
-    if !crate::agent::report_rules(&parsed) {
+    if !crate::runloop::report_rules(&parsed) {
         return Err(ReplayError {
-            code: crate::agent::EXIT_RULES,
+            code: crate::runloop::EXIT_RULES,
             message: format!("{} error(s) in the rules", parsed.errors.len()),
         });
     }
@@ -187,7 +188,7 @@ pub fn replay(opts: &ReplayOptions, load_rules: &dyn Fn(&[PathBuf]) -> Parsed) -
         sysfs: sysfs.clone(),
         dev: layout.dev.clone().unwrap_or_else(|| root.join("dev")),
         nodes: Nodes::Fixture,
-        qubesdb: opts.qubesdb.clone(),
+        qubesdb: opts.qubesdb.clone().map(Publication::Program),
     };
     let mut run = Run {
         engine: Engine::new(parsed.set, opts.config.clone()),
@@ -236,33 +237,12 @@ struct Run {
 
 impl Run {
     /// Carries out effects until none are left: probes inline, calls recorded.
-    fn perform(&mut self, mut effects: Vec<Effect>) {
-        while !effects.is_empty() {
-            let mut next = Vec::new();
-            for effect in effects {
-                match effect {
-                    Effect::Probe { epoch, target, call } => {
-                        let verdict = self.prober.check(&target);
-                        let made = match call {
-                            Some(call) if verdict == Verdict::Ready => {
-                                let device = self.engine.identity(&target.devpath).unwrap_or_default().to_owned();
-                                self.record(&call, &device);
-                                Some(true)
-                            }
-                            _ => None,
-                        };
-                        self.engine.on_verdict(epoch, &target.devpath, verdict, made, self.now, &mut next);
-                    }
-                    Effect::Call { call, device } => self.record(&call, &device),
-                }
-            }
-            effects = next;
-        }
-    }
-
-    fn record(&mut self, call: &crate::names::Call, device: &str) {
-        info!("{device}: would call {call}");
-        self.calls.push(format!("{} dom0 {}", self.client, call.service_arg()));
+    fn perform(&mut self, effects: Vec<Effect>) {
+        let (calls, client) = (&mut self.calls, &self.client);
+        crate::engine::perform_inline(&mut self.engine, &self.prober, effects, self.now, &mut |call, device| {
+            info!("{device}: would call {call}");
+            calls.push(format!("{client} dom0 {}", call.service_arg()));
+        });
     }
 
     /// Lets virtual time run to `until` (or, when draining, until nothing is pending).

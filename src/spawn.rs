@@ -190,15 +190,16 @@ pub fn drop_capabilities() -> std::io::Result<()> {
     Ok(())
 }
 
-/// A child the agent started.
+/// A child the agent started, with the caller's `tag` (what to report its exit to).
 #[derive(Debug)]
-pub struct Child {
+pub struct Child<T> {
     pub pid: Pid,
     /// What it does, for logs (`custom.USBDeviceAttach+work+__+sdb1`).
     pub call: String,
     /// The device, for logs.
     pub device: String,
     pub started: u64,
+    pub tag: T,
     overdue: bool,
 }
 
@@ -232,6 +233,14 @@ impl Exit {
     }
 }
 
+impl Exit {
+    /// Whether an attach call that ended so may have attached the device: a non-zero exit
+    /// is dom0's (or qrexec's) refusal; a signal, or an exit that was lost (-1), may not be.
+    pub fn may_have_attached(self) -> bool {
+        !matches!(self, Exit::Code(code) if code > 0)
+    }
+}
+
 impl fmt::Display for Exit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -242,14 +251,20 @@ impl fmt::Display for Exit {
 }
 
 /// Children in flight.
-#[derive(Debug, Default)]
-pub struct Children {
-    list: Vec<Child>,
+#[derive(Debug)]
+pub struct Children<T> {
+    list: Vec<Child<T>>,
 }
 
-impl Children {
-    pub fn add(&mut self, pid: Pid, call: String, device: String, now: u64) {
-        self.list.push(Child { pid, call, device, started: now, overdue: false });
+impl<T> Default for Children<T> {
+    fn default() -> Children<T> {
+        Children { list: Vec::new() }
+    }
+}
+
+impl<T> Children<T> {
+    pub fn add(&mut self, pid: Pid, call: String, device: String, now: u64, tag: T) {
+        self.list.push(Child { pid, call, device, started: now, tag, overdue: false });
     }
 
     pub fn len(&self) -> usize {
@@ -261,7 +276,7 @@ impl Children {
     }
 
     /// Collects every child that has exited, without blocking.
-    pub fn reap(&mut self) -> Vec<(Child, Exit)> {
+    pub fn reap(&mut self) -> Vec<(Child<T>, Exit)> {
         let mut done = Vec::new();
         let mut i = 0;
         while i < self.list.len() {
@@ -281,7 +296,7 @@ impl Children {
     }
 
     /// Children that have now run longer than `bound` (each reported once).
-    pub fn overdue(&mut self, now: u64, bound: Duration) -> Vec<&Child> {
+    pub fn overdue(&mut self, now: u64, bound: Duration) -> Vec<&Child<T>> {
         let bound = bound.as_millis() as u64;
         self.list
             .iter_mut()
@@ -303,7 +318,7 @@ impl Children {
 mod tests {
     use super::*;
 
-    fn wait_exit(children: &mut Children) -> Exit {
+    fn wait_exit(children: &mut Children<()>) -> Exit {
         for _ in 0..500 {
             if let Some((_, exit)) = children.reap().pop() {
                 return exit;
@@ -379,7 +394,7 @@ mod tests {
         assert_eq!(fields[2], pid.to_string(), "process group is its own: {stat}");
         nix::sys::signal::kill(pid, Signal::SIGKILL).unwrap();
         let mut children = Children::default();
-        children.add(pid, "call".into(), "sdb1".into(), 0);
+        children.add(pid, "call".into(), "sdb1".into(), 0, ());
         assert_eq!(wait_exit(&mut children), Exit::Signal(Signal::SIGKILL));
         drop(leak);
     }
@@ -427,11 +442,11 @@ mod tests {
         let spawner = Spawner::new(Path::new("/bin/sh"), Vec::new());
         let mut children = Children::default();
         let pid = spawner.spawn(&[c"-c", c"exit 126"]).unwrap();
-        children.add(pid, "c".into(), "d".into(), 0);
+        children.add(pid, "c".into(), "d".into(), 0, ());
         let exit = wait_exit(&mut children);
         assert_eq!(exit.to_string(), "exit 126: refused by dom0's qrexec policy");
         let pid = spawner.spawn(&[c"-c", c"sleep 0.5"]).unwrap();
-        children.add(pid, "c".into(), "d".into(), 1000);
+        children.add(pid, "c".into(), "d".into(), 1000, ());
         assert_eq!(children.next_overdue(Duration::from_secs(1)), Some(2000));
         assert!(children.overdue(1500, Duration::from_secs(1)).is_empty());
         assert_eq!(children.overdue(2500, Duration::from_secs(1)).len(), 1);

@@ -5,7 +5,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::Path;
 
-use autoattach::agent::{Config, Effect, Engine};
+use autoattach::engine::{Config, Effect, Engine};
 use autoattach::rules;
 use autoattach::sysfs::Sysfs;
 use autoattach::uevent::Uevent;

@@ -297,6 +297,7 @@ fn qubesdb_standin(dir: &Path, key: &str, after: u32, rules: Option<&str>) -> Pa
         &script,
         format!(
             "#!/bin/sh\n\
+             [ \"$1\" = -r ] && shift\n\
              if [ \"$1\" = /vm-config/autoattach-rules ]; then [ -f {rules} ] && exec cat {rules}; exit 1; fi\n\
              n=$(cat {dir}/count 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {dir}/count\n\
              if [ \"$1\" = {key} ] && [ $n -ge {after} ]; then echo \"$1 hit\" >> {dir}/reads; echo 'SanDisk 3.2Gen1'; exit 0; fi\n\

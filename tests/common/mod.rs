@@ -127,6 +127,31 @@ impl Agent {
         }
     }
 
+    /// Waits up to `limit` for the agent to exit; its status, or None if it is still there.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The states (`R`, `S`, `D`, `Z`, ...) of the agent's threads, from /proc.
+    pub fn thread_states(&self) -> Vec<char> {
+        let tasks = format!("/proc/{}/task", self.pid());
+        let Ok(dir) = std::fs::read_dir(tasks) else { return Vec::new() };
+        dir.flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+            .filter_map(|stat| stat.rsplit(')').next().and_then(|rest| rest.trim_start().chars().next()))
+            .collect()
+    }
+
     /// SIGKILL: no chance to clean up anything.
     pub fn kill(&mut self) {
         let mut child = self.child.take().unwrap();
@@ -215,4 +240,66 @@ pub fn backing_file(dir: &Path) -> PathBuf {
     let file = dir.join("disk.img");
     std::fs::write(&file, vec![0x5a; 1 << 20]).unwrap();
     file
+}
+
+/// True if a FUSE file system can be mounted here (as root, with /dev/fuse); panics under
+/// AUTOATTACH_FULL=1 if not.
+pub fn fuse_usable(what: &str) -> bool {
+    if !Path::new("/dev/fuse").exists()
+        || !std::fs::read_to_string("/proc/filesystems").unwrap_or_default().contains("\tfuse\n")
+    {
+        let _ = Command::new("modprobe").arg("fuse").status();
+    }
+    let ok = Path::new("/dev/fuse").exists()
+        && std::fs::read_to_string("/proc/filesystems").unwrap_or_default().contains("\tfuse\n");
+    assert!(ok || !full(), "{what}: needs FUSE (/dev/fuse and the fuse file system) (AUTOATTACH_FULL=1)");
+    if !ok {
+        eprintln!("SKIP {what}: needs FUSE");
+    }
+    ok
+}
+
+/// A loop device whose reads never return: its backing file is served by
+/// tests/support/fuse-stall.c, which holds every read. Dropping it kills the server (the
+/// held reads then fail), unmounts it and removes the loop device.
+pub struct StalledDisk {
+    server: Option<Child>,
+    mount: PathBuf,
+    pub dev: Loop,
+}
+
+impl StalledDisk {
+    /// Mounts a stalled file system under `dir/stall-TAG`, and a loop device (index from
+    /// `base`) on its 1 MiB file.
+    pub fn new(dir: &Path, server: &Path, tag: &str, base: u32) -> StalledDisk {
+        let mount = dir.join(format!("stall-{tag}"));
+        std::fs::create_dir_all(&mount).unwrap();
+        let mut child = Command::new(server)
+            .arg(&mount)
+            .arg((1u32 << 20).to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start fuse-stall");
+        let mut ready = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut ready).unwrap();
+        assert_eq!(ready, "ready\n", "fuse-stall did not start");
+        let disk = StalledDisk { server: Some(child), mount, dev: Loop::create(base) };
+        disk.dev.attach(&disk.mount.join("disk"));
+        disk
+    }
+
+    /// Lets every held read fail (the server is killed, which aborts the connection).
+    pub fn release(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for StalledDisk {
+    fn drop(&mut self) {
+        self.release();
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
 }
