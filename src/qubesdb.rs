@@ -175,8 +175,6 @@ pub enum ProgramError {
     Output(&'static str),
     /// It exited with another status (stderr kept, bounded).
     Failed { status: ExitStatus, stderr: Vec<u8> },
-    /// The program reads single keys only.
-    NoMultiread,
 }
 
 impl QdbError {
@@ -263,7 +261,6 @@ impl fmt::Display for ProgramError {
             ProgramError::Failed { status, stderr } => {
                 write!(f, "failed ({}): \"{}\"", describe(*status), Escaped(first_line(stderr)))
             }
-            ProgramError::NoMultiread => f.write_str("multiread needs the qubesdb socket"),
         }
     }
 }
@@ -908,44 +905,6 @@ fn interpret(key: &str, run: Run) -> Result<Option<Vec<u8>>, ProgramError> {
         Some(2) => Ok(None),
         Some(1) if only_missing => Ok(None),
         _ => Err(ProgramError::Failed { status, stderr }),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Either
-
-/// Where qubesdb is read from: the daemon's socket, or the `qubesdb-read` program.
-#[derive(Debug)]
-pub enum Db {
-    Socket(Client),
-    Program(Program),
-}
-
-impl Db {
-    /// Reads `key`: its value, or None if there is no such entry.
-    pub fn read(&mut self, key: &str) -> Result<Option<Vec<u8>>, QdbError> {
-        match self {
-            Db::Socket(client) => client.read(key),
-            Db::Program(program) => program.read(key),
-        }
-    }
-
-    /// Every entry under `prefix`; the socket only.
-    pub fn multiread(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, QdbError> {
-        match self {
-            Db::Socket(client) => client.multiread(prefix),
-            Db::Program(program) => Err(program.error(prefix, ProgramError::NoMultiread)),
-        }
-    }
-}
-
-impl fmt::Display for Db {
-    /// How keys are read, for the log: "the qubesdb socket PATH" or "qubesdb-read (PATH)".
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Db::Socket(client) => write!(f, "the qubesdb socket {}", client.socket.display()),
-            Db::Program(program) => write!(f, "qubesdb-read ({})", program.path.display()),
-        }
     }
 }
 
