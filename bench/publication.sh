@@ -10,6 +10,9 @@
 #   after   the agent as it runs by default (the native client and its watch, once the run
 #           loop uses src/qubesdb.rs); with an agent that does not wait for qubesdb at all, the
 #           calls come before the publication and the script says so instead of a figure
+#   floor   the least any watcher can do on this machine at this moment: one C thread that
+#           watches the record, reads it on each event and posix_spawns the client (the
+#           stand-in's `floor` mode); the agent's figure is read against it
 #
 # Each round: RM the device's record through the daemon (as Qubes' udev scripts do when a
 # device goes), write "remove" then "add" to a loop device's uevent file. The agent matches
@@ -29,7 +32,7 @@ set -euo pipefail
 COUNT=${COUNT:-100}
 DELAY_MS=${DELAY_MS:-1500}
 GAP_MS=${GAP_MS:-50}
-VARIANTS=${VARIANTS:-before after}
+VARIANTS=${VARIANTS:-floor before after}
 WARMUP=2
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -56,9 +59,10 @@ fi
 # and the main branch's agent runs it by its full path (issue 10).
 work=$(mktemp -d /tmp/aapub.XXXXXX)
 chmod 755 "$work"
-agent_pid='' daemon_pid='' loop_n=''
+agent_pid='' daemon_pid='' loop_n='' floor_pid=''
 
 cleanup() {
+	[[ -n $floor_pid ]] && { kill -TERM "$floor_pid" 2>/dev/null || true; wait "$floor_pid" 2>/dev/null || true; }
 	[[ -n $agent_pid ]] && { kill -TERM "$agent_pid" 2>/dev/null || true; wait "$agent_pid" 2>/dev/null || true; }
 	[[ -n $daemon_pid ]] && { kill -TERM "$daemon_pid" 2>/dev/null || true; wait "$daemon_pid" 2>/dev/null || true; }
 	if [[ -n $loop_n ]]; then
@@ -136,6 +140,12 @@ stop_agent() {
 	agent_pid=''
 }
 
+start_floor() {
+	"$work/bin/qubesdb-standin" floor "$work/qubes/qubesdb.ro.sock" "$record/" "$record/desc" \
+		"$work/bin/qrexec-client-vm" dom0 "custom.USBDeviceAttach+work+__+loop$loop_n" >"$work/agent.log" 2>&1 &
+	agent_pid=$!
+}
+
 round() { # round OUT: one remove/add; appends "<publish ns> <call ns> <latency ns>" or a reason
 	local calls=$work/bin/calls.log log=$work/qubesdb.log n_calls n_pubs
 	"$work/bin/qubesdb-standin" rm "$work/qubes/qubesdb.sock" "$record/" || true
@@ -161,10 +171,10 @@ round() { # round OUT: one remove/add; appends "<publish ns> <call ns> <latency 
 measure() { # measure VARIANT BIN ARGS...
 	local variant=$1 bin=$2 out=$work/$1.latency i
 	shift 2
-	say "$variant: $bin ${*:-(defaults)}"
+	if [[ $variant == floor ]]; then say "floor: qubesdb-standin floor"; else say "$variant: $bin ${*:-(defaults)}"; fi
 	: >"$out"
 	"$work/bin/qubesdb-standin" rm "$work/qubes/qubesdb.sock" "$record/" || true
-	start_agent "$bin" "$@"
+	if [[ $variant == floor ]]; then start_floor; else start_agent "$bin" "$@"; fi
 	# The device is there at start: coldplug probes it; wait for that call first.
 	wait_more "$work/bin/calls.log" "USBDeviceAttach" "$(lines "$work/bin/calls.log" USBDeviceAttach)" \
 		$((DELAY_MS / 1000 + 10)) || say "$variant: no coldplug call"
@@ -178,6 +188,7 @@ measure() { # measure VARIANT BIN ARGS...
 
 for variant in $VARIANTS; do
 	case $variant in
+	floor) measure floor - ;;
 	before) measure before "$before_bin" --qubesdb-read "$work/bin/qubesdb-read" ;;
 	after) measure after "$after_bin" ;;
 	*) die "unknown variant $variant" ;;
