@@ -31,7 +31,7 @@
 //! - WATCH / UNWATCH (db-cmds.c:843-859): OK; UNWATCH of an unknown watch: ERROR_NOENT. A watch
 //!   on a path ending in `/` matches every path under it, otherwise exactly that path
 //!   (db-core.c:207-209). The key need not exist yet.
-//! - A watch fires after every WRITE and RM of a matching path (db-cmds.c:439, 492) as a WATCH
+//! - A watch fires after every WRITE and RM of a matching path (db-cmds.c:437, 490) as a WATCH
 //!   message carrying the **modified** path and no data (db-core.c:244-275). It can arrive at any
 //!   time, before or between the answers to a command (include/qubesdb.h:51-53; qdb-client.c:324
 //!   `get_response` keeps them for later): this client queues them, never drops them.
