@@ -26,7 +26,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 step "Debian packages"
-need=(build-essential util-linux iproute2 kmod udev systemd shellcheck rpm python3 dash umockdev)
+need=(build-essential util-linux iproute2 kmod udev systemd shellcheck rpm python3 dash umockdev scdoc man-db bash-completion zsh fish)
 missing=()
 for p in "${need[@]}"; do
     [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")

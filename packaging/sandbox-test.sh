@@ -20,7 +20,7 @@
 # Leaves nothing: killing the namespace's init ends every process in it, the mounts go
 # with the namespace, and the cgroups the inner systemd made are removed.
 #
-#   packaging/sandbox-test.sh [STAGE]     STAGE: tree from `make stage` (target/pkg/root)
+#   packaging/sandbox-test.sh [STAGE]     STAGE: tree from `make stage-deb` (target/pkg/deb-root)
 set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -92,9 +92,9 @@ fi
 
 # --- outside: start, check, tear down ---------------------------------------------
 cd "$here/.." || exit 2
-stage=${1:-target/pkg/root}
+stage=${1:-target/pkg/deb-root}
 [ "$(id -u)" = 0 ] || { echo "sandbox-test: needs root" >&2; exit 2; }
-[ -x "$stage/usr/bin/autoattach" ] || { echo "sandbox-test: $stage: run make stage first" >&2; exit 2; }
+[ -x "$stage/usr/bin/autoattach" ] || { echo "sandbox-test: $stage: run make stage-deb first" >&2; exit 2; }
 stage=$(cd "$stage" && pwd)
 loopdev=$(basename "$(find /sys/class/block -maxdepth 1 -name 'loop[0-7]' | sort | tail -n 1)")
 [ -n "$loopdev" ] || { echo "sandbox-test: no loop0..7 in /sys/class/block" >&2; exit 2; }

@@ -5,7 +5,7 @@
 //! that pick devices ([`rules`]), the names that may reach dom0 ([`names`]), readiness
 //! ([`readiness`], with Qubes' publication read from [`qubesdb`]), detached children
 //! ([`spawn`]), the decisions ([`engine`]) and the loop that drives them ([`runloop`]),
-//! fixtures ([`umockdev`], [`replay`]) and the command line ([`cli`]). `main.rs` only calls
+//! fixtures ([`umockdev`], [`replay`]), exit codes ([`exit`]) and the command line ([`cli`]). `main.rs` only calls
 //! [`cli::main`]; only `main.rs` may exit the process (`clippy::exit` is denied here).
 
 #![deny(clippy::exit)]
@@ -16,6 +16,7 @@ pub mod log;
 pub mod beneath;
 pub mod cli;
 pub mod engine;
+pub mod exit;
 pub mod fnmatch;
 pub mod identity;
 pub mod names;

@@ -31,7 +31,7 @@
 //! - WATCH / UNWATCH (db-cmds.c:843-859): OK; UNWATCH of an unknown watch: ERROR_NOENT. A watch
 //!   on a path ending in `/` matches every path under it, otherwise exactly that path
 //!   (db-core.c:207-209). The key need not exist yet.
-//! - A watch fires after every WRITE and RM of a matching path (db-cmds.c:439, 492) as a WATCH
+//! - A watch fires after every WRITE and RM of a matching path (db-cmds.c:437, 490) as a WATCH
 //!   message carrying the **modified** path and no data (db-core.c:244-275). It can arrive at any
 //!   time, before or between the answers to a command (include/qubesdb.h:51-53; qdb-client.c:324
 //!   `get_response` keeps them for later): this client queues them, never drops them.
@@ -175,8 +175,6 @@ pub enum ProgramError {
     Output(&'static str),
     /// It exited with another status (stderr kept, bounded).
     Failed { status: ExitStatus, stderr: Vec<u8> },
-    /// The program reads single keys only.
-    NoMultiread,
 }
 
 impl QdbError {
@@ -263,7 +261,6 @@ impl fmt::Display for ProgramError {
             ProgramError::Failed { status, stderr } => {
                 write!(f, "failed ({}): \"{}\"", describe(*status), Escaped(first_line(stderr)))
             }
-            ProgramError::NoMultiread => f.write_str("multiread needs the qubesdb socket"),
         }
     }
 }
@@ -547,8 +544,9 @@ impl Client {
         let io = |source| QdbError::Connect { socket: self.socket.clone(), source };
         let fd: OwnedFd = socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
             .map_err(|e| io(e.into()))?;
-        let bound =
-            TimeVal::new(self.timeout.as_secs().try_into().unwrap_or(i64::MAX), self.timeout.subsec_micros().into());
+        // A zero SO_SNDTIMEO means "no bound": never ask for less than a millisecond.
+        let timeout = self.timeout.max(Duration::from_millis(1));
+        let bound = TimeVal::new(timeout.as_secs().try_into().unwrap_or(i64::MAX), timeout.subsec_micros().into());
         socket::setsockopt(&fd, sockopt::SendTimeout, &bound).map_err(|e| io(e.into()))?;
         let addr = UnixAddr::new(&self.socket).map_err(|e| io(e.into()))?;
         socket::connect(fd.as_raw_fd(), &addr).map_err(|e| io(e.into()))?;
@@ -907,44 +905,6 @@ fn interpret(key: &str, run: Run) -> Result<Option<Vec<u8>>, ProgramError> {
         Some(2) => Ok(None),
         Some(1) if only_missing => Ok(None),
         _ => Err(ProgramError::Failed { status, stderr }),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Either
-
-/// Where qubesdb is read from: the daemon's socket, or the `qubesdb-read` program.
-#[derive(Debug)]
-pub enum Db {
-    Socket(Client),
-    Program(Program),
-}
-
-impl Db {
-    /// Reads `key`: its value, or None if there is no such entry.
-    pub fn read(&mut self, key: &str) -> Result<Option<Vec<u8>>, QdbError> {
-        match self {
-            Db::Socket(client) => client.read(key),
-            Db::Program(program) => program.read(key),
-        }
-    }
-
-    /// Every entry under `prefix`; the socket only.
-    pub fn multiread(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, QdbError> {
-        match self {
-            Db::Socket(client) => client.multiread(prefix),
-            Db::Program(program) => Err(program.error(prefix, ProgramError::NoMultiread)),
-        }
-    }
-}
-
-impl fmt::Display for Db {
-    /// How keys are read, for the log: "the qubesdb socket PATH" or "qubesdb-read (PATH)".
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Db::Socket(client) => write!(f, "the qubesdb socket {}", client.socket.display()),
-            Db::Program(program) => write!(f, "qubesdb-read ({})", program.path.display()),
-        }
     }
 }
 

@@ -211,28 +211,12 @@ pub enum Exit {
 }
 
 impl Exit {
-    /// What the exit status of `qrexec-client-vm dom0 custom.USBDeviceAttach+...` means.
+    /// What the exit status of `qrexec-client-vm dom0 custom.USBDeviceAttach+...` means
+    /// (the one table is [`crate::exit::CALLS`]).
     pub fn meaning(self) -> &'static str {
         match self {
-            Exit::Code(0) => "done",
-            Exit::Code(126) => "refused by dom0's qrexec policy",
-            Exit::Code(125) => "qrexec failure (service missing in dom0, or qrexec unavailable)",
-            Exit::Code(127) => "qrexec-client-vm could not run the call",
-            Exit::Code(64) => "dom0 handler: malformed request",
-            Exit::Code(65) => "dom0 handler: bad qube name, or target is dom0 or the source",
-            Exit::Code(66) => "dom0 handler: bad device name or identity",
-            Exit::Code(67) => "dom0 handler: no such target qube",
-            Exit::Code(68) => "dom0 handler: not in the dom0 allowlist (/etc/qubes/autoattach.conf)",
-            Exit::Code(69) => "dom0 handler: target qube not running and not started",
-            Exit::Code(70) => "dom0 handler: sys-usb did not expose the device in time",
-            Exit::Code(71) => "dom0 handler: device already attached to another qube",
-            Exit::Code(72) => "dom0 handler: qvm-block/qvm-usb attach failed",
-            Exit::Code(73) => {
-                "dom0 handler: identity mismatch: the device there is not the one requested, or it cannot be                  verified there (not attached)"
-            }
-            Exit::Code(74) => "dom0 handler: busy: too many requests from this qube in progress",
-            Exit::Code(_) => "the dom0 service's own exit code",
-            Exit::Signal(_) => "killed by a signal",
+            Exit::Code(code) => crate::exit::call_meaning(code),
+            Exit::Signal(_) => crate::exit::CALL_SIGNAL,
         }
     }
 }
@@ -448,10 +432,10 @@ mod tests {
         let pid = spawner.spawn(&[c"-c", c"exit 126"]).unwrap();
         children.add(pid, "c".into(), "d".into(), 0, ());
         let exit = wait_exit(&mut children);
-        assert_eq!(exit.to_string(), "exit 126: refused by dom0's qrexec policy");
+        assert_eq!(exit.to_string(), "exit 126: qrexec: refused by dom0's qrexec policy (QREXEC_EXIT_REQUEST_REFUSED)");
         // The identity codes of the dom0 handler: 73 attached nothing, so nothing is undone.
         assert!(Exit::Code(73).meaning().contains("identity mismatch") && !Exit::Code(73).may_have_attached());
-        assert!(Exit::Code(74).meaning().starts_with("dom0 handler: busy"));
+        assert!(Exit::Code(74).meaning().contains("busy"));
         let pid = spawner.spawn(&[c"-c", c"sleep 0.5"]).unwrap();
         children.add(pid, "c".into(), "d".into(), 1000, ());
         assert_eq!(children.next_overdue(Duration::from_secs(1)), Some(2000));

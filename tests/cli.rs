@@ -31,13 +31,15 @@ fn fixtures() -> PathBuf {
 const STICK_IDENT: &str = "0781+5581+4C530001230101115543+u080650+1.0+1";
 
 /// Every case directory with an `expected` file replays to exactly those calls, twice in a
-/// row (stable across runs).
+/// row (stable across runs). The qemu-* captures are tests/captures.rs's (all three captures of
+/// each, and the cases replay cannot yet reproduce).
 #[test]
 fn every_fixture_replays_to_its_expected_calls() {
     let mut cases = 0;
     let mut entries: Vec<_> = std::fs::read_dir(fixtures()).unwrap().flatten().map(|e| e.path()).collect();
     entries.sort();
-    for case in entries.into_iter().filter(|p| p.join("expected").is_file()) {
+    let qemu = |p: &PathBuf| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("qemu-"));
+    for case in entries.into_iter().filter(|p| p.join("expected").is_file() && !qemu(p)) {
         let expected = std::fs::read_to_string(case.join("expected")).unwrap();
         for _ in 0..2 {
             let out = run(&["replay", case.to_str().unwrap()]);
@@ -140,7 +142,11 @@ fn check_reports_every_error_with_its_place() {
     .unwrap();
     let out = run(&["check", "--rules", good.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
-    assert_eq!(stdout(&out), "1 rule(s) loaded, 0 error(s), 0 warning(s)\n");
+    let g = good.display();
+    assert_eq!(
+        stdout(&out),
+        format!("rules looked for in:\n  {g}: 1 rule\n1 rule(s) loaded, 0 error(s), 0 warning(s)\n")
+    );
     // A missing file named on the command line is an error too.
     let out = run(&["check", "--rules", dir.join("nope.rules").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3));
@@ -209,19 +215,22 @@ fn list_shows_identity_and_rule() {
         run(&["list", "--sysfs", case.join("sys").to_str().unwrap(), "--rules", case.join("rules").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0));
     let text = stdout(&out);
-    assert!(
-        text.contains(
-            "sda1 0781:5581 \" USB\" \" SanDisk 3.2Gen1\" serial \"4C530001230101115543\" interfaces :080650:\n"
-        ),
-        "{text}"
+    let rules = case.join("rules");
+    let want = format!(
+        "# sda1\n\
+         #   devpath        /devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/host0/target0:0:0/0:0:0:0/block/sda/sda1\n\
+         #   kind           block partition 1, 60061696 sectors (28.6 GiB)\n\
+         #   usb device     1-2 0781:5581, manufacturer \" USB\", product \" SanDisk 3.2Gen1\"\n\
+         #   serial         \"4C530001230101115543\"\n\
+         #   interfaces     :080650:\n\
+         #   qubes id       \"0781:5581:4C530001230101115543:u080650:1.0:1\"\n\
+         #   rule           {}:2 -> ATTACH=\"backup\"\n\
+         SUBSYSTEM==\"block\", ENV{{DEVTYPE}}==\"partition\", ENV{{PARTN}}==\"1\", ATTRS{{idVendor}}==\"0781\", \
+         ATTRS{{idProduct}}==\"5581\", ATTRS{{serial}}==\"4C530001230101115543\", ATTACH=\"QUBE\"\n",
+        rules.display()
     );
-    assert!(text.contains("rules:2 -> ATTACH=\"backup\""), "{text}");
-    assert!(
-        text.contains(
-            "usb 1-2 0781:5581 \" USB\" \" SanDisk 3.2Gen1\" serial \"4C530001230101115543\" interfaces :080650:\n"
-        ),
-        "{text}"
-    );
+    assert!(text.contains(&want), "{text}");
+    assert!(text.contains("# 1-2\n"), "{text}");
 }
 
 /// record then replay: a recording of a fixture device replays like the tree itself.
@@ -249,13 +258,13 @@ fn usage_errors_exit_2_and_say_what_to_do() {
         (&["frobnicate"][..], "unknown command \"frobnicate\""),
         (&["run", "--bogus"][..], "unknown option --bogus"),
         (&["run", "--timeout", "soon"][..], "--timeout \"soon\": not a duration"),
-        (&["test"][..], "test takes one DEVICE"),
+        (&["test"][..], "test takes DEVICE"),
         (&[][..], "no command given"),
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains("see `autoattach --help`"));
+        assert!(stderr(&out).contains("see `autoattach ") && stderr(&out).contains("--help`"), "{}", stderr(&out));
     }
     let out = run(&["--help"]);
     assert_eq!(out.status.code(), Some(0));

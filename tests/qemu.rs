@@ -13,6 +13,9 @@
 //! uevent (`tests/support/uevent-stamp.c`) to the client's exec, both CLOCK_MONOTONIC in the
 //! guest, and the wall times are printed (to stderr, uncaptured) for BENCHMARKS.md.
 //!
+//! `captures_under_qemu` (tests/qemu/capture.rs, ignored unless asked for) records the
+//! `tests/fixtures/qemu-*` cases from a boot with Debian's udev in the guest.
+//!
 //! Run: `cargo test --test qemu -- --test-threads=1` (root, so `tests/qemu/setup.sh` can install
 //! qemu and kmod and fetch a kernel; everything is cached under `target/qemu/`). When qemu, the
 //! kernel or a static C compiler is missing, the test FAILS if `AUTOATTACH_FULL=1` (CI sets it)
@@ -62,6 +65,10 @@ const SETTLE: &str = "1.5";
 /// Hotplug/unplug cycles of the matching stick per boot.
 const CYCLES: usize = 5;
 
+/// Fixtures captured from the real kernel: `captures_under_qemu`.
+#[path = "qemu/capture.rs"]
+mod capture;
+
 // ---------------------------------------------------------------------------------------------
 // The tests
 
@@ -92,13 +99,13 @@ fn scenarios(ctrl: Controller) {
     let started = Instant::now();
     let Some(tools) = tools() else { return };
     let run = RunDir::new(ctrl.name);
-    let initramfs = build_initramfs(&run.path, &tools);
+    let initramfs = build_initramfs(&run.path, &tools, &Guest::HOTPLUG);
     for (name, signature) in [("cold", 1), ("other", 2), ("match", 3), ("pass", 4)] {
         mbr_image(&run.path.join(format!("{name}.img")), signature);
     }
     let prepared = started.elapsed();
 
-    let mut vm = Vm::boot(&tools, &initramfs, &run.path, ctrl);
+    let mut vm = Vm::boot(&tools, &initramfs, &run.path, &hotplug_devices(ctrl, &run.path));
     let booted = vm.started.elapsed();
     let mut steps = Steps::new(&mut vm, ctrl);
     steps.all();
@@ -149,7 +156,7 @@ impl<'a> Steps<'a> {
              --qrexec-client /harness/qrexec-client-vm --no-qubesdb -v >{AGENT_LOG} 2>&1 & \
              echo $! >/tmp/agent.pid"
         ));
-        self.expect("coldplug of a matching stick", &[attach("work", &part)]);
+        self.expect("coldplug of a matching stick", &[attach("work", &stick(&part, "MATCH1"))]);
         part
     }
 
@@ -168,7 +175,7 @@ impl<'a> Steps<'a> {
         self.vm.drive_add(id, &image);
         self.vm.device_add(id, "MATCH1", self.ctrl);
         let part = self.vm.ok(&format!("aa wait-part MATCH1 {GUEST_WAIT_TENTHS}"));
-        self.expect(&format!("hotplug of matching stick {id}"), &[attach("work", &part)]);
+        self.expect(&format!("hotplug of matching stick {id}"), &[attach("work", &stick(&part, "MATCH1"))]);
         part
     }
 
@@ -178,7 +185,7 @@ impl<'a> Steps<'a> {
         self.vm.device_del(id);
         self.vm.ok(&format!("aa wait-gone /sys/class/block/{part} {GUEST_WAIT_TENTHS}"));
         let calls = if detach {
-            vec![format!("dom0 custom.USBDeviceDetach+work+__+{part} readable=no")]
+            vec![format!("dom0 custom.USBDeviceDetach+work+__+{} readable=no", stick(part, "MATCH1"))]
         } else {
             self.vm.ok(&format!("sleep {SETTLE}"));
             Vec::new()
@@ -196,7 +203,7 @@ impl<'a> Steps<'a> {
         }
         self.expect(
             "passthrough of a usb_device",
-            &[format!("dom0 custom.USBDeviceAttach+vault+__+{busid} readable=n/a")],
+            &[format!("dom0 custom.USBDeviceAttach+vault+__+{busid}+__+46f4+0001+PASS1+u080650 readable=n/a")],
         );
         self.vm.device_del("pass");
         self.vm.ok(&format!("aa wait-gone /sys/bus/usb/devices/{busid} {GUEST_WAIT_TENTHS}"));
@@ -263,6 +270,14 @@ fn attach(qube: &str, dev: &str) -> String {
     format!("dom0 custom.USBDeviceAttach+{qube}+__+{dev} readable=yes")
 }
 
+/// A QEMU stick's partition in a call, `PART+__+IDENT`: its Qubes device id is the stick's
+/// (46f4:0001, the serial we give it, one bulk-only mass-storage interface: u080650), the
+/// interface 1.0, then the partition number (IDENTITY.md; `:` encoded as `+`).
+fn stick(part: &str, serial: &str) -> String {
+    let number = part.trim_start_matches(|c: char| !c.is_ascii_digit());
+    format!("{part}+__+46f4+0001+{serial}+u080650+1.0+{number}")
+}
+
 #[derive(Debug)]
 struct Sample {
     call: String,
@@ -314,7 +329,7 @@ fn report(ctrl: Controller, prepared: Duration, booted: Duration, wall: Duration
     // Bus ids start with a digit, block names never do.
     let (usb, block): (Vec<&Sample>, Vec<&Sample>) = samples
         .iter()
-        .partition(|s| s.call.rsplit("+__+").next().is_some_and(|d| d.starts_with(|c: char| c.is_ascii_digit())));
+        .partition(|s| s.call.split("+__+").nth(1).is_some_and(|d| d.starts_with(|c: char| c.is_ascii_digit())));
     for (what, group) in [("partition", block), ("usb_device", usb)] {
         let mut micros: Vec<u64> = group.iter().map(|s| s.micros).collect();
         micros.sort_unstable();
@@ -344,6 +359,11 @@ struct Tools {
     busybox: PathBuf,
     kernel: PathBuf,
     modules: PathBuf,
+    /// Debian's udevadm, unpacked from the udev package (for the capture boot).
+    udevadm: PathBuf,
+    /// That udev package's version.
+    udev_version: String,
+    sfdisk: PathBuf,
 }
 
 /// Runs setup.sh and checks for a static C compiler. None means skip (and was said loudly);
@@ -361,15 +381,16 @@ fn tools() -> Option<Tools> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let vars: HashMap<&str, &str> = stdout.lines().filter_map(|line| line.split_once('=')).collect();
     let var = |key: &str| vars.get(key).map(PathBuf::from);
-    let (Some(qemu), Some(busybox), Some(kernel), Some(modules)) =
-        (var("QEMU"), var("BUSYBOX"), var("KERNEL"), var("MODULES"))
+    let (Some(qemu), Some(busybox), Some(kernel), Some(modules), Some(udevadm), Some(sfdisk)) =
+        (var("QEMU"), var("BUSYBOX"), var("KERNEL"), var("MODULES"), var("UDEVADM"), var("SFDISK"))
     else {
-        return missing(&format!("setup.sh printed no QEMU/BUSYBOX/KERNEL/MODULES:\n{stdout}"));
+        return missing(&format!("setup.sh printed no QEMU/BUSYBOX/KERNEL/MODULES/UDEVADM/SFDISK:\n{stdout}"));
     };
+    let udev_version = vars.get("UDEV").copied().unwrap_or_default().to_owned();
     if let Err(e) = static_cc_works() {
         return missing(&e);
     }
-    Some(Tools { qemu, busybox, kernel, modules })
+    Some(Tools { qemu, busybox, kernel, modules, udevadm, udev_version, sfdisk })
 }
 
 fn missing(why: &str) -> Option<Tools> {
@@ -438,7 +459,22 @@ impl RunDir {
 // ---------------------------------------------------------------------------------------------
 // The initramfs
 
-fn build_initramfs(dir: &Path, tools: &Tools) -> PathBuf {
+/// What a boot's initramfs holds beyond busybox, the agent and the harness programs.
+struct Guest {
+    /// Modules to load (with their dependencies, from modules.dep).
+    modules: &'static [&'static str],
+    /// Rules files: (name under /etc/autoattach/, text).
+    rules: &'static [(&'static str, &'static str)],
+    /// Debian's udev: udevadm (which is systemd-udevd too), the package's rules, helpers and
+    /// udev.conf, and the shared libraries they need.
+    udev: bool,
+}
+
+impl Guest {
+    const HOTPLUG: Guest = Guest { modules: MODULE_ROOTS, rules: &[("qemu.rules", RULES)], udev: false };
+}
+
+fn build_initramfs(dir: &Path, tools: &Tools, guest: &Guest) -> PathBuf {
     let mut cpio = Cpio::default();
     cpio.chardev("dev/console", 0o600, 5, 1);
     for empty in ["proc", "sys", "tmp", "run", "harness", "etc/autoattach"] {
@@ -455,10 +491,15 @@ fn build_initramfs(dir: &Path, tools: &Tools) -> PathBuf {
     }
     cpio.file("init", 0o755, INIT.as_bytes());
     cpio.file("bin/aa", 0o755, HELPERS.as_bytes());
-    cpio.file("etc/autoattach/qemu.rules", 0o644, RULES.as_bytes());
+    for (name, text) in guest.rules {
+        cpio.file(&format!("etc/autoattach/{name}"), 0o644, text.as_bytes());
+    }
+    if guest.udev {
+        add_udev(&mut cpio, &tools.udevadm);
+    }
 
     let mut order = String::new();
-    for module in module_order(&tools.modules, MODULE_ROOTS) {
+    for module in module_order(&tools.modules, guest.modules) {
         let file = module.file_name().expect("module file name").to_string_lossy().into_owned();
         let args = MODULE_ARGS.iter().find(|(name, _)| normalize(&file) == *name).map_or("", |(_, a)| a);
         order += &format!("{file} {args}\n");
@@ -484,6 +525,38 @@ fn build_initramfs(dir: &Path, tools: &Tools) -> PathBuf {
     let path = dir.join("initramfs.cpio");
     fs::write(&path, cpio.finish()).expect("write the initramfs");
     path
+}
+
+/// Debian's udev package, as unpacked by setup.sh: udevadm as /usr/bin/udevadm and, linked to
+/// it, /lib/systemd/systemd-udevd; lib/udev/ (rules.d and the helper programs; not hwdb.d, which
+/// only `udevadm hwdb --update` would use) and etc/udev/udev.conf; the libraries they need.
+fn add_udev(cpio: &mut Cpio, udevadm: &Path) {
+    let root = udevadm
+        .ancestors()
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("udev-")))
+        .unwrap_or_else(|| panic!("{} is not inside setup.sh's udev-VERSION directory", udevadm.display()));
+    let mut programs = vec![("usr/bin/udevadm".to_owned(), udevadm.to_owned())];
+    cpio.symlink("lib/systemd/systemd-udevd", "/usr/bin/udevadm");
+    cpio.file("etc/udev/udev.conf", 0o644, &read(&root.join("etc/udev/udev.conf")));
+    let lib_udev = root.join("lib/udev");
+    let mut entries: Vec<PathBuf> =
+        fs::read_dir(&lib_udev).expect("list lib/udev").flatten().map(|e| e.path()).collect();
+    entries.extend(fs::read_dir(lib_udev.join("rules.d")).expect("list lib/udev/rules.d").flatten().map(|e| e.path()));
+    for path in entries.into_iter().filter(|p| p.is_file()) {
+        let at = path.strip_prefix(root).expect("inside the package").to_string_lossy().into_owned();
+        if at.ends_with(".rules") {
+            cpio.file(&at, 0o644, &read(&path));
+        } else {
+            programs.push((at, path));
+        }
+    }
+    for (at, program) in programs {
+        cpio.file(&at, 0o755, &read(&program));
+        for lib in shared_libraries(&program) {
+            let at = lib.to_string_lossy().trim_start_matches('/').to_owned();
+            cpio.file(&at, 0o755, &read(&lib));
+        }
+    }
 }
 
 fn read(path: &Path) -> Vec<u8> {
@@ -556,6 +629,7 @@ struct Cpio {
     out: Vec<u8>,
     ino: u32,
     dirs: BTreeSet<String>,
+    files: BTreeSet<String>,
 }
 
 impl Cpio {
@@ -571,6 +645,9 @@ impl Cpio {
     }
 
     fn file(&mut self, path: &str, perm: u32, data: &[u8]) {
+        if !self.files.insert(path.to_owned()) {
+            return; // the same library for two programs
+        }
         self.parent(path);
         self.entry(path, 0o100000 | perm, 0, data);
     }
@@ -681,25 +758,46 @@ struct ConsoleState {
     closed: bool,
 }
 
+/// The hotplug boot's devices: one controller, the `cold` stick on it, and the backends of the
+/// sticks plugged later.
+fn hotplug_devices(ctrl: Controller, dir: &Path) -> Vec<String> {
+    let image = |name: &str| dir.join(format!("{name}.img")).to_string_lossy().into_owned();
+    [
+        "-device".to_owned(),
+        format!("{},id={}", ctrl.device, ctrl.name),
+        "-drive".to_owned(),
+        format!("if=none,id=cold,format=raw,file={}", image("cold")),
+        "-device".to_owned(),
+        format!("usb-storage,bus={}.0,drive=cold,id=cold,serial=MATCH1", ctrl.name),
+        "-drive".to_owned(),
+        format!("if=none,id=other,format=raw,file={}", image("other")),
+        "-drive".to_owned(),
+        format!("if=none,id=pass,format=raw,file={}", image("pass")),
+    ]
+    .into()
+}
+
+/// The machine every boot uses, before its devices.
+fn qemu_base_args(tools: &Tools, initramfs: &Path) -> Vec<String> {
+    let mut args: Vec<String> = ["-accel", "tcg", "-machine", "q35", "-m", "512", "-smp", "1"]
+        .into_iter()
+        .chain(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio"])
+        .map(str::to_owned)
+        .collect();
+    args.extend(["-kernel".to_owned(), tools.kernel.to_string_lossy().into_owned()]);
+    args.extend(["-initrd".to_owned(), initramfs.to_string_lossy().into_owned()]);
+    args.extend(["-append".to_owned(), "console=ttyS0 quiet panic=-1".to_owned()]);
+    args
+}
+
 impl Vm {
-    /// Starts qemu with one controller and the `cold` stick on it, and waits for the shell.
-    fn boot(tools: &Tools, initramfs: &Path, dir: &Path, ctrl: Controller) -> Vm {
-        let image = |name: &str| dir.join(format!("{name}.img")).to_string_lossy().into_owned();
+    /// Starts qemu with `devices` (-device/-drive arguments) and waits for the shell.
+    fn boot(tools: &Tools, initramfs: &Path, dir: &Path, devices: &[String]) -> Vm {
         let socket = dir.join("qmp.sock");
         let mut command = Command::new(&tools.qemu);
         command
-            .args(["-accel", "tcg", "-machine", "q35", "-m", "512", "-smp", "1"])
-            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio"])
-            .arg("-kernel")
-            .arg(&tools.kernel)
-            .arg("-initrd")
-            .arg(initramfs)
-            .args(["-append", "console=ttyS0 quiet panic=-1"])
-            .args(["-device", &format!("{},id={}", ctrl.device, ctrl.name)])
-            .args(["-drive", &format!("if=none,id=cold,format=raw,file={}", image("cold"))])
-            .args(["-device", &format!("usb-storage,bus={}.0,drive=cold,id=cold,serial=MATCH1", ctrl.name)])
-            .args(["-drive", &format!("if=none,id=other,format=raw,file={}", image("other"))])
-            .args(["-drive", &format!("if=none,id=pass,format=raw,file={}", image("pass"))])
+            .args(qemu_base_args(tools, initramfs))
+            .args(devices)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", socket.display()))
             .stdin(Stdio::piped())

@@ -19,8 +19,13 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 fn standin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let dir = common::tempdir("qubesdb-bin");
-        common::compile("qubesdb-standin.c", &dir, "qubesdb-standin")
+        // Built under a name of its own, then renamed into place: test binaries running at the
+        // same time never see a half-written file, and nothing is left in /tmp.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let fresh = common::compile("qubesdb-standin.c", dir, &format!("qubesdb-standin.{}", std::process::id()));
+        let bin = dir.join("qubesdb-standin");
+        std::fs::rename(fresh, &bin).unwrap();
+        bin
     })
 }
 
@@ -79,6 +84,22 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A work directory, removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        Dir(common::tempdir(tag))
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -296,34 +317,36 @@ fn program_error(result: Result<Option<Vec<u8>>, QdbError>) -> ProgramError {
 
 #[test]
 fn usage_text_is_never_a_value() {
-    let dir = common::tempdir("qdb-usage");
+    let dir = Dir::new("qdb-usage");
+    let dir = &dir.0;
     // A reader that prints its usage on stderr and exits 0 (qubesdb-cmd.c:364-366) answers
     // nothing, whatever stdout holds.
-    let usage = script(&dir, "usage", "echo 'Usage: qubesdb-read [-frq] [-c <command>]' >&2; exit 0");
+    let usage = script(dir, "usage", "echo 'Usage: qubesdb-read [-frq] [-c <command>]' >&2; exit 0");
     match program_error(usage.read("/qubes-block-devices/sda/desc")) {
         ProgramError::Usage(text) => assert_eq!(text, b"Usage: qubesdb-read [-frq] [-c <command>]\n"),
         other => panic!("{other:?}"),
     }
-    let both = script(&dir, "both", "echo value; echo 'Usage: qubesdb-read' >&2");
+    let both = script(dir, "both", "echo value; echo 'Usage: qubesdb-read' >&2");
     assert!(matches!(program_error(both.read("/k")), ProgramError::Usage(_)));
     // It is given -r and the key (argv[0], which a script cannot see, is checked by
     // the_fallback_runs_qubesdb_read_under_its_own_name).
-    let argv = script(&dir, "argv", "printf '%s|' \"$@\"");
+    let argv = script(dir, "argv", "printf '%s|' \"$@\"");
     assert_eq!(argv.read("/k").unwrap().as_deref(), Some(&b"-r|/k|"[..]));
 }
 
 #[test]
 fn the_fallback_is_bounded_in_time_and_output() {
-    let dir = common::tempdir("qdb-bounds");
-    let mut slow = script(&dir, "slow", "exec sleep 30");
+    let dir = Dir::new("qdb-bounds");
+    let dir = &dir.0;
+    let mut slow = script(dir, "slow", "exec sleep 30");
     slow.timeout = Duration::from_millis(200);
     assert!(matches!(program_error(slow.read("/k")), ProgramError::Timeout(t) if t == Duration::from_millis(200)));
-    let chatty = script(&dir, "chatty", "exec yes value");
+    let chatty = script(dir, "chatty", "exec yes value");
     assert!(matches!(program_error(chatty.read("/k")), ProgramError::Output(_)));
     let missing = Program { path: dir.join("absent"), timeout: Duration::from_secs(1) };
     assert!(matches!(program_error(missing.read("/k")), ProgramError::Spawn(_)));
     // A failure says what the program said.
-    let broken = script(&dir, "broken", "echo 'Failed connect to local daemon' >&2; exit 1");
+    let broken = script(dir, "broken", "echo 'Failed connect to local daemon' >&2; exit 1");
     let err = broken.read("/k").unwrap_err().to_string();
     assert!(err.ends_with("broken /k: failed (exit 1): \"Failed connect to local daemon\""), "{err}");
 }

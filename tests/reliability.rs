@@ -246,11 +246,28 @@ fn list_and_test_escape_hostile_strings() {
     assert_printable("list stdout", &out.stdout);
     assert_printable("list stderr", &out.stderr);
     let listing = text(&out.stdout);
-    let serial_tail = format!("{}\"", "A".repeat(4096 - 13));
-    for dev in ["sdd1", "sdd", "usb 1-8"] {
-        let line = listing.lines().find(|l| l.starts_with(&format!("{dev} "))).unwrap_or_else(|| panic!("{listing}"));
-        assert!(line.starts_with(&format!("{dev} {HOSTILE_ID}")), "{line}");
-        assert!(line.contains(&serial_tail), "the whole 4 KiB serial is shown: {line}");
+    // The qubes id: udev's serial (see below) and the interfaces; a partition adds 1.0 and its
+    // number.
+    let id = format!("1234:5678:+:__id__x____{}:u080650", "A".repeat(498));
+    for (dev, id) in [("sdd1", format!("{id}:1.0:1")), ("sdd", format!("{id}:1.0")), ("1-8", id.clone())] {
+        let entry =
+            listing.split("\n\n").find(|e| e.starts_with(&format!("# {dev}\n"))).unwrap_or_else(|| panic!("{listing}"));
+        let field = |name: &str| {
+            let line =
+                entry.lines().find(|l| l.starts_with(&format!("#   {name} "))).unwrap_or_else(|| panic!("{entry}"));
+            line[4 + name.len()..].trim_start().to_owned()
+        };
+        assert_eq!(
+            field("usb device"),
+            "1-8 1234:5678, manufacturer \"Evil\\x1b[2J\\x07\", product \"Stick\\x0aroot# $(reboot) +:\\xff\\xfe\"",
+            "{dev}"
+        );
+        assert_eq!(
+            field("serial"),
+            format!("\"+:$(id)`x`\\\"\\\\;{}\"", "A".repeat(4096 - 13)),
+            "the whole 4 KiB serial"
+        );
+        assert_eq!(field("qubes id"), format!("\"{id}\""), "{dev}");
     }
     assert!(listing.contains("rules:1 -> ATTACH=\"work\""), "{listing}");
 

@@ -1,54 +1,32 @@
 #!/usr/bin/env bash
 # Hostile arguments for the dom0 service, beyond those tests/dom0/run.sh already tries: the
 # forms issue 6 lists (empty, `+__+` alone, three fields, `../`, dom0, very long, unicode)
-# for BOTH services (Attach and Detach), passed BOTH ways qrexec passes them ($1, and
-# QREXEC_SERVICE_ARGUMENT), with unicode that looks like ASCII (homoglyphs, full-width
-# digits, bidi overrides, zero-width characters) and sizes up to 64 KiB.
+# and issue 9's identity encodings (bad escapes, `__` inside, escapes ENC never writes,
+# over-long, NUL, an ID not printable once decoded), for BOTH services (Attach and Detach),
+# passed BOTH ways qrexec passes them ($1, and QREXEC_SERVICE_ARGUMENT), with unicode that
+# looks like ASCII (homoglyphs, full-width digits, bidi overrides, zero-width characters)
+# and sizes up to 64 KiB.
 #
 # Whatever the form, the service must refuse it with one of its argument codes (64 bad
-# argument, 65 bad qube, 66 bad device), call no qvm-* tool at all, print nothing on stdout
-# (qrexec sends stdout to the caller) and only printable ASCII on stderr and to logger.
-# A valid request through the same harness must succeed, so a broken harness cannot pass.
+# argument, 65 bad qube, 66 bad device or identity), call no Qubes tool at all (no qvm-*,
+# no qubesdb-read), print nothing on stdout (qrexec sends stdout to the caller) and only
+# printable ASCII on stderr and to logger. A valid request through the same harness must
+# succeed, so a broken harness cannot pass.
 #
 # Usage: tests/dom0/hostile.sh     one line per failure, a summary; exit 1 on any failure
 set -euo pipefail
-export LC_ALL=C
-here=$(cd "$(dirname "$0")" && pwd)
-svc=$(cd "$here/../../dom0" && pwd)
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-bin=$tmp/bin
-STATE=$tmp/state
-export STATE
-mkdir -p "$bin"
-for f in qvm-check qvm-start logger; do ln -s "$here/standins/$f" "$bin/$f"; done
-ln -s "$here/standins/qvm-device" "$bin/qvm-block"
-ln -s "$here/standins/qvm-device" "$bin/qvm-usb"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
 
+ID=0781:5581:4C530001230101115543:u080650:1.0
+GOOD=$(enc "$ID")
 reset() {
-	rm -rf "$STATE"
-	mkdir -p "$STATE"
-	printf '%s\n' dom0 sys-usb work vault >"$STATE/qubes"
-	printf '%s\n' dom0 sys-usb work >"$STATE/running"
-	printf '%s\n' 'sys-usb block work' 'sys-usb usb work' >"$STATE/autoattach.conf"
-	printf '%s\n' 'sys-usb:sda 1 SanDisk ()' >"$STATE/block.devices"
-	printf '%s\n' 'sys-usb:sda work' >"$STATE/block.attached"
-	: >"$STATE/calls"
-	: >"$STATE/log"
-}
-
-# run SHELL SERVICE VIA ARG: the service as qrexec runs it; sets $code.
-run() {
-	local sh=$1 name=$2 via=$3 arg=$4
-	local -a env=(PATH="$bin:/usr/bin:/bin" STATE="$STATE" AUTOATTACH_CONF="$STATE/autoattach.conf"
-		AUTOATTACH_WAIT=1 AUTOATTACH_POLL=0.01 QREXEC_REMOTE_DOMAIN=sys-usb)
-	code=0
-	if [ "$via" = env ]; then
-		env -i "${env[@]}" QREXEC_SERVICE_ARGUMENT="$arg" "$sh" "$svc/custom.USBDevice$name" \
-			>"$tmp/stdout" 2>"$tmp/stderr" || code=$?
-	else
-		env -i "${env[@]}" "$sh" "$svc/custom.USBDevice$name" "$arg" >"$tmp/stdout" 2>"$tmp/stderr" || code=$?
-	fi
+	world 43
+	allow 'sys-usb block work' 'sys-usb usb work'
+	running work
+	publish sys-usb block sda 'Cruzer_Blade (BACKUP)' "$ID"
+	attached block sys-usb:sda work
+	WAIT=1
 }
 
 u() { printf '%b' "$1"; } # unicode from \u escapes
@@ -67,30 +45,46 @@ forms=(
 	"work+__+$(u '\xff\xfe')" "$(u '\xc3\x28')+__+sda"
 	' work+__+sda' 'work +__+sda' 'work+__+sda ' 'work+__+ sda' $'work\t+__+sda'
 	'--help+__+sda' 'work+__+--help' '-+__+-' 'work+__+-' 'work+__+2-1 --force'
+	"work+__+sda+__+$GOOD+__+$GOOD" "work+__+sda+__+${GOOD}_" "work+__+sda+__+${GOOD}_4"
+	"work+__+sda+__+${GOOD}_g0" "work+__+sda+__+${GOOD}_0G" "work+__+sda+__+${GOOD}_4A"
+	"work+__+sda+__+${GOOD}_41" "work+__+sda+__+${GOOD}_3a" "work+__+sda+__+${GOOD}_2e"
+	"work+__+sda+__+${GOOD}__" "work+__+sda+__+${GOOD}_00" "work+__+sda+__+${GOOD}_0a"
+	"work+__+sda+__+${GOOD}_1b_5b31m" "work+__+sda+__+${GOOD}_7f" "work+__+sda+__+${GOOD}_c3_a9"
+	"work+__+sda+__+desc+a_00" "work+__+sda+__+desc+_" "work+__+sda+__+desc+__"
+	"work+__+sda+__+$(long 2049 a)" "work+__+sda+__+desc+$(long 2044 a)"
+	"work+__+sda+__+$(long 65000 a)" "work+__+sda+__+${GOOD}$(u '\u00e9')"
+	"work+__+sda+__+$GOOD "$'work+__+sda+__+\n'"$GOOD" "work+__+sda+__+${GOOD}*"
+	"work+__+sda+__+_30781+5581" "work+__+sda+__+ZZZZ+5581+x" "work+__+sda+__+desc"
+	"work+__+sda+__+$(long 2048 +)" "work+__+2-1+__+desc+x+__+y"
 )
 
 passed=0 failed=0
 fail() { failed=$((failed + 1)); printf 'FAIL %s\n' "$*"; }
 shown() { printf '%s' "${1:0:40}" | tr -c ' -~' '?'; }
 
+need gawk gawk
 for sh in dash bash; do
 	command -v "$sh" >/dev/null || { fail "$sh is not installed"; continue; }
+	shell_as "$sh"
 	reset
-	run "$sh" Attach arg work+__+sda
-	if [ "$code" != 0 ]; then fail "$sh: the control request work+__+sda exited $code"; fi
+	call Detach "work+__+sda+__+$GOOD"
+	if [ "$code" != 0 ] || [ -s "$STATE/block.attached" ]; then fail "$label: the control request exited $code"; fi
+	reset
 	for name in Attach Detach; do
 		for via in arg env; do
 			for form in "${forms[@]}"; do
-				reset
-				run "$sh" "$name" "$via" "$form"
-				what="$sh $name via $via '$(shown "$form")' (${#form} bytes)"
+				: >"$STATE/calls"
+				: >"$STATE/log"
+				VIA=$via
+				call "$name" "$form"
+				what="$label $name via $via '$(shown "$form")' (${#form} bytes)"
 				case $code in
 				64 | 65 | 66) ;;
 				*) fail "$what: exit $code, want 64, 65 or 66"; continue ;;
 				esac
 				if [ -s "$STATE/calls" ]; then fail "$what: called $(paste -sd ';' "$STATE/calls")"
-				elif [ -s "$tmp/stdout" ]; then fail "$what: wrote on stdout"
-				elif grep -q '[^ -~]' "$tmp/stderr"; then fail "$what: raw bytes on stderr"
+				elif [ -s "$tmp/fg.stdout" ]; then fail "$what: wrote on stdout"
+				elif grep -q '[^ -~]' "$tmp/fg.stderr"; then fail "$what: raw bytes on stderr"
 				elif grep -q UNSAFE "$STATE/log"; then fail "$what: raw bytes reached logger"
 				elif ! grep -q '^logger -t autoattach -- ' "$STATE/log"; then fail "$what: refusal not logged"
 				else passed=$((passed + 1)); fi

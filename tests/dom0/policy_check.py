@@ -7,12 +7,10 @@ qrexec/policy/parser.py: Rule.from_line (5+ whitespace-separated fields),
 validate_service_and_argument (service and argument charset, `+` prefix, `*` pairing),
 the VMToken classes (which @tokens may stand as source, target or redirect; `dom0` is an
 alias of @adminvm), Action (allow, deny, ask and the parameters each accepts, given at
-most once), the `@default` + allow rule, and load_policy_file_service for the R4.0
-per-service files read through `!compat-4.0` (`$` -> `@`, `,` -> space, 3+ fields).
-It is stricter than qrexec in two ways: directives (`!include` ...) are refused, and a
+most once) and the `@default` + allow rule. It is stricter than qrexec in two ways: directives (`!include` ...) are refused, and a
 literal qube name must be a valid qube name.
 
-Usage: policy_check.py --new FILE | --legacy FILE | --self-test
+Usage: policy_check.py FILE | --self-test
 """
 import re
 import string
@@ -80,21 +78,17 @@ def rule(service, argument, source, target, action, params):
     return None
 
 
-def check(lines, legacy, service="*"):
+def check(lines):
     """Every error as 'LINENO: message'; a file with no rule is an error too."""
     errors, rules = [], 0
     for lineno, line in enumerate(lines, start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if legacy:
-            line = line.replace("$include:", "!include ").replace("$", "@").replace(",", " ")
         if line.startswith("!"):
             errors.append("{}: directives are not used here".format(lineno))
             continue
         fields = line.split()
-        if legacy:
-            fields = [service, "*"] + fields
         if len(fields) < 5:
             errors.append("{}: wrong number of fields".format(lineno))
             continue
@@ -131,36 +125,32 @@ BAD_NEW = [
 GOOD_NEW = [
     "custom.X * sys-usb @adminvm ask default_target=@adminvm",
     "custom.X +work+__+sda sys-usb dom0 allow",
+    "custom.X +vault+__+sdb1+__+0781+5581+4C53000123+u080650+1.0+1 sys-usb @adminvm allow",
     "custom.X * @anyvm @anyvm deny",
     "custom.X * @tag:usb @dispvm:default-dvm allow target=@dispvm:default-dvm user=root",
     "* * @type:AppVM @default allow target=work",
 ]
-BAD_LEGACY = ["sys-usb dom0", "sys-usb dom0 ask,bogus=1", "$adminvm dom0 allow", "sys-usb $nothing deny"]
-GOOD_LEGACY = ["sys-usb dom0 ask,default_target=dom0", "$anyvm dom0 deny", "$anyvm $anyvm deny"]
 
 
 def self_test():
     """The checker must reject each known-bad line and accept each known-good one."""
     problems = []
-    for legacy, bad, good in ((False, BAD_NEW, GOOD_NEW), (True, BAD_LEGACY, GOOD_LEGACY)):
-        for line in bad:
-            if not check([line], legacy, "custom.X"):
-                problems.append("accepted bad line: " + line)
-        for line in good:
-            errs = check([line], legacy, "custom.X")
-            if errs:
-                problems.append("rejected good line: {} ({})".format(line, errs))
+    for line in BAD_NEW:
+        if not check([line]):
+            problems.append("accepted bad line: " + line)
+    for line in GOOD_NEW:
+        errs = check([line])
+        if errs:
+            problems.append("rejected good line: {} ({})".format(line, errs))
     return problems
 
 
 def main(argv):
     if argv == ["--self-test"]:
         problems = self_test()
-    elif len(argv) == 2 and argv[0] in ("--new", "--legacy"):
-        path = argv[1]
-        service = path.rsplit("/", 1)[-1]
-        with open(path, encoding="ascii") as f:
-            problems = ["{}:{}".format(path, e) for e in check(f, argv[0] == "--legacy", service)]
+    elif len(argv) == 1 and not argv[0].startswith("-"):
+        with open(argv[0], encoding="ascii") as f:
+            problems = ["{}:{}".format(argv[0], e) for e in check(f)]
     else:
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 2

@@ -17,6 +17,9 @@
 #   KERNEL=.../vmlinuz-6.1.0-N-amd64
 #   MODULES=.../lib/modules/6.1.0-N-amd64   with modules.dep
 #   KVER=6.1.0-N-amd64
+#   UDEVADM=.../bin/udevadm            Debian's udevadm, unpacked from the udev package
+#   UDEV=252.39-1~deb12u2              that package's version
+#   SFDISK=/usr/sbin/sfdisk            for the partition tables of the capture images
 # Progress and errors go to stderr. Exit status: 0 ready, 1 something is missing and could not
 # be installed or fetched (the message says what).
 #
@@ -114,6 +117,7 @@ if [ "$had_qemu_img" = yes ] && ! command -v qemu-img >/dev/null; then
 fi
 need depmod kmod
 need dpkg-deb dpkg
+need sfdisk fdisk
 qemu=$(command -v qemu-system-x86_64)
 depmod=$(command -v depmod)
 
@@ -145,5 +149,32 @@ modules=$kroot/lib/modules/$kver
 [ -f "$kernel" ] || die "no kernel image at $kernel"
 [ -f "$modules/modules.dep" ] || die "no modules.dep in $modules"
 
-printf 'QEMU=%s\nBUSYBOX=%s\nKERNEL=%s\nMODULES=%s\nKVER=%s\n' \
-	"$qemu" "$busybox" "$kernel" "$modules" "$kver"
+# udevadm for `udevadm monitor --kernel --property` in the guest: the udev package unpacked,
+# not installed (the host's own udev is left alone). Its shared libraries come from the host
+# (ldd), which is Debian 12 too; tests/qemu.rs copies them into the initramfs.
+udev_version=$(apt-cache policy udev | sed -n 's/^ *Candidate: //p')
+if [ -z "$udev_version" ] || [ "$udev_version" = "(none)" ]; then
+	apt_update_once || true
+	udev_version=$(apt-cache policy udev | sed -n 's/^ *Candidate: //p')
+fi
+if [ -z "$udev_version" ] || [ "$udev_version" = "(none)" ]; then
+	die "apt knows no udev package"
+fi
+udev_dir=$cache/udev-$(printf '%s' "$udev_version" | tr -c 'A-Za-z0-9.+\n-' '_')
+# Debian 12 ships it as /bin/udevadm; later releases (merged /usr) as /usr/bin/udevadm.
+find_udevadm() {
+	local at
+	for at in "$udev_dir/bin/udevadm" "$udev_dir/usr/bin/udevadm"; do
+		[ -x "$at" ] && printf '%s\n' "$at" && return 0
+	done
+	return 1
+}
+udevadm=$(find_udevadm) || { unpack_package udev "$udev_dir" && udevadm=$(find_udevadm); } ||
+	die "the udev package has no bin/udevadm nor usr/bin/udevadm"
+if missing_libs=$(ldd "$udevadm" | grep 'not found'); then
+	die "udevadm needs shared libraries this machine lacks (install them with apt-get): $missing_libs"
+fi
+sfdisk=$(command -v sfdisk)
+
+printf 'QEMU=%s\nBUSYBOX=%s\nKERNEL=%s\nMODULES=%s\nKVER=%s\nUDEVADM=%s\nUDEV=%s\nSFDISK=%s\n' \
+	"$qemu" "$busybox" "$kernel" "$modules" "$kver" "$udevadm" "$udev_version" "$sfdisk"

@@ -33,6 +33,8 @@
  *
  * Client, for scripts: qubesdb-standin write SOCKET KEY VALUE | rm SOCKET KEY
  *
+ * Benchmark floor: qubesdb-standin floor SOCKET PREFIX KEY PROGRAM [ARGS...] (see floor_main)
+ *
  * qubesdb-read: run under any other name, it is qubesdb-cmd (client/qubesdb-cmd.c at v4.2.10,
  * the R4.2 behaviour): the command is what follows the FIRST '-' of argv[0] (line 290), so
  * "/opt/qubes-tools/qubesdb-read" prints usage on stderr and exits 0 (364-366). Only `read`
@@ -56,9 +58,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <spawn.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -555,8 +559,11 @@ static void publish_due(void)
     long long now = now_ns();
     for (size_t i = 0; i < n_specs; i++) {
         struct spec *s = &specs[i];
-        if (s->kind == PUBLISH && s->due_ns && s->due_ns <= now && !find(s->key))
-            publish(s->key, s->value);
+        if (s->kind == PUBLISH && s->due_ns && s->due_ns <= now) {
+            s->due_ns = 0; /* done: armed again by a command once the key is removed */
+            if (!find(s->key))
+                publish(s->key, s->value);
+        }
     }
 }
 
@@ -663,6 +670,50 @@ static int client_main(int argc, char **argv)
     return h.type == RESP_OK ? 0 : h.type == RESP_ERROR_NOENT ? 2 : 1;
 }
 
+/*
+ * The floor of publication -> exec, for bench/publication.sh: the least a watcher can do.
+ * One thread, one connection: WATCH PREFIX, then for ever: READ KEY; if it is there (and was
+ * not at the last look) posix_spawn PROGRAM ARGS and reap it; block until the next watch event.
+ */
+static int floor_main(int argc, char **argv)
+{
+    extern char **environ;
+    if (argc < 6) {
+        fprintf(stderr, "usage: qubesdb-standin floor SOCKET PREFIX KEY PROGRAM [ARGS...]\n");
+        return 2;
+    }
+    int fd = connect_to(argv[2]), present = 0;
+    struct qdb_hdr h;
+    if (fd < 0 || !send_hdr(fd, CMD_WATCH, argv[3], 0) || !response(fd, &h) || h.type != RESP_OK)
+        die("floor: watch");
+    for (;;) {
+        char value[MAX_DATA];
+        if (!send_hdr(fd, CMD_READ, argv[4], 0) || !response(fd, &h))
+            die("floor: read");
+        if (h.type == RESP_READ && h.data_len <= MAX_DATA) {
+            for (uint32_t got = 0; got < h.data_len;) {
+                ssize_t n = read(fd, value + got, h.data_len - got);
+                if (n <= 0)
+                    die("floor: read");
+                got += n;
+            }
+            if (!present) {
+                pid_t pid;
+                if (posix_spawn(&pid, argv[5], NULL, NULL, argv + 5, environ) == 0)
+                    waitpid(pid, NULL, 0);
+            }
+        }
+        present = h.type == RESP_READ;
+        /* the next watch event (response() would skip it: read the header here) */
+        for (size_t got = 0; got < sizeof h;) {
+            ssize_t n = read(fd, (char *)&h + got, sizeof h - got);
+            if (n <= 0)
+                die("floor: watch event");
+            got += n;
+        }
+    }
+}
+
 /* qubesdb-cmd.c (v4.2.10) usage(), abridged: what matters is where it goes and the exit code */
 static void usage(const char *argv0)
 {
@@ -762,6 +813,8 @@ int main(int argc, char **argv)
     if (!strcmp(base, "qubesdb-standin")) {
         if (argc >= 2 && !strcmp(argv[1], "daemon"))
             return daemon_main(argc - 1, argv + 1);
+        if (argc >= 2 && !strcmp(argv[1], "floor"))
+            return floor_main(argc, argv);
         return client_main(argc, argv);
     }
     return reader_main(argc, argv);

@@ -2,7 +2,7 @@
  * Stand-in for qrexec-client-vm, used by the real-kernel, qemu and benchmark tests.
  *
  * Invoked exactly as autoattach invokes the real client:
- *     standin-client dom0 custom.USBDeviceAttach+QUBE+__+DEV+__+IDENT
+ *     standin-client dom0 custom.USBDeviceAttach+QUBE+__+DEV[+__+IDENT]
  * It records, in one O_APPEND write so concurrent children never interleave:
  *     <CLOCK_MONOTONIC ns> <argv[1]> <argv[2]> readable=<yes|no|n/a>
  * where "readable" says whether DEV's node (block names only; USB bus ids start with a digit)
@@ -24,20 +24,10 @@
 #include <time.h>
 #include <unistd.h>
 
-/* DEV of SERVICE+QUBE+__+DEV+__+IDENT (or of the bare SERVICE+QUBE+__+DEV): between the first
- * "+__+" and the second, which an encoded identity never holds (IDENTITY.md section 2). */
-static const char *device_of(const char *arg, char *buf, size_t size)
+static const char *device_of(const char *arg)
 {
     const char *sep = arg ? strstr(arg, "+__+") : NULL;
-    if (!sep)
-        return NULL;
-    const char *dev = sep + 4, *end = strstr(dev, "+__+");
-    size_t len = end ? (size_t)(end - dev) : strlen(dev);
-    if (len >= size)
-        return NULL;
-    memcpy(buf, dev, len);
-    buf[len] = 0;
-    return buf;
+    return sep ? sep + 4 : NULL;
 }
 
 static const char *readable(const char *dev)
@@ -46,7 +36,10 @@ static const char *readable(const char *dev)
     const char *dir = getenv("AUTOATTACH_STANDIN_DEV");
     if (!dev || !*dev || (*dev >= '0' && *dev <= '9') || strchr(dev, '/'))
         return "n/a";
-    snprintf(path, sizeof path, "%s/%s", dir ? dir : "/dev", dev);
+    /* DEV ends at the identity's separator, when the call carries one (QUBE+__+DEV+__+IDENT). */
+    const char *end = strstr(dev, "+__+");
+    int len = end ? (int)(end - dev) : (int)strlen(dev);
+    snprintf(path, sizeof path, "%s/%.*s", dir ? dir : "/dev", len, dev);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return "no";
@@ -69,11 +62,11 @@ int main(int argc, char **argv)
         log = logpath;
     }
 
-    char line[8192], dev[256];
+    char line[8192];
     int len = snprintf(line, sizeof line, "%lld %s %s readable=%s\n",
                        (long long)now.tv_sec * 1000000000LL + now.tv_nsec,
                        argc > 1 ? argv[1] : "-", argc > 2 ? argv[2] : "-",
-                       readable(device_of(argc > 2 ? argv[2] : NULL, dev, sizeof dev)));
+                       readable(device_of(argc > 2 ? argv[2] : NULL)));
     if (len > (int)sizeof line - 1)
         len = (int)sizeof line - 1;
     int fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
