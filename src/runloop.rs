@@ -26,9 +26,11 @@
 //! (they are detached). A thread stuck in a read cannot be killed, not even by SIGKILL: the
 //! process ends only when that read returns (see README, "Stopping the unit").
 //!
-//! Reading a device's identity for the log (a dozen sysfs reads) waits until no probe is in
-//! flight and a few milliseconds after a call started, so it never competes with a probe or
-//! with the client's `exec` on a two-core sys-usb.
+//! The identity a call carries is read by the engine right after the match, on this thread
+//! (10-45 µs, once per matching event: see [`crate::engine`]). Describing a device for the log
+//! (vendor and product strings, a dozen sysfs reads) waits until no probe is in flight and a
+//! few milliseconds after a call started, so it never competes with a probe or with the
+//! client's `exec` on a two-core sys-usb.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
