@@ -10,7 +10,8 @@
 //! A device is tracked from the event that first matches a rule until its `remove`:
 //! - it is probed until ready (retries with backoff, bounded by the rule's timeout); with no
 //!   media, until the kernel announces media with a `change`; when Qubes has not published it
-//!   yet and qubesdb can be watched, until the watch reports its key (no polling);
+//!   yet and qubesdb can be watched, until the watch reports the trigger key Qubes' scripts
+//!   write after a record (no polling);
 //! - when ready it is called once; later `add`/`change` events for it do nothing, unless an
 //!   `add` shows a new generation (DISKSEQ, USB DEVNUM): then its `remove` was lost and this
 //!   is a new device;
@@ -164,7 +165,8 @@ pub enum Effect {
     Probe(Job),
     /// Make this call. An attach has a ticket: report its exit with [`Engine::on_call_exit`].
     Call { call: Call, device: String, ticket: Option<Ticket> },
-    /// Watch this qubesdb key; report changes under it with [`Engine::on_published`].
+    /// Watch this qubesdb key (a trigger key: `/qubes-block-devices`, `/qubes-usb-devices`);
+    /// report its changes with [`Engine::on_published`].
     Watch(String),
     /// The watch is no longer needed.
     Unwatch(String),
@@ -555,6 +557,7 @@ impl Engine {
             Kind::Block => event.get("DEVNAME").unwrap_or_else(|| event.kernel()),
             Kind::Usb => event.kernel(),
         };
+        // The names are checked now (the call itself is built once the probe knows the identity).
         let (expected, refused) = match Call::bare(ATTACH_SERVICE, &rule.attach, kind, dev) {
             Err(e) => (None, Some(e.to_string())),
             Ok(_) => match expect(sysfs, event) {
