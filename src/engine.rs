@@ -562,7 +562,13 @@ impl Engine {
             Err(e) => (None, Some(e.to_string())),
             Ok(_) => match expect(sysfs, event) {
                 Ok(expected) => (Some(expected), None),
-                Err(NoIdentity::Refused(why)) => (None, Some(format!("no identity can be sent for it: {why}"))),
+                Err(NoIdentity::Refused(why)) => (
+                    None,
+                    Some(format!(
+                        "no identity can be sent for it: {why} (autoattach cannot attach it; attach it by hand with \
+                         qvm-block or qvm-usb in dom0 if you trust it)"
+                    )),
+                ),
                 Err(gone) => return debug!("{}: {gone}", Escaped::str(event.devpath)),
             },
         };
