@@ -533,3 +533,28 @@ fn media_removal_detaches_an_attached_disk() {
     e.on_event(&sysfs, &Uevent::parse(&event("remove", false)).unwrap(), 50, &mut out);
     assert!(out.is_empty(), "{out:?}");
 }
+
+/// An identity that cannot be sent (over 2048 bytes encoded: a hostile stick's 511-byte serial
+/// of `_`, each sent as `_5f`, and the 72 interfaces udev lists at most) is refused when the device matches: no
+/// probe, no call, ever, for that appearance.
+#[test]
+fn an_identity_too_long_to_send_is_refused_at_the_match() {
+    let serial = vec![b'_'; 511];
+    let tree = Tree::stick(&serial);
+    let usb = tree.root().join(&crate::testing::STICK_USB[1..]);
+    let many: Vec<(u8, u8, u8, u8)> = (0..80).map(|i| (3, 0, i, 1)).collect();
+    std::fs::write(usb.join("descriptors"), crate::testing::usb_descriptors(&many)).unwrap();
+    let sysfs = Sysfs::new(tree.root()).unwrap();
+    let expected = identity::from_sysfs(&sysfs, STICK_PART).unwrap().identity().unwrap();
+    assert!(expected.ident().is_err(), "the test needs an identity over the bound");
+    let mut e = engine("SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{idVendor}==\"46f4\", ATTACH=\"w\"\n");
+    let mut out = Vec::new();
+    let add = datagram("add", STICK_PART, "block", &["DEVNAME=sdb1", "DEVTYPE=partition"]);
+    e.on_event(&sysfs, &Uevent::parse(&add).unwrap(), 0, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(e.tracked(), 1, "tracked, so that later events do not refuse it again");
+    let change = datagram("change", STICK_PART, "block", &["DEVNAME=sdb1", "DEVTYPE=partition"]);
+    e.on_event(&sysfs, &Uevent::parse(&change).unwrap(), 10, &mut out);
+    e.on_tick(100_000, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+}
