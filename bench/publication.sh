@@ -16,9 +16,12 @@
 #
 # Each round: RM the device's record through the daemon (as Qubes' udev scripts do when a
 # device goes), write "remove" then "add" to a loop device's uevent file. The agent matches
-# the device, probes it, finds it unpublished and waits. The daemon publishes the record
-# DELAY_MS after the first command that names it (a read, or a watch of its directory),
-# logging CLOCK_MONOTONIC just before the watches fire; the stand-in qrexec client logs
+# the device, probes it, finds it unpublished and waits. The daemon publishes the record as
+# Qubes' udev-block-add-change writes it, its desc and then the trigger key
+# /qubes-block-devices that the agent watches (an R4.2 record: an R4.3 one adds an empty
+# `parent`, read by the same one multiread), DELAY_MS after the first command that names each
+# (a read of the record, the watch of the trigger), logging CLOCK_MONOTONIC just before the
+# watches fire; latency is counted from the desc's publication; the stand-in qrexec client logs
 # CLOCK_MONOTONIC as its first act. Latency = client time - publication time: both clocks are
 # read by the processes themselves, not by this script.
 #
@@ -100,7 +103,8 @@ record=/qubes-block-devices/loop$loop_n
 say "device loop$loop_n, record $record/desc published $DELAY_MS ms after the agent first asks"
 
 "$work/bin/qubesdb-standin" daemon -l "$work/qubesdb.log" -r "$work/qubes/qubesdb.ro.sock" \
-	"$work/qubes/qubesdb.sock" "publish:$DELAY_MS:$record/desc=loop$loop_n ()" >"$work/daemon.out" &
+	"$work/qubes/qubesdb.sock" "publish:$DELAY_MS:$record/desc=loop$loop_n ()" \
+	"publish:$DELAY_MS:/qubes-block-devices=" >"$work/daemon.out" &
 daemon_pid=$!
 for _ in $(seq 100); do
 	grep -q ready "$work/daemon.out" 2>/dev/null && break
@@ -142,12 +146,15 @@ stop_agent() {
 
 start_floor() {
 	"$work/bin/qubesdb-standin" floor "$work/qubes/qubesdb.ro.sock" "$record/" "$record/desc" \
-		"$work/bin/qrexec-client-vm" dom0 "custom.USBDeviceAttach+work+__+loop$loop_n" >"$work/agent.log" 2>&1 &
+		"$work/bin/qrexec-client-vm" dom0 "custom.USBDeviceAttach+work+__+loop$loop_n+__+desc+loop$loop_n" >"$work/agent.log" 2>&1 &
 	agent_pid=$!
 }
 
 round() { # round OUT: one remove/add; appends "<publish ns> <call ns> <latency ns>" or a reason
 	local calls=$work/bin/calls.log log=$work/qubesdb.log n_calls n_pubs
+	# The trigger first: an RM re-arms (and so cancels) every pending publication of a key that
+	# is absent, and the floor arms the desc's when the record's removal wakes it.
+	"$work/bin/qubesdb-standin" rm "$work/qubes/qubesdb.sock" /qubes-block-devices || true
 	"$work/bin/qubesdb-standin" rm "$work/qubes/qubesdb.sock" "$record/" || true
 	echo remove >"$uevent"
 	sleep "$(awk "BEGIN { print $GAP_MS / 1000 }")"

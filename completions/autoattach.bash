@@ -31,7 +31,7 @@ _autoattach()
         case ${words[i]} in
             --sysfs) sysfs=${words[i+1]} ;;
             --sysfs=*) sysfs=${words[i]#--sysfs=} ;;
-            --rules | --dev | --qrexec-client | --qubesdb-read | --action | --timeout | --debounce | \
+            --rules | --dev | --qrexec-client | --qubesdb-read | --qubesdb-socket | --action | --timeout | --debounce | \
                 --rate-limit | --slow-call | --rcvbuf | -o | --output) ((i++)) ;;
             -*) ;;
             *) [[ -z $command ]] && command=${words[i]} ;;
@@ -42,6 +42,7 @@ _autoattach()
         --rules) _autoattach_files_or_dirs; return ;;
         --sysfs | --dev) COMPREPLY=($(compgen -d -- "$cur")); return ;;
         --qrexec-client | --qubesdb-read) COMPREPLY=($(compgen -c -- "$cur")); return ;;
+        --qubesdb-socket) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         -o | --output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --action) COMPREPLY=($(compgen -W "add change remove" -- "$cur")); return ;;
         --timeout | --debounce | --slow-call | --rate-limit | --rcvbuf) return ;;
@@ -49,7 +50,7 @@ _autoattach()
 
     local options
     case $command in
-        run) options="--rules --sysfs --dev --qrexec-client --qubesdb-read --no-qubesdb --dry-run --timeout
+        run) options="--rules --sysfs --dev --qrexec-client --qubesdb-read --qubesdb-socket --no-qubesdb --dry-run --timeout
                       --debounce --rate-limit --no-detach --slow-call --rcvbuf" ;;
         check) options="--rules --qubesdb-read --no-qubesdb" ;;
         test) options="--rules --sysfs --dev --qrexec-client --qubesdb-read --no-qubesdb --action" ;;

@@ -31,6 +31,7 @@ complete -c autoattach -n '__fish_seen_subcommand_from run test list record' -l 
 complete -c autoattach -n '__fish_seen_subcommand_from run test replay' -l dev -r -a '(__fish_complete_directories)' -d 'device node directory'
 complete -c autoattach -n '__fish_seen_subcommand_from run test replay' -l qrexec-client -r -F -d 'client that makes calls'
 complete -c autoattach -n '__fish_seen_subcommand_from run check test list replay' -l qubesdb-read -r -F -d 'qubesdb reader'
+complete -c autoattach -n '__fish_seen_subcommand_from run' -l qubesdb-socket -r -F -d 'the qubesdb daemon socket'
 complete -c autoattach -n '__fish_seen_subcommand_from run check test list' -l no-qubesdb -d 'neither wait for qubesdb nor read rules from it'
 complete -c autoattach -n '__fish_seen_subcommand_from test' -l action -x -a 'add change remove' -d 'the event to test'
 complete -c autoattach -n '__fish_seen_subcommand_from run' -l dry-run -d 'print each call instead of making it'

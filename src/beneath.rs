@@ -94,6 +94,12 @@ fn kind(mode: u32) -> &'static str {
 /// Opens `rel` beneath `dir` (no `..` above it, no absolute path or link; no link at all with
 /// [`Links::Refuse`]). Magic links (`/proc/self/fd/N`) are never followed.
 pub fn open(dir: impl AsFd, rel: &Path, flags: OFlag, mode: Mode, links: Links) -> Result<OwnedFd, BeneathError> {
+    open_errno(dir, rel, flags, mode, links).map_err(|e| BeneathError::from_errno(rel, e))
+}
+
+/// [`open`], failing with the bare errno: nothing is allocated (the agent's attribute reads on
+/// the kernel's sysfs, where a missing attribute is the common case).
+pub fn open_errno(dir: impl AsFd, rel: &Path, flags: OFlag, mode: Mode, links: Links) -> Result<OwnedFd, Errno> {
     // An empty path is the directory itself.
     let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
     let mut resolve = ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS;
@@ -103,7 +109,7 @@ pub fn open(dir: impl AsFd, rel: &Path, flags: OFlag, mode: Mode, links: Links) 
     // openat2 refuses any flag but O_DIRECTORY and O_NOFOLLOW beside O_PATH.
     let flags = if flags.contains(OFlag::O_PATH) { flags } else { flags | OFlag::O_NOCTTY };
     let how = OpenHow::new().flags(flags | OFlag::O_CLOEXEC).mode(mode).resolve(resolve);
-    openat2(dir, rel, how).map_err(|e| BeneathError::from_errno(rel, e))
+    openat2(dir, rel, how)
 }
 
 /// Reads the regular file `rel` beneath `dir`, at most `max` bytes (more is an error).

@@ -10,7 +10,8 @@
 //! A device is tracked from the event that first matches a rule until its `remove`:
 //! - it is probed until ready (retries with backoff, bounded by the rule's timeout); with no
 //!   media, until the kernel announces media with a `change`; when Qubes has not published it
-//!   yet and qubesdb can be watched, until the watch reports its key (no polling);
+//!   yet and qubesdb can be watched, until the watch reports the trigger key Qubes' scripts
+//!   write after a record (no polling);
 //! - when ready it is called once; later `add`/`change` events for it do nothing, unless an
 //!   `add` shows a new generation (DISKSEQ, USB DEVNUM): then its `remove` was lost and this
 //!   is a new device;
@@ -27,13 +28,26 @@
 //!
 //! Flapping devices are held back by a per-device debounce (a device must stay present that
 //! long before it is called) and a per-rule rate limit (at most N calls per window).
+//!
+//! **Identity.** Every call carries the identity of the device the rule matched
+//! ([`crate::identity`], IDENTITY.md). It is read from sysfs on this thread right after the
+//! match (a few dozen µs, only for matching events), and the device's generation (DISKSEQ,
+//! the USB DEVNUM, MAJOR:MINOR) is then read again: if it changed, the devpath already holds
+//! another device (its own event follows) and this match is dropped, so a missed `remove`
+//! cannot lend one device's identity to another. The probe carries it ([`Target::expected`]),
+//! checks it against what Qubes published where there is qubesdb, and the call carries what
+//! the probe established ([`Facts`]). A Detach carries the identity its Attach carried.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use crate::identity::{self, Identity, Records, SimError, Simulated};
+use crate::log::Escaped;
 use crate::names::{ATTACH_SERVICE, Call, CallError, DETACH_SERVICE, Kind};
-use crate::readiness::{Facts, Prober, Target, Verdict, Why};
-use crate::rules::{Matcher, RuleSet};
+use crate::readiness::{Awaited, Facts, How, Pending, Prober, Target, Verdict, Why};
+use crate::rules::{Matcher, Rule, RuleSet};
 use crate::sysfs::Sysfs;
 use crate::uevent::{Action, Uevent};
 
@@ -71,10 +85,11 @@ pub struct CallPlan {
 }
 
 impl CallPlan {
-    /// The call for a device the probe found ready. (Where the device identity is wired in:
-    /// `facts` will carry it, and it goes into the call here, on the probe worker.)
-    pub fn call(&self, _facts: &Facts) -> Result<Call, CallError> {
-        Call::bare(ATTACH_SERVICE, &self.qube, self.kind, &self.dev)
+    /// The call for a device the probe found ready, carrying the identity the probe
+    /// established (on the probe worker, right before the call is made).
+    pub fn call(&self, facts: &Facts) -> Result<Call, CallError> {
+        let ident = facts.identity.ident().map_err(CallError::Identity)?;
+        Call::new(ATTACH_SERVICE, &self.qube, self.kind, &self.dev, ident)
     }
 }
 
@@ -150,7 +165,8 @@ pub enum Effect {
     Probe(Job),
     /// Make this call. An attach has a ticket: report its exit with [`Engine::on_call_exit`].
     Call { call: Call, device: String, ticket: Option<Ticket> },
-    /// Watch this qubesdb key; report changes under it with [`Engine::on_published`].
+    /// Watch this qubesdb key (a trigger key: `/qubes-block-devices`, `/qubes-usb-devices`);
+    /// report its changes with [`Engine::on_published`].
     Watch(String),
     /// The watch is no longer needed.
     Unwatch(String),
@@ -175,8 +191,13 @@ enum State {
         next: u64,
         backoff: u64,
         probe: Probe,
-        /// The qubesdb key watched for its publication, once a probe found it unpublished.
-        watched: Option<Box<str>>,
+        /// The qubesdb trigger keys watched for its publication, once a probe found it not
+        /// published as itself (empty: none).
+        watched: &'static [&'static str],
+        /// The last answer that it is not published as itself, for the log at the timeout.
+        awaited: Option<Awaited>,
+        /// From when a desc-form record may be taken (see [`Target::desc_settled`]).
+        desc_from: Option<u64>,
     },
     NoMedia,
     GaveUp,
@@ -223,7 +244,10 @@ struct Entry {
     target: Target,
     qube: Box<str>,
     rule: String,
-    identity: String,
+    /// How the device is named in logs: its name (escaped) until [`Engine::describe`] has
+    /// read what it is.
+    who: String,
+    described: bool,
     generation: Option<Box<str>>,
     appeared: u64,
     timeout: u64,
@@ -231,13 +255,39 @@ struct Entry {
     rate: Option<(u32, Duration)>,
     /// The rate-limit slot counted for the call an in-flight probe may make (its time).
     reserved: Option<u64>,
+    /// The identity its attach call carried: its Detach carries the same.
+    sent: Option<Identity>,
+    /// Its media was removed while its attach call was in flight: detach it once it returns.
+    media_gone: bool,
     state: State,
 }
 
 impl Entry {
-    /// The device's identity for logs, or its name until [`Engine::describe`] read it.
+    /// A device that matched `rule` just now: waiting, to be probed.
+    fn new(epoch: u64, rule: &Rule, config: &Config, target: Target, generation: Option<&str>, now: u64) -> Entry {
+        let timeout = rule.timeout.unwrap_or(config.timeout).as_millis() as u64;
+        Entry {
+            epoch,
+            qube: rule.attach.clone(),
+            rule: rule.location(),
+            who: Escaped::str(&target.dev).to_string(),
+            described: false,
+            generation: generation.map(Into::into),
+            appeared: now,
+            timeout,
+            debounce: rule.debounce.unwrap_or(config.debounce).as_millis() as u64,
+            rate: rule.rate_limit.or(config.rate_limit),
+            reserved: None,
+            sent: None,
+            media_gone: false,
+            state: waiting(now, now + timeout),
+            target,
+        }
+    }
+
+    /// The device for logs: what [`Engine::describe`] read, or its escaped name until then.
     fn who(&self) -> &str {
-        if self.identity.is_empty() { &self.target.dev } else { &self.identity }
+        &self.who
     }
 
     fn plan(&self) -> CallPlan {
@@ -264,6 +314,8 @@ struct RateWindow {
     times: VecDeque<u64>,
     window: u64,
     dropped: u32,
+    /// The last device held back (as logs name it).
+    last: String,
 }
 
 impl RateWindow {
@@ -277,9 +329,14 @@ impl RateWindow {
     fn expire(&mut self, rule: &str, now: u64) {
         if self.frees_at().is_some_and(|at| at <= now) {
             if self.dropped > 1 {
-                warning!("rule {rule}: {} more call(s) were held back by its rate limit", self.dropped - 1);
+                warning!(
+                    "rule {rule}: {} more call(s) were held back by its rate limit, the last for {}",
+                    self.dropped - 1,
+                    self.last
+                );
             }
             self.dropped = 0;
+            self.last = String::new();
         }
         while self.times.front().is_some_and(|&t| t + self.window <= now) {
             self.times.pop_front();
@@ -314,6 +371,9 @@ pub struct Engine {
 
 const FIRST_BACKOFF: u64 = 20;
 const MAX_BACKOFF: u64 = 1000;
+/// How long after a desc-only record was first seen it is taken as whole without a trigger
+/// (Qubes' script writes a record's keys within milliseconds of each other).
+pub const DESC_GRACE: u64 = 200;
 
 /// The kind of attachment an event's device gets, if it can be attached at all.
 pub fn attachable(event: &Uevent<'_>) -> Option<Kind> {
@@ -402,7 +462,9 @@ impl Engine {
                 return self.leaving.push(entry);
             }
             (Forget::Vanished, false) => warning!("{who}: vanished while events were lost; forgotten"),
-            (Forget::Removed, false) if matches!(entry.state, State::Done(_)) => info!("{who}: removed"),
+            (Forget::Removed, false) if matches!(entry.state, State::Done(_)) || entry.sent.is_some() => {
+                info!("{who}: removed")
+            }
             (Forget::Removed, false) => info!("{who}: removed before it was attached"),
         }
         release(&mut entry, &mut self.calls);
@@ -411,14 +473,27 @@ impl Engine {
         }
     }
 
-    /// The Detach call for a device this agent attached, if its kind gets one.
+    /// The Detach call for a device this agent attached, if its kind gets one: it carries the
+    /// identity its Attach carried.
     fn detach(&self, entry: &Entry, out: &mut impl Sink) {
         if !self.detaches(entry.target.kind) {
             return;
         }
-        info!("{}: detaching it from {}", entry.who(), entry.qube);
-        if let Ok(call) = Call::bare(DETACH_SERVICE, &entry.qube, entry.target.kind, &entry.target.dev) {
-            out.effect(Effect::Call { call, device: entry.who().to_owned(), ticket: None });
+        let who = entry.who();
+        let Some(identity) = &entry.sent else {
+            // Not reached: an attach call that was made recorded what it carried.
+            return error!("{who}: not detached from {}: the identity its attach call carried is unknown", entry.qube);
+        };
+        let detach = identity
+            .ident()
+            .map_err(CallError::Identity)
+            .and_then(|ident| Call::new(DETACH_SERVICE, &entry.qube, entry.target.kind, &entry.target.dev, ident));
+        match detach {
+            Ok(call) => {
+                info!("{who}: detaching it from {}", entry.qube);
+                out.effect(Effect::Call { call, device: who.to_owned(), ticket: None });
+            }
+            Err(e) => error!("{who}: not detached from {}: {e}", entry.qube),
         }
     }
 
@@ -428,6 +503,13 @@ impl Engine {
             let replaced =
                 event.action == Action::Add && generation.is_some() && generation != entry.generation.as_deref();
             if !replaced {
+                if let Some(new) = generation.filter(|g| Some(*g) != entry.generation.as_deref()) {
+                    // New media in the same disk (a loop device given a file): the same device.
+                    entry.generation = Some(new.into());
+                }
+                if event.media_change() && media_gone(sysfs, event.devpath) {
+                    return self.media_removed(event, now, out);
+                }
                 return update(entry, &mut self.calls, event, now, out);
             }
             info!("{}: replaced by a new device at the same place (its removal was missed)", entry.who());
@@ -446,53 +528,70 @@ impl Engine {
         self.track(sysfs, event, kind, index, now, out);
     }
 
-    /// Starts tracking a device that matched rule `index`: probes it, unless its name could
-    /// never be sent (refused now, once, not after waiting for it).
+    /// The media of a tracked disk is gone (a `change` with DISK_MEDIA_CHANGE=1 and size 0: a
+    /// card pulled, `losetup -d`): an attached disk is detached, now or once its attach call
+    /// in flight has returned, and waits for media again (new media is attached again).
+    fn media_removed(&mut self, event: &Uevent<'_>, now: u64, out: &mut impl Sink) {
+        let Some(entry) = self.devices.get_mut(event.devpath) else { return };
+        if matches!(entry.state, State::Done(Attach::Returned { attached: true })) {
+            info!("{}: media removed; waiting for media again", entry.who());
+            entry.state = State::NoMedia;
+            return self.detach(&self.devices[event.devpath], out);
+        }
+        if entry.call_in_flight() {
+            info!(
+                "{}: media removed while its attach call was in flight: detaching it once the call returns",
+                entry.who()
+            );
+            entry.media_gone = true;
+        }
+        update(entry, &mut self.calls, event, now, out);
+    }
+
+    /// Starts tracking a device that matched rule `index`: reads what it is (its identity)
+    /// and probes it, unless its name or identity could never be sent (refused now, once, not
+    /// after waiting for it).
     fn track(&mut self, sysfs: &Sysfs, event: &Uevent<'_>, kind: Kind, index: usize, now: u64, out: &mut impl Sink) {
         let rule = &self.rules.rules[index];
         let dev = match kind {
             Kind::Block => event.get("DEVNAME").unwrap_or_else(|| event.kernel()),
             Kind::Usb => event.kernel(),
         };
+        // The names are checked now (the call itself is built once the probe knows the identity).
+        let (expected, refused) = match Call::bare(ATTACH_SERVICE, &rule.attach, kind, dev) {
+            Err(e) => (None, Some(e.to_string())),
+            Ok(_) => match expect(sysfs, event) {
+                Ok(expected) => (Some(expected), None),
+                Err(NoIdentity::Refused(why)) => (
+                    None,
+                    Some(format!(
+                        "no identity can be sent for it: {why} (autoattach cannot attach it; attach it by hand with \
+                         qvm-block or qvm-usb in dom0 if you trust it)"
+                    )),
+                ),
+                Err(gone) => return debug!("{}: {gone}", Escaped::str(event.devpath)),
+            },
+        };
         self.epochs += 1;
-        let target = Target {
-            kind,
-            devpath: event.devpath.to_owned(),
-            dev: dev.to_owned(),
-            devnum: event.devnum(),
-            bound: event.action == Action::Bind,
-        };
-        let timeout = rule.timeout.unwrap_or(self.config.timeout).as_millis() as u64;
-        let refused = Call::bare(ATTACH_SERVICE, &rule.attach, kind, dev).err();
-        let state = match refused {
-            None => waiting(now, now + timeout),
-            Some(_) => State::Done(Attach::NotMade),
-        };
-        let entry = self.devices.entry(event.devpath.into()).or_insert(Entry {
-            epoch: self.epochs,
-            target,
-            qube: rule.attach.clone(),
-            rule: rule.location(),
-            identity: String::new(),
-            generation: generation(event).map(Into::into),
-            appeared: now,
-            timeout,
-            debounce: rule.debounce.unwrap_or(self.config.debounce).as_millis() as u64,
-            rate: rule.rate_limit.or(self.config.rate_limit),
-            reserved: None,
-            state,
-        });
-        // The probe now; reading the device's identity for the log can wait (the run loop
-        // describes devices while no probe runs, see `describe`).
+        let target = target(event, kind, dev, expected);
+        let mut entry = Entry::new(self.epochs, rule, &self.config, target, generation(event), now);
+        if refused.is_some() {
+            entry.state = State::Done(Attach::NotMade);
+        }
+        let entry = self.devices.entry(event.devpath.into()).or_insert(entry);
+        // The probe now; describing the device in the log can wait (the run loop describes
+        // devices while no probe runs, see `describe`).
         match refused {
             None => {
                 send_probe(entry, &mut self.calls, now, out);
                 self.undescribed.push(event.devpath.into());
             }
             Some(e) => {
-                entry.identity = sysfs.identity(event.devpath).to_string();
-                info!("{}: matches {} (ATTACH=\"{}\")", entry.identity, entry.rule, entry.qube);
-                error!("{}: not attached: {e}", entry.identity);
+                let described = identity::describe(sysfs, event.devpath);
+                entry.who = described.device.to_string();
+                entry.described = true;
+                info!("{described}: matches {} (ATTACH=\"{}\")", entry.rule, entry.qube);
+                error!("{}: not attached: {e}", entry.who);
             }
         }
     }
@@ -502,13 +601,18 @@ impl Engine {
         !self.undescribed.is_empty()
     }
 
-    /// Reads the identity of devices matched since the last call and logs their match. The
-    /// run loop calls it while no probe is in flight; replay right after each event.
+    /// Describes devices matched since the last call and logs their match with the identity
+    /// read when they matched; later lines name them by what sysfs says they are (name,
+    /// vendor:product, strings, serial). The run loop calls it while no probe is in flight;
+    /// replay right after each event.
     pub fn describe(&mut self, sysfs: &Sysfs) {
         for devpath in self.undescribed.drain(..) {
-            if let Some(entry) = self.devices.get_mut(&devpath).filter(|e| e.identity.is_empty()) {
-                entry.identity = sysfs.identity(&devpath).to_string();
-                info!("{}: matches {} (ATTACH=\"{}\")", entry.identity, entry.rule, entry.qube);
+            if let Some(entry) = self.devices.get_mut(&devpath).filter(|e| !e.described) {
+                let identity = entry.target.expected.identity().map_err(|e| e.to_string());
+                let described = identity::Described { device: sysfs.identity(&devpath), identity };
+                entry.who = described.device.to_string();
+                entry.described = true;
+                info!("{described}: matches {} (ATTACH=\"{}\")", entry.rule, entry.qube);
             }
         }
     }
@@ -524,7 +628,7 @@ impl Engine {
         out: &mut impl Sink,
     ) {
         if let Some(i) = self.leaving.iter().position(|e| e.epoch == epoch) {
-            return self.left_with_a_probe(i, carried);
+            return self.left_with_a_probe(i, &verdict, carried);
         }
         let Some(entry) = self.devices.get_mut(devpath).filter(|e| e.epoch == epoch) else {
             return;
@@ -539,34 +643,44 @@ impl Engine {
             stop_watching(entry, out);
         }
         match carried {
-            Carried::Made(started) => {
+            Carried::Made(true) => {
                 // The prober made the call the engine counted: it stays counted.
                 entry.reserved = None;
-                entry.state = State::Done(if started { Attach::Running } else { Attach::NotMade });
-                if !started {
-                    release(entry, &mut self.calls);
-                }
+                entry.sent = ready_identity(&verdict);
+                entry.state = State::Done(Attach::Running);
+                return;
+            }
+            Carried::Made(false) => {
+                // The client could not be started (logged by the run loop): nothing was sent.
+                release(entry, &mut self.calls);
+                entry.media_gone = false;
+                entry.state = State::Done(Attach::NotMade);
                 return;
             }
             Carried::Refused(e) => {
                 error!("{}: not attached: {e}", entry.who());
                 release(entry, &mut self.calls);
+                entry.media_gone = false;
                 entry.state = State::Done(Attach::NotMade);
                 return;
             }
-            Carried::No => release(entry, &mut self.calls),
+            Carried::No => {
+                release(entry, &mut self.calls);
+                entry.media_gone = false;
+            }
         }
         self.judge(devpath, verdict, again, now, out);
     }
 
     /// The outcome of a probe whose device was removed while it ran (entry `i` of `leaving`).
-    fn left_with_a_probe(&mut self, i: usize, carried: Carried) {
+    fn left_with_a_probe(&mut self, i: usize, verdict: &Verdict, carried: Carried) {
         let entry = &mut self.leaving[i];
         if !matches!(entry.state, State::Waiting { .. }) {
             return;
         }
         if carried == Carried::Made(true) {
             entry.reserved = None;
+            entry.sent = ready_identity(verdict);
             entry.state = State::Done(Attach::Running);
             info!(
                 "{}: removed while its attach call was in flight: detaching it from {} once the call returns",
@@ -597,7 +711,7 @@ impl Engine {
                 stop_watching(entry, out);
                 self.call(devpath, &facts, now, out);
             }
-            Verdict::Unpublished(key) => park(entry, &mut self.calls, key, again, now, out),
+            Verdict::Unpublished(awaited) => park(entry, &mut self.calls, awaited, again, now, out),
             Verdict::Wait(_) if again => send_probe(entry, &mut self.calls, now, out),
             Verdict::Wait(why) => retry(entry, why, now, out),
             Verdict::NoMedia(why) => {
@@ -610,6 +724,14 @@ impl Engine {
                 if let Some(mut entry) = self.devices.remove(devpath) {
                     stop_watching(&mut entry, out);
                 }
+            }
+            Verdict::Unverifiable(why) => {
+                error!(
+                    "{who}: not attached: no identity can be had from what Qubes published for it: {why} \
+                     (`qubesdb-multiread` shows the record; it will be tried again on its next change event)"
+                );
+                stop_watching(entry, out);
+                entry.state = State::GaveUp;
             }
         }
     }
@@ -633,6 +755,7 @@ impl Engine {
         match entry.plan().call(facts) {
             Ok(call) => {
                 entry.state = State::Done(Attach::Running);
+                entry.sent = Some(facts.identity.clone());
                 out.effect(Effect::Call { call, device: entry.who().to_owned(), ticket: Some(entry.ticket()) });
             }
             Err(e) => error!("{}: not attached: {e}", entry.who()),
@@ -641,14 +764,22 @@ impl Engine {
 
     /// An attach call has returned: `attached` unless dom0 said it did not attach (a
     /// non-zero exit; an exit that cannot be known counts as attached). A device removed
-    /// while the call was in flight is detached now.
+    /// while the call was in flight, or whose media was, is detached now.
     pub fn on_call_exit(&mut self, ticket: &Ticket, attached: bool, out: &mut impl Sink) {
         let tracked = self.devices.get_mut(&*ticket.devpath).filter(|e| e.epoch == ticket.epoch);
         if let Some(entry) = tracked {
-            if matches!(entry.state, State::Done(Attach::Running)) {
-                entry.state = State::Done(Attach::Returned { attached });
+            if !matches!(entry.state, State::Done(Attach::Running)) {
+                return;
             }
-            return;
+            entry.state = State::Done(Attach::Returned { attached });
+            if !std::mem::take(&mut entry.media_gone) {
+                return;
+            }
+            entry.state = State::NoMedia;
+            if !attached {
+                return info!("{}: its attach call did not attach it: nothing to detach", entry.who());
+            }
+            return self.detach(&self.devices[&*ticket.devpath], out);
         }
         let Some(i) = self.leaving.iter().position(|e| e.epoch == ticket.epoch) else {
             return;
@@ -679,16 +810,18 @@ impl Engine {
         }
     }
 
-    /// qubesdb reported a change at `path` under a watched key: devices waiting for that
-    /// publication are probed again.
+    /// qubesdb reported a change at `path`, one of the trigger keys Qubes' scripts write after
+    /// a record's keys: devices waiting on it are probed again, and a desc-form record they
+    /// see now is whole.
     pub fn on_published(&mut self, path: &str, now: u64, out: &mut impl Sink) {
         for entry in self.devices.values_mut() {
-            let State::Waiting { probe, watched: Some(key), .. } = &mut entry.state else {
+            let State::Waiting { probe, watched, desc_from, .. } = &mut entry.state else {
                 continue;
             };
-            if !path.starts_with(&**key) && path != key.trim_end_matches('/') {
+            if !watched.contains(&path) {
                 continue;
             }
+            *desc_from = Some(now);
             match probe {
                 Probe::Idle => send_probe(entry, &mut self.calls, now, out),
                 Probe::Running { again } | Probe::SetAside { again } => *again = true,
@@ -704,20 +837,16 @@ impl Engine {
         let mut settled = Vec::new();
         for (devpath, entry) in &mut self.devices {
             match &entry.state {
-                State::Waiting { next, probe: Probe::Idle, watched, .. } if *next <= now => match watched {
-                    Some(key) => {
-                        let key = key.to_string();
-                        give_up(entry, &format!("not yet published to dom0 in qubesdb ({key}, watched)"), out);
-                    }
-                    None => send_probe(entry, &mut self.calls, now, out),
-                },
+                State::Waiting { next, probe: Probe::Idle, .. } if *next <= now => {
+                    due(entry, &mut self.calls, now, out)
+                }
                 State::Settling { at, .. } if *at <= now => settled.push(devpath.clone()),
                 _ => {}
             }
         }
         for devpath in settled {
-            if let Some(State::Settling { facts, .. }) = self.devices.get_mut(&devpath).map(|e| &mut e.state) {
-                let facts = std::mem::take(facts);
+            let Some(entry) = self.devices.get_mut(&devpath) else { continue };
+            if let State::Settling { facts, .. } = std::mem::replace(&mut entry.state, State::Done(Attach::NotMade)) {
                 self.call(&devpath, &facts, now, out);
             }
         }
@@ -762,7 +891,15 @@ impl Engine {
 }
 
 fn waiting(now: u64, deadline: u64) -> State {
-    State::Waiting { deadline, next: now, backoff: FIRST_BACKOFF, probe: Probe::Idle, watched: None }
+    State::Waiting {
+        deadline,
+        next: now,
+        backoff: FIRST_BACKOFF,
+        probe: Probe::Idle,
+        watched: &[],
+        awaited: None,
+        desc_from: None,
+    }
 }
 
 /// A later event for a tracked device: it may now be ready (media, driver bound).
@@ -792,12 +929,14 @@ fn update(
 
 /// Sends a waiting device's probe, carrying its call when nothing holds the device back.
 fn send_probe(entry: &mut Entry, calls: &mut BTreeMap<String, RateWindow>, now: u64, out: &mut impl Sink) {
-    let State::Waiting { probe, .. } = &mut entry.state else {
+    let State::Waiting { probe, desc_from, .. } = &mut entry.state else {
         return;
     };
     *probe = Probe::Running { again: false };
+    let desc_settled = desc_from.is_some_and(|at| at <= now);
     let plan = precall(entry, calls, now);
-    out.effect(Effect::Probe(Job { epoch: entry.epoch, target: entry.target.clone(), plan }));
+    let target = Target { desc_settled, ..entry.target.clone() };
+    out.effect(Effect::Probe(Job { epoch: entry.epoch, target, plan }));
 }
 
 /// The call a probe may make at once if the device is ready. None while a debounce holds the
@@ -834,7 +973,8 @@ fn release(entry: &mut Entry, calls: &mut BTreeMap<String, RateWindow>) {
     }
 }
 
-/// Says once per run of held-back calls that the rate limit holds this one back.
+/// Says once per run of held-back calls that the rate limit holds this one back (the summary
+/// when the window frees names the last one).
 fn held_back(entry: &Entry, rate: &mut RateWindow, count: u32, window: Duration) {
     if rate.dropped == 0 {
         warning!(
@@ -848,63 +988,113 @@ fn held_back(entry: &Entry, rate: &mut RateWindow, count: u32, window: Duration)
         debug!("{}: not attached: rate limit of rule {}", entry.who(), entry.rule);
     }
     rate.dropped += 1;
+    rate.last.clone_from(&entry.who);
 }
 
-/// A device that is ready but not yet published: watch its qubesdb key, and probe once more
-/// right after the watch is in place (a publication between the probe's read and the watch
-/// would otherwise be missed); then wait for the watch, until the deadline.
+/// A device ready here but not yet published as itself. With a watch (the native client),
+/// the trigger keys are watched and the device probed once more right after the watch is in
+/// place (a publication between the probe's read and the watch would be missed otherwise);
+/// then it waits for the watch until the deadline, polled by nothing. With the program, it
+/// is asked again after the backoff. A desc-form record not known to be whole is taken after
+/// the grace, or at the next trigger.
 fn park(
     entry: &mut Entry,
     calls: &mut BTreeMap<String, RateWindow>,
-    key: String,
+    awaited: Awaited,
     again: bool,
     now: u64,
     out: &mut impl Sink,
 ) {
     let who = entry.who().to_owned();
-    let State::Waiting { deadline, next, watched, .. } = &mut entry.state else {
+    let State::Waiting { deadline, next, backoff, watched, awaited: last, desc_from, .. } = &mut entry.state else {
         return;
     };
+    if awaited.pending == Pending::DescUnsettled && desc_from.is_none() {
+        *desc_from = Some(now + DESC_GRACE);
+    }
+    let grace = desc_from.filter(|&at| at > now);
+    let news =
+        last.as_ref().is_none_or(|l| std::mem::discriminant(&l.pending) != std::mem::discriminant(&awaited.pending));
+    let first_watch = watched.is_empty();
+    match awaited.how {
+        How::Watch(keys) => {
+            *next = grace.map_or(*deadline, |at| at.min(*deadline));
+            if first_watch {
+                for key in keys {
+                    out.effect(Effect::Watch((*key).to_owned()));
+                }
+                *watched = keys;
+            }
+        }
+        How::Ask(_) => {
+            let wait = *backoff;
+            *next = grace.unwrap_or(now + wait);
+            *backoff = (wait * 2).min(MAX_BACKOFF);
+        }
+    }
+    if news && awaited.pending != Pending::DescUnsettled {
+        info!("{who}: waiting: {awaited}");
+    } else {
+        debug!("{who}: {awaited}");
+    }
+    *last = Some(awaited);
     if now >= *deadline {
-        return give_up(entry, &format!("not yet published to dom0 in qubesdb ({key}, watched)"), out);
+        return give_up(entry, out);
     }
-    *next = *deadline;
-    if watched.is_none() {
-        info!("{who}: waiting for qubesdb to publish {key} (watch)");
-        out.effect(Effect::Watch(key.clone()));
-        *watched = Some(key.into());
-        return send_probe(entry, calls, now, out);
-    }
-    if again {
+    if first_watch && !watched.is_empty() || again {
         send_probe(entry, calls, now, out);
     }
+}
+
+/// A waiting device's timer is due: probe it again (its backoff, or the grace of a desc-form
+/// record, is over), unless it waits for a watch and its deadline has come: then give up. (A
+/// device probed on a timer gives up when a probe after its deadline says "not yet".)
+fn due(entry: &mut Entry, calls: &mut BTreeMap<String, RateWindow>, now: u64, out: &mut impl Sink) {
+    let State::Waiting { deadline, watched, .. } = &entry.state else { return };
+    if !watched.is_empty() && now >= *deadline {
+        return give_up(entry, out);
+    }
+    send_probe(entry, calls, now, out);
 }
 
 /// A device not ready yet: probe again after the backoff, or give up at the deadline.
 fn retry(entry: &mut Entry, why: Why, now: u64, out: &mut impl Sink) {
     let who = entry.who().to_owned();
-    let State::Waiting { deadline, next, backoff, .. } = &mut entry.state else {
+    let State::Waiting { deadline, next, backoff, awaited, .. } = &mut entry.state else {
         return;
     };
     if now >= *deadline {
-        return give_up(entry, &why.to_string(), out);
+        *awaited = None;
+        return give_up_because(entry, &why.to_string(), out);
     }
     let wait = *backoff;
     *next = now + wait;
     *backoff = (wait * 2).min(MAX_BACKOFF);
-    match why {
-        // Said once, at info: which key is awaited and how.
-        Why::Unpublished { ref key, ref reader } if wait == FIRST_BACKOFF => info!(
-            "{who}: waiting for qubesdb to publish {key} (asking {} again with growing pauses: no watch \
-             without the qubesdb socket)",
-            reader.display()
-        ),
-        _ => debug!("{who}: {why}; trying again in {wait} ms"),
+    debug!("{who}: {why}; trying again in {wait} ms");
+}
+
+/// The rule's timeout is over while it waited for its publication.
+fn give_up(entry: &mut Entry, out: &mut impl Sink) {
+    let State::Waiting { awaited, .. } = &mut entry.state else { return };
+    match awaited.take() {
+        Some(a @ Awaited { pending: Pending::Mismatch { .. }, .. }) => {
+            error!(
+                "{}: not attached after {} ms: {a}: a stale record, another device at its place, or a USB parent \
+                 Qubes does not publish (hubs, QEMU devices, QUBES_EXPORT_USB_DEVICE=0); it will be tried again on \
+                 its next change event",
+                entry.who(),
+                entry.timeout
+            );
+            stop_watching(entry, out);
+            entry.state = State::GaveUp;
+        }
+        Some(a) => give_up_because(entry, &a.to_string(), out),
+        None => give_up_because(entry, "not yet published to dom0 in qubesdb", out),
     }
 }
 
 /// The rule's timeout is over: the device waits for its next change event.
-fn give_up(entry: &mut Entry, why: &str, out: &mut impl Sink) {
+fn give_up_because(entry: &mut Entry, why: &str, out: &mut impl Sink) {
     warning!(
         "{}: gave up after {} ms: {why} (it will be tried again on its next change event)",
         entry.who(),
@@ -914,12 +1104,20 @@ fn give_up(entry: &mut Entry, why: &str, out: &mut impl Sink) {
     entry.state = State::GaveUp;
 }
 
-/// Drops the qubesdb watch of a device that no longer waits for its publication.
+/// Drops the qubesdb watches of a device that no longer waits for its publication.
 fn stop_watching(entry: &mut Entry, out: &mut impl Sink) {
     if let State::Waiting { watched, .. } = &mut entry.state {
-        if let Some(key) = watched.take() {
-            out.effect(Effect::Unwatch(key.into()));
+        for key in std::mem::take(watched) {
+            out.effect(Effect::Unwatch((*key).to_owned()));
         }
+    }
+}
+
+/// The identity a ready verdict established (what the call it made carried).
+fn ready_identity(verdict: &Verdict) -> Option<Identity> {
+    match verdict {
+        Verdict::Ready(facts) => Some(facts.identity.clone()),
+        _ => None,
     }
 }
 
@@ -927,6 +1125,88 @@ fn stop_watching(entry: &mut Entry, out: &mut impl Sink) {
 /// device, the USB device number.
 fn generation<'a>(event: &Uevent<'a>) -> Option<&'a str> {
     event.get("DISKSEQ").or_else(|| event.get("DEVNUM"))
+}
+
+/// Why a matched device is not tracked, or tracked without a call.
+#[derive(Debug)]
+enum NoIdentity {
+    /// Gone before its identity could be read.
+    Gone,
+    /// Its devpath holds another device already (a new generation): that one's own event
+    /// follows.
+    Replaced,
+    /// Its identity cannot be computed or sent.
+    Refused(String),
+}
+
+impl std::fmt::Display for NoIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoIdentity::Gone => f.write_str("matched, but gone before its identity could be read"),
+            NoIdentity::Replaced => {
+                f.write_str("matched, but another device is already there (its own event follows): not this one's")
+            }
+            NoIdentity::Refused(why) => f.write_str(why),
+        }
+    }
+}
+
+/// What a probe of the device of `event` checks, with what its identity must be (`expected`;
+/// None for a device that is never probed: it has nothing to be checked against).
+fn target(event: &Uevent<'_>, kind: Kind, dev: &str, expected: Option<Simulated>) -> Target {
+    let none = || {
+        let port = match kind {
+            Kind::Block => identity::Port::Block(dev.to_owned()),
+            Kind::Usb => identity::Port::Usb(dev.to_owned()),
+        };
+        Simulated { port, records: Records::default(), usb: None, exact: false }
+    };
+    Target {
+        kind,
+        devpath: event.devpath.to_owned(),
+        dev: dev.to_owned(),
+        devnum: event.devnum(),
+        bound: event.action == Action::Bind,
+        expected: Arc::new(expected.unwrap_or_else(none)),
+        desc_settled: false,
+    }
+}
+
+/// What Qubes would publish for the device of `event`, read from sysfs right after the rule
+/// matched it, and confirmed to be that event's device (see [`same_generation`]); its id must
+/// be one a call can carry.
+fn expect(sysfs: &Sysfs, event: &Uevent<'_>) -> Result<Simulated, NoIdentity> {
+    let expected = identity::from_sysfs(sysfs, event.devpath).map_err(|e| match e {
+        SimError::Gone(_) => NoIdentity::Gone,
+        e @ SimError::NotAttachable(_) => NoIdentity::Refused(e.to_string()),
+    })?;
+    if !same_generation(sysfs, event) {
+        return Err(NoIdentity::Replaced);
+    }
+    let identity = expected.identity().map_err(|e| NoIdentity::Refused(e.to_string()))?;
+    identity.ident().map_err(|e| NoIdentity::Refused(e.to_string()))?;
+    Ok(expected)
+}
+
+/// True if the device at the event's devpath is still the event's: each generation key the
+/// event carries (DISKSEQ, DEVNUM, MAJOR, MINOR) has the same value in the device's `uevent`
+/// file, read after its identity. A device replaced at the same devpath (its `remove`
+/// missed, or still queued) has new ones. A key the file lacks (a fixture's) proves nothing.
+fn same_generation(sysfs: &Sysfs, event: &Uevent<'_>) -> bool {
+    let Ok(file) = sysfs.uevent_file(event.devpath) else { return false };
+    ["DISKSEQ", "DEVNUM", "MAJOR", "MINOR"].iter().all(|key| {
+        let now = file.split(|&b| b == b'\n').find_map(|l| l.strip_prefix(key.as_bytes())?.strip_prefix(b"="));
+        match (event.get(key), now) {
+            (Some(then), Some(now)) => then.as_bytes() == now,
+            _ => true,
+        }
+    })
+}
+
+/// True if a block device's media is gone: its `size` reads 0.
+fn media_gone(sysfs: &Sysfs, devpath: &str) -> bool {
+    let mut buf = [0u8; crate::sysfs::MAX_ATTR];
+    sysfs.attr(devpath, "size", &mut buf).is_ok_and(|size| size.trim_ascii() == b"0")
 }
 
 /// An `add` datagram for a present device, built from its `uevent` file (as coldplug does).
@@ -949,17 +1229,16 @@ pub fn synthetic_add(sysfs: &Sysfs, devpath: &str) -> Option<Vec<u8>> {
     Some(datagram)
 }
 
+/// What [`perform_inline`] does with a call (a device's description, and the ticket of an
+/// attach): `Some(attached)` if it returned at once, `None` if its exit is reported later.
+pub type Record<'a> = dyn FnMut(&Call, &str, Option<Ticket>) -> Option<bool> + 'a;
+
 /// Carries out effects inline until none are left, for `replay` and `test`: probes run here
-/// with [`Job::run`], calls are handed to `record` (as made, and returned at once: an attach
-/// counts as done), watches are ignored (the inline prober asks qubesdb with the fallback
-/// program, which never parks a device).
-pub fn perform_inline(
-    engine: &mut Engine,
-    prober: &Prober,
-    effects: Vec<Effect>,
-    now: u64,
-    record: &mut dyn FnMut(&Call, &str),
-) {
+/// with [`Job::run`], calls are handed to `record` with the ticket of an attach, which says
+/// whether the call returned at once (`Some(attached)`) or will be reported later with
+/// [`Engine::on_call_exit`] (`None`: dom0 takes its time). Watches are ignored (the inline
+/// prober asks qubesdb with the fallback program, which never parks a device on a watch).
+pub fn perform_inline(engine: &mut Engine, prober: &Prober, effects: Vec<Effect>, now: u64, record: &mut Record<'_>) {
     let mut effects = effects;
     while !effects.is_empty() {
         let mut next = Vec::new();
@@ -967,28 +1246,26 @@ pub fn perform_inline(
             match effect {
                 Effect::Probe(job) => {
                     let outcome = job.run(prober, |call| call.clone());
-                    if let Some(Ok((call, _))) = &outcome.made {
-                        let device = engine.identity(outcome.epoch, &outcome.devpath).unwrap_or_default().to_owned();
-                        record(call, &device);
-                    }
-                    let carried = outcome.carried(|_| true);
                     let ticket = Ticket { epoch: outcome.epoch, devpath: outcome.devpath.as_str().into() };
-                    engine.on_verdict(
-                        outcome.epoch,
-                        &outcome.devpath,
-                        outcome.verdict,
-                        carried.clone(),
-                        now,
-                        &mut next,
-                    );
-                    if carried == Carried::Made(true) {
-                        engine.on_call_exit(&ticket, true, &mut next);
+                    let returned = match &outcome.made {
+                        Some(Ok((call, _))) => {
+                            let device =
+                                engine.identity(outcome.epoch, &outcome.devpath).unwrap_or_default().to_owned();
+                            record(call, &device, Some(ticket.clone()))
+                        }
+                        _ => None,
+                    };
+                    let carried = outcome.carried(|_| true);
+                    let verdict = outcome.verdict;
+                    engine.on_verdict(outcome.epoch, &outcome.devpath, verdict, carried, now, &mut next);
+                    if let Some(attached) = returned {
+                        engine.on_call_exit(&ticket, attached, &mut next);
                     }
                 }
                 Effect::Call { call, device, ticket } => {
-                    record(&call, &device);
-                    if let Some(ticket) = ticket {
-                        engine.on_call_exit(&ticket, true, &mut next);
+                    let returned = record(&call, &device, ticket.clone());
+                    if let (Some(ticket), Some(attached)) = (ticket, returned) {
+                        engine.on_call_exit(&ticket, attached, &mut next);
                     }
                 }
                 Effect::Watch(_) | Effect::Unwatch(_) => {}

@@ -56,6 +56,20 @@ impl Port {
     }
 }
 
+/// The key Qubes' udev scripts write last when they publish (or withdraw) a device of this
+/// kind, "meant to trigger watches": `/qubes-usb-devices` or `/qubes-block-devices`, written
+/// empty after the record's keys, by every release's `udev-usb-add-change` and
+/// `udev-block-add-change` (qubes-linux-utils). A check that runs after it sees a whole
+/// record, never one whose `desc` is written and whose `interfaces` or `parent` is not yet.
+pub const USB_TRIGGER: &str = "/qubes-usb-devices";
+pub const BLOCK_TRIGGER: &str = "/qubes-block-devices";
+
+/// The keys of a record (its directory) that identities depend on, `desc` first: the scripts
+/// write it first, so without it nothing of the record is published yet.
+pub fn record_keys(dir: &str) -> [&'static str; 2] {
+    if dir.starts_with("/qubes-usb-devices/") { ["desc", "interfaces"] } else { ["desc", "parent"] }
+}
+
 /// A bus id as a qubesdb key component: `.` replaced by `_`.
 pub fn qubesdb_ident(busid: &str) -> String {
     busid.replace('.', "_")
@@ -350,6 +364,17 @@ impl Simulated {
     /// The device id qubesd would compute from these records.
     pub fn device_id(&self) -> Result<String, IdError> {
         device_id(&self.records, &self.port)
+    }
+
+    /// The trigger keys to watch while this device's records are awaited: its own kind's,
+    /// and for a block device on a USB device also the USB one (the parent's record is
+    /// published by its own script, normally first).
+    pub fn triggers(&self) -> &'static [&'static str] {
+        match (&self.port, self.records.usb.is_empty()) {
+            (Port::Usb(_), _) => &[USB_TRIGGER],
+            (Port::Block(_), true) => &[BLOCK_TRIGGER],
+            (Port::Block(_), false) => &[BLOCK_TRIGGER, USB_TRIGGER],
+        }
     }
 
     /// The identity a call carries where there is no qubesdb to check against (when not

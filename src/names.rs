@@ -367,6 +367,9 @@ impl fmt::Display for Call {
 pub enum CallError {
     Qube(String, NameError),
     Device(Vec<u8>, NameError),
+    /// The device's identity cannot be sent (longer than [`MAX_IDENT`] once encoded, or a
+    /// device id that is not printable ASCII).
+    Identity(IdentError),
 }
 
 impl fmt::Display for CallError {
@@ -377,6 +380,7 @@ impl fmt::Display for CallError {
                 write!(f, "qube name \"{}\" refused: {e}", Escaped(q.as_bytes()))
             }
             CallError::Device(d, e) => write!(f, "device name \"{}\" refused: {e}", Escaped(d)),
+            CallError::Identity(e) => write!(f, "device identity refused: {e}"),
         }
     }
 }

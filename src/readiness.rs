@@ -16,8 +16,18 @@
 //! `change` event, which re-runs the probe) from "not published yet" (with a qubesdb watch,
 //! waited for without polling) from everything else (retried with backoff until the
 //! timeout). A ready device's verdict carries [`Facts`]: what the probe learnt that the call
-//! needs (the device's identity, once it is wired in), so the call is completed on the
-//! probe worker, before it is made.
+//! needs, the device's identity, so the call is completed on the probe worker, before it is
+//! made.
+//!
+//! **Identity.** The engine reads what Qubes would publish for the device from sysfs when
+//! the rule matches it ([`Target::expected`], see [`crate::identity`]). Without qubesdb that
+//! is the identity sent. In a Qubes qube the probe reads the published records and checks
+//! them against it ([`identity::check`]): equal R4.3 records give the id; R4.1/R4.2 records
+//! give the desc form; a record of another device (stale, a swap) is waited past, and records
+//! no identity can be had from are refused ([`Verdict::Unverifiable`]). Qubes' scripts write
+//! a record's `desc` before its `interfaces`/`parent` and then a trigger key; a check between
+//! the two would read a half-written R4.3 record as an R4.1 one, so the desc form is taken
+//! only after the trigger was seen or a short grace ([`Target::desc_settled`]).
 
 use std::fmt;
 use std::os::unix::fs::FileTypeExt;
@@ -28,9 +38,10 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 
+use crate::identity::{self, Identity, QubesDbRead, Simulated};
 use crate::names::Kind;
 use crate::qubesdb::{Client, Program, QdbError};
-use crate::sysfs::{MAX_ATTR, Sysfs};
+use crate::sysfs::{MAX_ATTR, NodeProblem, Sysfs};
 
 /// What to probe.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,13 +54,22 @@ pub struct Target {
     pub devnum: Option<(u32, u32)>,
     /// A `bind` event was seen (USB devices).
     pub bound: bool,
+    /// The records Qubes' R4.3 scripts would publish for the device, read from sysfs when the
+    /// rule matched it: the identity sent without qubesdb, and what the published records
+    /// must agree with in a Qubes qube.
+    pub expected: Arc<Simulated>,
+    /// The desc form (R4.1/R4.2 records) may be taken: this probe runs after Qubes' trigger
+    /// key was written, or a grace period after the desc form was first seen. Before that a
+    /// desc-only record may be an R4.3 record half written ([`Pending::DescUnsettled`]).
+    pub desc_settled: bool,
 }
 
-/// What a probe learnt about a ready device that its call needs. Empty today; the device
-/// identity (issue 9, see IDENTITY.md) goes here, read on the probe worker from sysfs and
-/// qubesdb, and [`crate::engine::CallPlan::call`] puts it into the call.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Facts {}
+/// What a probe learnt about a ready device that its call needs: the identity the call
+/// carries ([`crate::engine::CallPlan::call`] puts it into the call, on the probe worker).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Facts {
+    pub identity: Identity,
+}
 
 /// The answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,15 +77,45 @@ pub enum Verdict {
     Ready(Facts),
     /// Not yet; try again soon (until the timeout).
     Wait(Why),
-    /// Ready here, but Qubes has not published it to dom0 yet: its qubesdb directory (this
-    /// key, e.g. `/qubes-block-devices/sdb/`) is awaited with a watch. Only a prober that
-    /// reads qubesdb through a client that can watch answers this; the fallback program
-    /// answers [`Verdict::Wait`] with [`Why::Unpublished`], and is asked again on a timer.
-    Unpublished(String),
+    /// Ready here, but not (yet) published to dom0 as this device: see [`Awaited`].
+    Unpublished(Awaited),
     /// No media: wait for the kernel's change event.
     NoMedia(Why),
     /// The device is gone.
     Gone,
+    /// Published, but no identity can be had from its records (why): it is not called.
+    Unverifiable(String),
+}
+
+/// A device whose publication is awaited: its record, what is wrong with it now, and how a
+/// change is noticed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Awaited {
+    /// The device's record, `/qubes-block-devices/sdb1/`.
+    pub record: String,
+    pub pending: Pending,
+    pub how: How,
+}
+
+/// What is not there yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pending {
+    /// No record for the device.
+    Absent,
+    /// The records describe another device (a stale record, a swap, an unpublished USB
+    /// parent): both identities, for the log.
+    Mismatch { expected: String, published: String },
+    /// A desc-only record, not yet known to be whole (see [`Target::desc_settled`]).
+    DescUnsettled,
+}
+
+/// How a change of the records is noticed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum How {
+    /// A qubesdb watch on these trigger keys (the native client; the run loop's connection).
+    Watch(&'static [&'static str]),
+    /// The `qubesdb-read` program, asked again on a timer (no watch without the socket).
+    Ask(PathBuf),
 }
 
 /// Why a device is not ready.
@@ -85,12 +135,12 @@ pub enum Why {
     WrongDevnum { node: PathBuf, found: (u32, u32), want: (u32, u32) },
     /// The first sector could not be read.
     Unreadable { node: PathBuf, error: ReadError },
+    /// The agent's user may not read the node.
+    Permission(PathBuf),
     /// A USB device attribute could not be read.
     AttrUnreadable(&'static str),
     /// No driver bound to the USB device.
     NoDriver,
-    /// Not yet published in qubesdb (asked with the fallback program).
-    Unpublished { key: String, reader: PathBuf },
     /// qubesdb could not be asked.
     Qubesdb(QdbFailure),
 }
@@ -107,9 +157,37 @@ impl fmt::Display for Verdict {
         match self {
             Verdict::Ready(_) => f.write_str("ready"),
             Verdict::Wait(why) => write!(f, "not ready: {why}"),
-            Verdict::Unpublished(key) => write!(f, "not yet published to dom0 in qubesdb ({key})"),
+            Verdict::Unpublished(awaited) => awaited.fmt(f),
             Verdict::NoMedia(why) => write!(f, "no media: {why}"),
             Verdict::Gone => f.write_str("gone"),
+            Verdict::Unverifiable(why) => write!(f, "no identity can be had from qubesdb: {why}"),
+        }
+    }
+}
+
+impl fmt::Display for Awaited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let record = &self.record;
+        match &self.pending {
+            Pending::Absent => write!(f, "not yet published to dom0 in qubesdb ({record}, {})", self.how),
+            Pending::Mismatch { expected, published } => write!(
+                f,
+                "qubesdb's record {record} describes another device: published {published}, this device is \
+                 {expected} ({})",
+                self.how
+            ),
+            Pending::DescUnsettled => {
+                write!(f, "{record} published in the desc form, perhaps half written ({})", self.how)
+            }
+        }
+    }
+}
+
+impl fmt::Display for How {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            How::Watch(keys) => write!(f, "watching {}", keys.join(" and ")),
+            How::Ask(reader) => write!(f, "asked with {}", reader.display()),
         }
     }
 }
@@ -128,11 +206,13 @@ impl fmt::Display for Why {
             Why::Unreadable { node, error } => {
                 write!(f, "cannot read the first sector of {}: {error}", node.display())
             }
+            Why::Permission(node) => write!(
+                f,
+                "permission denied reading the first sector of {} (the service user needs read access)",
+                node.display()
+            ),
             Why::AttrUnreadable(attr) => write!(f, "{attr} unreadable"),
             Why::NoDriver => f.write_str("no driver bound"),
-            Why::Unpublished { key, reader } => {
-                write!(f, "not yet published to dom0 in qubesdb ({key}, asked with {})", reader.display())
-            }
             Why::Qubesdb(e) => e.fmt(f),
         }
     }
@@ -180,17 +260,6 @@ pub enum Nodes {
     Fixture,
 }
 
-/// The qubesdb directory Qubes writes when it exposes a device (qubes-linux-utils
-/// `udev/udev-block-add-change`, `udev-usb-add-change`: `/qubes-block-devices/NAME/` and
-/// `/qubes-usb-devices/BUSID/` with `.` replaced by `_`, qubesdb allowing no dot in a key).
-/// Its `desc` is written first, in the same `qubesdb-write` as the rest.
-pub fn publication_dir(kind: Kind, dev: &str) -> String {
-    match kind {
-        Kind::Block => format!("/qubes-block-devices/{dev}/"),
-        Kind::Usb => format!("/qubes-usb-devices/{}/", dev.replace('.', "_")),
-    }
-}
-
 /// How long one qubesdb question may take (socket or program).
 pub const QUBESDB_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -222,6 +291,12 @@ impl Publication {
             Err(_) => {}
         }
         crate::spawn::find_program(Path::new("qubesdb-read")).map(program)
+    }
+
+    /// The qubesdb daemon at `socket` (`--qubesdb-socket`: a stand-in in tests, or a daemon
+    /// whose socket is elsewhere).
+    pub fn at(socket: &Path) -> Result<Publication, QdbError> {
+        Client::connect(socket, QUBESDB_TIMEOUT).map(|client| Publication::Socket(Mutex::new(client)))
     }
 
     /// Reads `key`: Some(value), None if absent.
@@ -274,7 +349,10 @@ impl Prober {
             return if self.sysfs.exists(&target.devpath, "uevent") { not_ready } else { Verdict::Gone };
         }
         match &self.qubesdb {
-            None => Verdict::Ready(Facts::default()),
+            None => match target.expected.identity() {
+                Ok(identity) => Verdict::Ready(Facts { identity }),
+                Err(e) => Verdict::Unverifiable(e.to_string()),
+            },
             Some(db) => published(db, target),
         }
     }
@@ -293,8 +371,23 @@ impl Prober {
         let node = self.dev.join(&target.dev);
         let meta = std::fs::metadata(&node).map_err(|_| Verdict::Wait(Why::NoNode(node.clone())))?;
         self.node_is_the_device(&node, &meta, target.devnum).map_err(Verdict::Wait)?;
-        read_first_sector(&node, self.nodes == Nodes::Real)
-            .map_err(|error| Verdict::NoMedia(Why::Unreadable { node: node.clone(), error }))
+        read_first_sector(&node, self.nodes == Nodes::Real).map_err(|error| self.unreadable(target, node, error))
+    }
+
+    /// Why the first sector could not be read, as [`crate::sysfs::classify_node_error`] tells
+    /// it: no media (waits for the kernel's media event), no permission (retried until the
+    /// timeout, then said), gone (if sysfs agrees), anything else retried.
+    fn unreadable(&self, target: &Target, node: PathBuf, error: ReadError) -> Verdict {
+        let problem = match error {
+            ReadError::Short(_) => NodeProblem::NoMedia,
+            ReadError::Io(errno) => crate::sysfs::classify_node_error(&std::io::Error::from_raw_os_error(errno as i32)),
+        };
+        match problem {
+            NodeProblem::Permission => Verdict::Wait(Why::Permission(node)),
+            NodeProblem::Gone if !self.sysfs.exists(&target.devpath, "uevent") => Verdict::Gone,
+            NodeProblem::NoMedia => Verdict::NoMedia(Why::Unreadable { node, error }),
+            NodeProblem::Gone | NodeProblem::Other => Verdict::Wait(Why::Unreadable { node, error }),
+        }
     }
 
     /// A real node must be a block device with the event's major:minor; a fixture's stands
@@ -330,15 +423,61 @@ impl Prober {
     }
 }
 
-/// Whether Qubes has published the device: its record's `desc` exists.
+/// Whether Qubes has published the device as the device it is: its records, read from
+/// qubesdb, checked against what sysfs gave when the rule matched ([`identity::check`]).
 fn published(db: &Publication, target: &Target) -> Verdict {
-    let dir = publication_dir(target.kind, &target.dev);
-    let key = format!("{dir}desc");
-    match (db.read(&key), db) {
-        (Ok(Some(_)), _) => Verdict::Ready(Facts::default()),
-        (Ok(None), Publication::Socket(_)) => Verdict::Unpublished(dir),
-        (Ok(None), Publication::Program(p)) => Verdict::Wait(Why::Unpublished { key, reader: p.path.clone() }),
-        (Err(e), _) => Verdict::Wait(Why::Qubesdb(QdbFailure(Arc::new(e)))),
+    let expected = &*target.expected;
+    let (checked, how) = match db {
+        Publication::Socket(client) => {
+            let mut client = client.lock().unwrap_or_else(PoisonError::into_inner);
+            (identity::check(&mut *client, expected), How::Watch(expected.triggers()))
+        }
+        Publication::Program(program) => (identity::check(&mut &*program, expected), How::Ask(program.path.clone())),
+    };
+    let record = expected.port.qubesdb_dir();
+    let awaited = |pending| Verdict::Unpublished(Awaited { record, pending, how });
+    match checked {
+        Err(e) => Verdict::Wait(Why::Qubesdb(QdbFailure(Arc::new(e)))),
+        Ok(identity::Verdict::Send(Identity::Desc(_))) if !target.desc_settled => awaited(Pending::DescUnsettled),
+        Ok(identity::Verdict::Send(identity)) => Verdict::Ready(Facts { identity }),
+        Ok(identity::Verdict::Unpublished) => awaited(Pending::Absent),
+        Ok(identity::Verdict::Mismatch { expected, published }) => awaited(Pending::Mismatch { expected, published }),
+        Ok(identity::Verdict::Unverifiable(e)) => {
+            Verdict::Unverifiable(format!("{}: {e}", expected.port.qubesdb_dir()))
+        }
+    }
+}
+
+/// The daemon's socket, read as qubesd reads it: one multiread per record.
+impl QubesDbRead for Client {
+    type Error = QdbError;
+    fn read(&mut self, key: &str) -> Result<Option<Vec<u8>>, QdbError> {
+        Client::read(self, key)
+    }
+    fn multiread(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, QdbError> {
+        Client::multiread(self, prefix)
+    }
+}
+
+/// The `qubesdb-read` program reads one key per run and has no multiread: a record is read
+/// key by key, only the keys an identity depends on ([`identity::record_keys`]), `desc`
+/// first (without it nothing of the record is published yet, and nothing more is asked).
+impl QubesDbRead for &Program {
+    type Error = QdbError;
+    fn read(&mut self, key: &str) -> Result<Option<Vec<u8>>, QdbError> {
+        Program::read(self, key)
+    }
+    fn multiread(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, QdbError> {
+        let mut found = Vec::new();
+        for name in identity::record_keys(prefix) {
+            let key = format!("{prefix}{name}");
+            match Program::read(self, &key)? {
+                Some(value) => found.push((key, value)),
+                None if name == "desc" => break,
+                None => {}
+            }
+        }
+        Ok(found)
     }
 }
 
@@ -394,11 +533,27 @@ mod tests {
         }
     }
 
-    fn disk() -> Target {
-        Target { kind: Kind::Block, devpath: STICK_DISK.into(), dev: "sdb".into(), devnum: Some((8, 16)), bound: false }
+    fn target(tree: &Tree, kind: Kind, devpath: &str, dev: &str) -> Target {
+        let expected = identity::from_sysfs(&Sysfs::new(tree.root()).unwrap(), devpath).unwrap();
+        Target {
+            kind,
+            devpath: devpath.into(),
+            dev: dev.into(),
+            devnum: (kind == Kind::Block).then_some((8, 16)),
+            bound: false,
+            expected: Arc::new(expected),
+            desc_settled: false,
+        }
     }
 
-    const READY: Verdict = Verdict::Ready(Facts {});
+    fn disk(tree: &Tree) -> Target {
+        target(tree, Kind::Block, STICK_DISK, "sdb")
+    }
+
+    /// The stick's disk, ready: its identity as Qubes R4.3 would give it.
+    fn ready_disk(serial: &str) -> Verdict {
+        Verdict::Ready(Facts { identity: Identity::Id(format!("46f4:0001:{serial}:u080650:1.0")) })
+    }
 
     #[test]
     fn block_readiness_steps() {
@@ -406,19 +561,52 @@ mod tests {
         let dev = TempDir::new("dev");
         let p = prober(&tree, &dev, None);
         let node = dev.path().join("sdb");
-        assert_eq!(p.check(&disk()), Verdict::Wait(Why::NoNode(node.clone())));
-        assert_eq!(p.check(&disk()).to_string(), format!("not ready: no device node {}", node.display()));
+        assert_eq!(p.check(&disk(&tree)), Verdict::Wait(Why::NoNode(node.clone())));
+        assert_eq!(p.check(&disk(&tree)).to_string(), format!("not ready: no device node {}", node.display()));
         std::fs::write(&node, [0u8; 100]).unwrap();
         let short = Verdict::NoMedia(Why::Unreadable { node: node.clone(), error: ReadError::Short(100) });
-        assert_eq!(p.check(&disk()), short);
+        assert_eq!(p.check(&disk(&tree)), short);
         assert!(short.to_string().ends_with("short read (100 bytes)"), "{short}");
         std::fs::write(&node, [0u8; 512]).unwrap();
-        assert_eq!(p.check(&disk()), READY);
+        assert_eq!(p.check(&disk(&tree)), ready_disk("S1"), "without qubesdb: the identity sysfs gives");
         std::fs::write(tree.root().join(&STICK_DISK[1..]).join("size"), "0\n").unwrap();
-        assert_eq!(p.check(&disk()), Verdict::NoMedia(Why::SizeZero));
-        let mut gone = disk();
+        assert_eq!(p.check(&disk(&tree)), Verdict::NoMedia(Why::SizeZero));
+        let mut gone = disk(&tree);
         gone.devpath.push_str("/nothing");
         assert_eq!(p.check(&gone), Verdict::Gone);
+    }
+
+    /// The first sector's read errors as sysfs::classify_node_error tells them: permission is
+    /// retried and said, not "no media"; a vanished node is gone only if sysfs agrees.
+    #[test]
+    fn first_sector_errors_are_classified() {
+        let tree = Tree::stick(b"S1");
+        let dev = TempDir::new("dev");
+        let p = prober(&tree, &dev, None);
+        let (t, node) = (disk(&tree), dev.path().join("sdb"));
+        let io = ReadError::Io;
+        let permission = p.unreadable(&t, node.clone(), io(Errno::EACCES));
+        assert_eq!(permission, Verdict::Wait(Why::Permission(node.clone())));
+        assert_eq!(
+            permission.to_string(),
+            format!(
+                "not ready: permission denied reading the first sector of {} (the service user needs read access)",
+                node.display()
+            )
+        );
+        let unreadable = |errno| Why::Unreadable { node: node.clone(), error: io(errno) };
+        assert_eq!(
+            p.unreadable(&t, node.clone(), io(Errno::ENOMEDIUM)),
+            Verdict::NoMedia(unreadable(Errno::ENOMEDIUM))
+        );
+        assert_eq!(p.unreadable(&t, node.clone(), io(Errno::EBUSY)), Verdict::Wait(unreadable(Errno::EBUSY)));
+        assert_eq!(
+            p.unreadable(&t, node.clone(), io(Errno::ENXIO)),
+            Verdict::Wait(unreadable(Errno::ENXIO)),
+            "sysfs still has it"
+        );
+        std::fs::remove_dir_all(tree.root().join(&STICK_DISK[1..])).unwrap();
+        assert_eq!(p.unreadable(&t, node.clone(), io(Errno::ENXIO)), Verdict::Gone);
     }
 
     #[test]
@@ -428,7 +616,7 @@ mod tests {
         std::fs::write(dev.path().join("sdb"), [0u8; 512]).unwrap();
         let mut p = prober(&tree, &dev, None);
         p.nodes = Nodes::Real;
-        assert_eq!(p.check(&disk()), Verdict::Wait(Why::NotBlockDevice(dev.path().join("sdb"))));
+        assert_eq!(p.check(&disk(&tree)), Verdict::Wait(Why::NotBlockDevice(dev.path().join("sdb"))));
     }
 
     #[test]
@@ -436,55 +624,89 @@ mod tests {
         let tree = Tree::stick(b"S1");
         let dev = TempDir::new("dev");
         let p = prober(&tree, &dev, None);
-        let mut usb =
-            Target { kind: Kind::Usb, devpath: STICK_USB.into(), dev: "2-1".into(), devnum: None, bound: false };
-        assert_eq!(p.check(&usb), READY);
+        let mut usb = target(&tree, Kind::Usb, STICK_USB, "2-1");
+        let ready = Verdict::Ready(Facts { identity: Identity::Id("46f4:0001:S1:u080650".into()) });
+        assert_eq!(p.check(&usb), ready);
         std::fs::remove_file(tree.root().join(&STICK_USB[1..]).join("driver")).unwrap();
         assert_eq!(p.check(&usb), Verdict::Wait(Why::NoDriver));
         assert_eq!(Why::NoDriver.to_string(), "no driver bound");
         usb.bound = true;
-        assert_eq!(p.check(&usb), READY);
+        assert_eq!(p.check(&usb), ready);
     }
 
-    /// The fallback reader: asked per probe, and bounded.
-    #[test]
-    fn qubesdb_publication_is_asked_with_the_program_and_bounded() {
-        let tree = Tree::stick(b"S1");
-        let dev = TempDir::new("dev");
-        std::fs::write(dev.path().join("sdb"), [0u8; 512]).unwrap();
-        let reader = dev.path().join("qubesdb-read");
-        let published = dev.path().join("published");
+    /// A `qubesdb-read` stand-in answering from a directory of files named after the keys
+    /// (`/` as `%`), as qubesdb-cmd answers: the value and exit 0, or exit 2.
+    fn reader(dir: &Path) -> PathBuf {
+        let reader = dir.join("qubesdb-read");
+        let db = dir.join("db");
+        std::fs::create_dir_all(&db).unwrap();
         let script = format!(
-            "#!/bin/sh\n[ \"$2\" = /qubes-block-devices/sdb/desc ] && [ -e {} ] && echo desc && exit 0\nexit 2\n",
-            published.display()
+            "#!/bin/sh\nf={}/$(printf %s \"$2\" | tr / %)\n[ -e \"$f\" ] || exit 2\ncat \"$f\"\necho\n",
+            db.display()
         );
         std::fs::write(&reader, script).unwrap();
         std::fs::set_permissions(&reader, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        reader
+    }
+
+    fn publish(dir: &Path, key: &str, value: &str) {
+        std::fs::write(dir.join("db").join(key.replace('/', "%")), value).unwrap();
+    }
+
+    /// The fallback reader: records read key by key, checked against sysfs, and bounded.
+    #[test]
+    fn qubesdb_records_are_checked_through_the_program_and_bounded() {
+        let tree = Tree::stick(b"S1");
+        let dev = TempDir::new("dev");
+        std::fs::write(dev.path().join("sdb"), [0u8; 512]).unwrap();
+        let reader = reader(dev.path());
         let program = |timeout| Publication::Program(Program { path: reader.clone(), timeout });
         let p = prober(&tree, &dev, Some(program(Duration::from_secs(5))));
-        let key = "/qubes-block-devices/sdb/desc".to_owned();
-        let unpublished = Verdict::Wait(Why::Unpublished { key: key.clone(), reader: reader.clone() });
-        assert_eq!(p.check(&disk()), unpublished);
+        let awaited = |pending| {
+            let how = How::Ask(reader.clone());
+            Verdict::Unpublished(Awaited { record: "/qubes-block-devices/sdb/".into(), pending, how })
+        };
+        assert_eq!(p.check(&disk(&tree)), awaited(Pending::Absent));
         assert_eq!(
-            unpublished.to_string(),
-            format!("not ready: not yet published to dom0 in qubesdb ({key}, asked with {})", reader.display())
+            p.check(&disk(&tree)).to_string(),
+            format!(
+                "not yet published to dom0 in qubesdb (/qubes-block-devices/sdb/, asked with {})",
+                reader.display()
+            )
         );
-        std::fs::write(&published, "").unwrap();
-        assert_eq!(p.check(&disk()), READY);
+        // R4.2: desc only. Taken once known whole (after the trigger, or the grace).
+        publish(dev.path(), "/qubes-block-devices/sdb/desc", "QEMU_HARDDISK ()");
+        assert_eq!(p.check(&disk(&tree)), awaited(Pending::DescUnsettled));
+        let settled = Target { desc_settled: true, ..disk(&tree) };
+        let desc = Verdict::Ready(Facts { identity: Identity::Desc(b"QEMU_HARDDISK ()".to_vec()) });
+        assert_eq!(p.check(&settled), desc);
+        // R4.3: the disk's parent is its USB interface; the USB device's record gives the id.
+        publish(dev.path(), "/qubes-block-devices/sdb/parent", "2-1:1.0");
+        publish(dev.path(), "/qubes-usb-devices/2-1/desc", "46f4:0001 QEMU QEMU\\x20USB\\x20HARDDRIVE S1");
+        publish(dev.path(), "/qubes-usb-devices/2-1/interfaces", ":080650:");
+        assert_eq!(p.check(&disk(&tree)), ready_disk("S1"), "an id is taken at once");
+        // A stick with another serial at the same port: waited past, both named.
+        publish(dev.path(), "/qubes-usb-devices/2-1/desc", "46f4:0001 QEMU QEMU\\x20USB\\x20HARDDRIVE EVIL");
+        assert_eq!(
+            p.check(&disk(&tree)),
+            awaited(Pending::Mismatch {
+                expected: "id \"46f4:0001:S1:u080650:1.0\"".into(),
+                published: "id \"46f4:0001:EVIL:u080650:1.0\"".into(),
+            })
+        );
         std::fs::write(&reader, "#!/bin/sh\nexec sleep 10\n").unwrap();
         let slow = Prober { qubesdb: Some(program(Duration::from_millis(100))), ..p };
         let start = std::time::Instant::now();
-        let Verdict::Wait(Why::Qubesdb(e)) = slow.check(&disk()) else { panic!("not a qubesdb failure") };
-        assert!(e.to_string().contains("no answer within 100 ms"), "{e}");
+        let Verdict::Wait(Why::Qubesdb(e)) = slow.check(&disk(&tree)) else { panic!("not a qubesdb failure") };
+        assert!(e.to_string().contains("/qubes-block-devices/sdb/desc: no answer within 100 ms"), "{e}");
         assert!(start.elapsed() < Duration::from_secs(5));
-        assert_eq!(publication_dir(Kind::Usb, "2-1.4"), "/qubes-usb-devices/2-1_4/");
-        assert_eq!(publication_dir(Kind::Block, "sdb1"), "/qubes-block-devices/sdb1/");
     }
 
     /// Through the daemon's socket (the stand-in daemon of tests/support), a device not yet
-    /// published is `Unpublished` with its directory, for the run loop to watch.
+    /// published is `Unpublished` with the trigger keys to watch, and its R4.3 records are
+    /// read with one multiread each.
     #[test]
-    fn qubesdb_publication_through_the_socket_is_watched_for() {
+    fn qubesdb_records_through_the_socket() {
         let tree = Tree::stick(b"S1");
         let dev = TempDir::new("dev");
         std::fs::write(dev.path().join("sdb"), [0u8; 512]).unwrap();
@@ -503,15 +725,20 @@ mod tests {
         std::io::BufRead::read_line(&mut std::io::BufReader::new(daemon.stdout.take().unwrap()), &mut ready).unwrap();
         let client = Client::connect(&socket, Duration::from_secs(5)).unwrap();
         let p = prober(&tree, &dev, Some(Publication::Socket(Mutex::new(client))));
-        assert_eq!(p.check(&disk()), Verdict::Unpublished("/qubes-block-devices/sdb/".into()));
-        let wrote = std::process::Command::new(&standin)
-            .arg("write")
-            .arg(&socket)
-            .args(["/qubes-block-devices/sdb/desc", "Stick"])
-            .status()
-            .unwrap();
-        assert!(wrote.success());
-        assert_eq!(p.check(&disk()), READY);
+        let how = How::Watch(&["/qubes-block-devices", "/qubes-usb-devices"]);
+        let absent = Awaited { record: "/qubes-block-devices/sdb/".into(), pending: Pending::Absent, how };
+        assert_eq!(p.check(&disk(&tree)), Verdict::Unpublished(absent));
+        for (key, value) in [
+            ("/qubes-usb-devices/2-1/desc", "46f4:0001 QEMU QEMU\\x20USB\\x20HARDDRIVE S1"),
+            ("/qubes-usb-devices/2-1/interfaces", ":080650:"),
+            ("/qubes-block-devices/sdb/desc", "QEMU_HARDDISK ()"),
+            ("/qubes-block-devices/sdb/parent", "2-1:1.0"),
+        ] {
+            let wrote =
+                std::process::Command::new(&standin).arg("write").arg(&socket).args([key, value]).status().unwrap();
+            assert!(wrote.success());
+        }
+        assert_eq!(p.check(&disk(&tree)), ready_disk("S1"));
         let _ = daemon.kill();
         let _ = daemon.wait();
     }

@@ -17,7 +17,11 @@
 //! - `#! set sys/devices/.../size 31116288`: write a file (the value plus a newline);
 //! - `#! fill dev/sdc 512`: make a node file of that many readable bytes (0: no media; at most
 //!   [`MAX_FILL`]);
-//! - `#! rm sys/devices/...`: remove a file or directory.
+//! - `#! rm sys/devices/...`: remove a file or directory;
+//! - `#! dom0 5s [EXIT]`: from here on, each attach call returns that much later, with that
+//!   exit status (default 0: attached; 73: dom0 found another device there, attached nothing),
+//!   so removals and swaps while dom0 asks the user replay too (by default a call returns at
+//!   once, attached).
 //!
 //! Fixtures come from bug reports, and replay runs as root: nothing is read or written outside
 //! them. The copy is made in a fresh `mkdtemp` directory (0700, never reused); only regular
@@ -36,7 +40,7 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
 use crate::beneath::{self, BeneathError, Links};
-use crate::engine::{Config, Effect, Engine};
+use crate::engine::{Config, Effect, Engine, Ticket};
 use crate::qubesdb::Program;
 use crate::readiness::{Nodes, Prober, Publication};
 use crate::rules::Parsed;
@@ -121,6 +125,8 @@ pub enum DirectiveError {
     NoPath(&'static str),
     NoCount,
     TooBig(u64),
+    /// Not an exit status (0-255).
+    BadExit(String),
     /// Not a plain path under `sys/` or `dev/`.
     BadPath(String),
     /// Resolved beneath the copy, the path went through a link or out of it.
@@ -131,11 +137,12 @@ pub enum DirectiveError {
 impl fmt::Display for DirectiveError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DirectiveError::Unknown(v) => write!(f, "unknown directive '{v}' (wait, set, fill, rm)"),
+            DirectiveError::Unknown(v) => write!(f, "unknown directive '{v}' (wait, set, fill, rm, dom0)"),
             DirectiveError::NoDuration => f.write_str("wait needs a duration, e.g. 5s"),
             DirectiveError::NoPath(verb) => write!(f, "{verb} needs a path"),
             DirectiveError::NoCount => f.write_str("fill needs a byte count"),
             DirectiveError::TooBig(n) => write!(f, "fill of {n} bytes refused: at most {MAX_FILL}"),
+            DirectiveError::BadExit(v) => write!(f, "dom0 {v}: an exit status is 0 to 255"),
             DirectiveError::BadPath(p) => write!(f, "{p}: directive paths are relative, under sys/ or dev/"),
             DirectiveError::Refused(e) => write!(f, "{e}"),
             DirectiveError::Io(p, e) => write!(f, "{p}: {e}"),
@@ -375,6 +382,8 @@ pub fn replay(opts: &ReplayOptions, load_rules: &dyn Fn(&[PathBuf]) -> Parsed) -
         now: 0,
         calls: Vec::new(),
         client: opts.client.clone(),
+        dom0: Dom0::default(),
+        pending: Vec::new(),
     };
     match &layout.events {
         None => {
@@ -396,6 +405,25 @@ struct Run {
     now: u64,
     calls: Vec<String>,
     client: String,
+    dom0: Dom0,
+    /// Attach calls dom0 has not answered yet.
+    pending: Vec<Answer>,
+}
+
+/// How dom0 answers attach calls (`#! dom0`): after `after` ms, with `exit`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Dom0 {
+    after: u64,
+    exit: u8,
+}
+
+/// An attach call's answer, due at `at`.
+struct Answer {
+    at: u64,
+    ticket: Ticket,
+    exit: u8,
+    device: String,
+    call: String,
 }
 
 impl Run {
@@ -411,6 +439,7 @@ impl Run {
         for record in monitor.by_ref() {
             match record.map_err(|e| ReplayError::Events(path.to_owned(), e))? {
                 Record::Event(event, _) => {
+                    sync_generation(&work.fd, &event);
                     let mut effects = Vec::new();
                     self.engine.on_event(&self.sysfs, &event, self.now, &mut effects);
                     self.engine.describe(&self.sysfs);
@@ -425,20 +454,42 @@ impl Run {
         Ok(())
     }
 
-    /// Carries out effects until none are left: probes inline, calls recorded.
+    /// Carries out effects until none are left: probes inline, calls recorded, attach calls
+    /// answered at once or queued for dom0's answer (`#! dom0`).
     fn perform(&mut self, effects: Vec<Effect>) {
-        let (calls, client) = (&mut self.calls, &self.client);
-        crate::engine::perform_inline(&mut self.engine, &self.prober, effects, self.now, &mut |call, device| {
+        let (calls, client, pending, dom0, now) =
+            (&mut self.calls, &self.client, &mut self.pending, self.dom0, self.now);
+        crate::engine::perform_inline(&mut self.engine, &self.prober, effects, now, &mut |call, device, ticket| {
             info!("{device}: would call {call}");
             calls.push(format!("{client} dom0 {}", call.service_arg()));
+            match ticket {
+                Some(ticket) if dom0.after > 0 => {
+                    let (device, call) = (device.to_owned(), call.service_arg());
+                    pending.push(Answer { at: now + dom0.after, ticket, exit: dom0.exit, device, call });
+                    None
+                }
+                _ => Some(dom0.exit == 0),
+            }
         });
     }
 
-    /// Lets virtual time run to `until` (or, when draining, until nothing is pending).
+    /// Lets virtual time run to `until` (or, when draining, until nothing is pending): the
+    /// engine's timers and dom0's answers, in time order.
     fn advance(&mut self, until: u64, drain: bool) {
-        while let Some(at) = self.engine.next_wake().filter(|&at| at <= until) {
+        loop {
+            let answer = self.pending.iter().map(|a| a.at).min();
+            let Some(at) = [self.engine.next_wake(), answer].into_iter().flatten().min().filter(|&at| at <= until)
+            else {
+                break;
+            };
             self.now = self.now.max(at);
             let mut effects = Vec::new();
+            while let Some(i) = self.pending.iter().position(|a| a.at <= self.now) {
+                let a = self.pending.remove(i);
+                let exit = crate::spawn::Exit::Code(a.exit.into());
+                info!("{}: {} {exit}", a.device, a.call);
+                self.engine.on_call_exit(&a.ticket, exit.may_have_attached(), &mut effects);
+            }
             self.engine.on_tick(self.now, &mut effects);
             self.perform(effects);
         }
@@ -453,6 +504,15 @@ impl Run {
         if verb == "wait" {
             let d = words.next().and_then(crate::rules::parse_duration).ok_or(DirectiveError::NoDuration)?;
             self.advance(self.now + d.as_millis() as u64, false);
+            return Ok(());
+        }
+        if verb == "dom0" {
+            let after = words.next().and_then(crate::rules::parse_duration).ok_or(DirectiveError::NoDuration)?;
+            let exit = match words.next() {
+                None => 0,
+                Some(v) => v.parse().map_err(|_| DirectiveError::BadExit(v.to_owned()))?,
+            };
+            self.dom0 = Dom0 { after: after.as_millis() as u64, exit };
             return Ok(());
         }
         let verb = match verb {
@@ -476,6 +536,38 @@ impl Run {
             }
             _ => remove_beneath(work, path).map_err(io),
         }
+    }
+}
+
+/// The keys that tell one device at a devpath from the next (see the engine's generation
+/// check).
+const GENERATION: [&str; 4] = ["DISKSEQ", "DEVNUM", "MAJOR", "MINOR"];
+
+/// Sysfs shows a device as it is when the kernel sends its event: before an `add`, `change`,
+/// `bind` or `online` is handled, the generation keys of its `uevent` file in the copy take
+/// the event's values (a replayed reconnection has a new USB device number, new media a new
+/// disk sequence), as the kernel's file would have them. Keys the file lacks stay absent; a
+/// device the tree lacks is left so.
+fn sync_generation(work: &OwnedFd, event: &crate::uevent::Uevent<'_>) {
+    use crate::uevent::Action;
+    if !matches!(event.action, Action::Add | Action::Change | Action::Bind | Action::Online) {
+        return;
+    }
+    let rel = Path::new("sys").join(&event.devpath[1..]).join("uevent");
+    let Ok(old) = beneath::read(work, &rel, MAX_FILE, Links::Refuse) else { return };
+    let mut new = Vec::with_capacity(old.len());
+    for line in old.split_inclusive(|&b| b == b'\n') {
+        let value = GENERATION.iter().find_map(|key| {
+            let rest = line.strip_prefix(key.as_bytes())?.strip_prefix(b"=")?;
+            event.get(key).filter(|v| v.as_bytes() != rest.trim_ascii_end()).map(|v| (*key, v))
+        });
+        match value {
+            Some((key, v)) => new.extend_from_slice(format!("{key}={v}\n").as_bytes()),
+            None => new.extend_from_slice(line),
+        }
+    }
+    if new != old {
+        let _ = write_beneath(work, &rel, &new);
     }
 }
 

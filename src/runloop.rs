@@ -26,9 +26,11 @@
 //! (they are detached). A thread stuck in a read cannot be killed, not even by SIGKILL: the
 //! process ends only when that read returns (see README, "Stopping the unit").
 //!
-//! Reading a device's identity for the log (a dozen sysfs reads) waits until no probe is in
-//! flight and a few milliseconds after a call started, so it never competes with a probe or
-//! with the client's `exec` on a two-core sys-usb.
+//! The identity a call carries is read by the engine right after the match, on this thread
+//! (10-45 µs, once per matching event: see [`crate::engine`]). Describing a device for the log
+//! (vendor and product strings, a dozen sysfs reads) waits until no probe is in flight and a
+//! few milliseconds after a call started, so it never competes with a probe or with the
+//! client's `exec` on a two-core sys-usb.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
@@ -44,6 +46,7 @@ use nix::sys::signalfd::SignalFd;
 use nix::unistd::Pid;
 
 use crate::engine::{Config, Effect, Engine, Job, Outcome, Ticket};
+use crate::log::{Escaped, RateLimited};
 use crate::names::Call;
 use crate::netlink::{Received, UeventSocket};
 use crate::readiness::{Nodes, Prober, Publication};
@@ -112,6 +115,16 @@ impl Connect {
     pub fn local() -> Connect {
         Connect(Box::new(|| {
             let client = crate::qubesdb::Client::connect_local(crate::readiness::QUBESDB_TIMEOUT)?;
+            Ok(Box::new(client) as Box<dyn Watcher>)
+        }))
+    }
+}
+
+impl Connect {
+    /// The loop's own connection to the qubesdb daemon at `socket` (`--qubesdb-socket`).
+    pub fn at(socket: PathBuf) -> Connect {
+        Connect(Box::new(move || {
+            let client = crate::qubesdb::Client::connect(&socket, crate::readiness::QUBESDB_TIMEOUT)?;
             Ok(Box::new(client) as Box<dyn Watcher>)
         }))
     }
@@ -420,6 +433,8 @@ struct Loop {
     engine: Engine,
     children: Children<Option<Ticket>>,
     refused: RefusalLog,
+    /// Malformed or oversized datagrams from the kernel's group: logged once, then counted.
+    malformed: RateLimited,
     pool: Pool,
     finished: mpsc::Receiver<Finished>,
     watches: Option<Watches>,
@@ -476,6 +491,7 @@ impl Loop {
             engine: Engine::new(rules, opts.config),
             children: Children::default(),
             refused: RefusalLog::default(),
+            malformed: RateLimited::default(),
             pool,
             finished,
             watches: opts.watch.map(|connect| Watches { connect, conn: None, keys: BTreeMap::new(), retry_at: None }),
@@ -615,6 +631,7 @@ impl Loop {
             self.engine.next_wake(),
             self.children.next_overdue(self.child_bound),
             self.refused.next_report(),
+            self.malformed.next_report(),
             settling.then_some(self.settle_until),
             self.pool.next_deadline(),
             self.watches.as_ref().and_then(|w| w.retry_at),
@@ -655,15 +672,18 @@ impl Loop {
             match self.socket.recv(&mut self.buf) {
                 Ok(Received::Kernel(datagram)) => match Uevent::parse(datagram) {
                     Ok(event) => {
-                        debug!("uevent {} {} ({})", event.action, event.devpath, event.subsystem);
+                        let (devpath, subsystem) = (Escaped::str(event.devpath), Escaped::str(event.subsystem));
+                        debug!("uevent {} {devpath} ({subsystem})", event.action);
                         self.engine.on_event(&self.sysfs, &event, now, &mut fx);
                     }
-                    Err(e) => warning!("dropped a malformed uevent: {e}"),
+                    Err(e) if self.malformed.note(now) => warning!("dropped a malformed uevent: {e}"),
+                    Err(e) => debug!("dropped a malformed uevent: {e}"),
                 },
                 Ok(Received::Refused(sender)) => self.refused.note(sender, now),
-                Ok(Received::Truncated(len)) => {
+                Ok(Received::Truncated(len)) if self.malformed.note(now) => {
                     warning!("dropped a uevent of {len} bytes: larger than the {} byte buffer", self.buf.len())
                 }
+                Ok(Received::Truncated(len)) => debug!("dropped a uevent of {len} bytes"),
                 Ok(Received::Overflow) => {
                     warning!("the receive buffer overflowed and events were lost: rescanning sysfs");
                     self.engine.resync(&self.sysfs, now, &mut fx);
@@ -693,7 +713,10 @@ impl Loop {
             self.pool.finished(worker);
             let carried = outcome.carried(Result::is_ok);
             let Outcome { epoch, devpath, verdict, made } = outcome;
-            let device = self.engine.identity(epoch, &devpath).unwrap_or(&devpath).to_owned();
+            let device = match self.engine.identity(epoch, &devpath) {
+                Some(who) => who.to_owned(),
+                None => Escaped::str(&devpath).to_string(),
+            };
             self.engine.on_verdict(epoch, &devpath, verdict, carried, self.now(), &mut fx);
             if let Some(Ok((call, result))) = made {
                 registered |= matches!(result, Ok(Some(_)));
@@ -767,13 +790,17 @@ impl Loop {
         }
     }
 
-    /// Timers: overdue children, the refusal summary, a qubesdb reconnect, the engine's own.
+    /// Timers: overdue children, the refusal and malformed-event summaries, a qubesdb
+    /// reconnect, the engine's own.
     fn timers(&mut self) {
         let now = self.now();
         for child in self.children.overdue(now, self.child_bound) {
             info!("{}: {} still running after {:?} (detached; left alone)", child.device, child.call, self.child_bound);
         }
         self.refused.report(now);
+        if let Some(n) = self.malformed.summary(now) {
+            warning!("dropped {n} more malformed or oversized uevent(s)");
+        }
         let mut fx = std::mem::take(&mut self.fx);
         if let Some(w) = self.watches.as_mut().filter(|w| w.retry_at.is_some_and(|at| at <= now)) {
             for key in w.reconnect(now) {

@@ -433,6 +433,9 @@ mod tests {
         children.add(pid, "c".into(), "d".into(), 0, ());
         let exit = wait_exit(&mut children);
         assert_eq!(exit.to_string(), "exit 126: qrexec: refused by dom0's qrexec policy (QREXEC_EXIT_REQUEST_REFUSED)");
+        // The identity codes of the dom0 handler: 73 attached nothing, so nothing is undone.
+        assert!(Exit::Code(73).meaning().contains("identity mismatch") && !Exit::Code(73).may_have_attached());
+        assert!(Exit::Code(74).meaning().contains("busy"));
         let pid = spawner.spawn(&[c"-c", c"sleep 0.5"]).unwrap();
         children.add(pid, "c".into(), "d".into(), 1000, ());
         assert_eq!(children.next_overdue(Duration::from_secs(1)), Some(2000));

@@ -249,12 +249,17 @@ impl Sysfs {
         let cpath = rel_path(&mut path, devpath, name)?;
         let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK;
         let rel = Path::new(OsStr::from_bytes(cpath.to_bytes()));
-        let opened = if self.kernel {
-            crate::beneath::open(&self.dir, rel, flags, Mode::empty(), Links::Follow)
-        } else {
-            crate::beneath::open_file(&self.dir, rel, flags, Links::Follow)
-        };
-        opened.map_err(|e| match e {
+        if self.kernel {
+            // Without building an error that names the path: no allocation on the agent's path.
+            return crate::beneath::open_errno(&self.dir, rel, flags, Mode::empty(), Links::Follow).map_err(
+                |e| match e {
+                    Errno::ENOENT | Errno::ENOTDIR => AttrError::Missing,
+                    Errno::EXDEV | Errno::ELOOP => AttrError::Outside,
+                    e => AttrError::Unreadable(e),
+                },
+            );
+        }
+        crate::beneath::open_file(&self.dir, rel, flags, Links::Follow).map_err(|e| match e {
             BeneathError::Outside(_) => AttrError::Outside,
             BeneathError::NotAFile(..) | BeneathError::TooLong(..) => AttrError::NotAFile,
             BeneathError::Io(_, e) => match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {

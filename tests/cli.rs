@@ -25,6 +25,11 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// The usb-stick fixture's partition sda1 (SanDisk 0781:5581, serial 4C530001230101115543,
+/// one mass-storage interface, on interface 1.0 of USB device 1-2): its Qubes device id,
+/// encoded as the call carries it.
+const STICK_IDENT: &str = "0781+5581+4C530001230101115543+u080650+1.0+1";
+
 /// Every case directory with an `expected` file replays to exactly those calls, twice in a
 /// row (stable across runs). The qemu-* captures are tests/captures.rs's (all three captures of
 /// each, and the cases replay cannot yet reproduce).
@@ -74,8 +79,10 @@ fn replay_takes_tree_events_and_rules_separately() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(
         stdout(&out),
-        "/usr/bin/qrexec-client-vm dom0 custom.USBDeviceAttach+backup+__+sda1\n\
-         /usr/bin/qrexec-client-vm dom0 custom.USBDeviceDetach+backup+__+sda1\n"
+        format!(
+            "/usr/bin/qrexec-client-vm dom0 custom.USBDeviceAttach+backup+__+sda1+__+{STICK_IDENT}\n\
+             /usr/bin/qrexec-client-vm dom0 custom.USBDeviceDetach+backup+__+sda1+__+{STICK_IDENT}\n"
+        )
     );
     // Without an event stream the tree replays as coldplug: the present partition is attached.
     let out = run(&[
@@ -86,7 +93,7 @@ fn replay_takes_tree_events_and_rules_separately() {
         "--dev",
         case.join("dev").to_str().unwrap(),
     ]);
-    assert_eq!(stdout(&out), "qrexec-client-vm dom0 custom.USBDeviceAttach+backup+__+sda1\n", "{}", stderr(&out));
+    assert_eq!(stdout(&out), attach_stick(), "{}", stderr(&out));
 }
 
 #[test]
@@ -194,7 +201,7 @@ fn test_explains_a_non_match_key_by_key() {
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("  every parent key holds on [6] /devices/pci0000:00/0000:00:14.0/usb1/1-2\n"), "{text}");
-    assert!(text.contains("\nwould call: qrexec-client-vm dom0 custom.USBDeviceAttach+backup+__+sda1\n"), "{text}");
+    assert!(text.contains(&format!("\nwould call: {}", attach_stick())), "{text}");
     // A device that is not there.
     let out = run(&["test", "sdz9", "--sysfs", case.join("sys").to_str().unwrap(), "--rules", rules.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(5));
@@ -242,7 +249,7 @@ fn record_writes_a_replayable_recording() {
         "{text}"
     );
     let out = run(&["replay", file.to_str().unwrap(), "--rules", case.join("rules").to_str().unwrap()]);
-    assert_eq!(stdout(&out), "qrexec-client-vm dom0 custom.USBDeviceAttach+backup+__+sda1\n", "{}", stderr(&out));
+    assert_eq!(stdout(&out), attach_stick(), "{}", stderr(&out));
 }
 
 #[test]
@@ -291,6 +298,10 @@ fn replay_input_errors_exit_5() {
     assert!(stderr(&out).contains("leaves the tree"), "{}", stderr(&out));
 }
 
+fn attach_stick() -> String {
+    format!("qrexec-client-vm dom0 custom.USBDeviceAttach+backup+__+sda1+__+{STICK_IDENT}\n")
+}
+
 fn tempdir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("autoattach-cli-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -298,11 +309,17 @@ fn tempdir(tag: &str) -> PathBuf {
     dir
 }
 
-/// A stand-in `qubesdb-read`: answers `key` only from its `after`-th read on (each read is
-/// logged as `KEY hit|miss`), and `/vm-config/autoattach-rules` with `rules` if given.
-fn qubesdb_standin(dir: &Path, key: &str, after: u32, rules: Option<&str>) -> PathBuf {
+/// A stand-in `qubesdb-read` over `records` (key, value): it answers them only from the
+/// `after`-th read of `key` on (every read is logged as `KEY hit|miss`), as qubesdb-cmd
+/// answers (the value and a newline, or exit 2), and `/vm-config/autoattach-rules` with
+/// `rules` if given.
+fn qubesdb_standin(dir: &Path, records: &[(&str, &str)], key: &str, after: u32, rules: Option<&str>) -> PathBuf {
     let script = dir.join("qubesdb-read");
-    let rules_file = dir.join("vm-config-rules");
+    let (db, rules_file) = (dir.join("db"), dir.join("vm-config-rules"));
+    std::fs::create_dir_all(&db).unwrap();
+    for (k, v) in records {
+        std::fs::write(db.join(k.replace('/', "%")), v).unwrap();
+    }
     if let Some(r) = rules {
         std::fs::write(&rules_file, r).unwrap();
     }
@@ -311,12 +328,15 @@ fn qubesdb_standin(dir: &Path, key: &str, after: u32, rules: Option<&str>) -> Pa
         format!(
             "#!/bin/sh\n\
              [ \"$1\" = -r ] && shift\n\
-             if [ \"$1\" = /vm-config/autoattach-rules ]; then [ -f {rules} ] && exec cat {rules}; exit 1; fi\n\
-             n=$(cat {dir}/count 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {dir}/count\n\
-             if [ \"$1\" = {key} ] && [ $n -ge {after} ]; then echo \"$1 hit\" >> {dir}/reads; echo 'SanDisk 3.2Gen1'; exit 0; fi\n\
-             echo \"$1 miss\" >> {dir}/reads; exit 1\n",
+             if [ \"$1\" = /vm-config/autoattach-rules ]; then [ -f {rules} ] && exec cat {rules}; exit 2; fi\n\
+             n=$(cat {dir}/count 2>/dev/null || echo 0)\n\
+             if [ \"$1\" = {key} ]; then n=$((n + 1)); echo $n > {dir}/count; fi\n\
+             f={db}/$(printf %s \"$1\" | tr / %)\n\
+             if [ $n -ge {after} ] && [ -e \"$f\" ]; then echo \"$1 hit\" >> {dir}/reads; cat \"$f\"; echo; exit 0; fi\n\
+             echo \"$1 miss\" >> {dir}/reads; exit 2\n",
             rules = rules_file.display(),
             dir = dir.display(),
+            db = db.display(),
         ),
     )
     .unwrap();
@@ -324,31 +344,82 @@ fn qubesdb_standin(dir: &Path, key: &str, after: u32, rules: Option<&str>) -> Pa
     script
 }
 
-/// Uevents run ahead of Qubes publishing the device to dom0: the agent polls qubesdb and calls
-/// only once the device is published; if it never is, it gives up and calls nothing.
+/// What Qubes R4.3's udev scripts publish for the usb-stick fixture's sda1, its disk and its
+/// USB device (udev-block-add-change, udev-usb-add-change; desc with udev's \xNN escapes).
+const STICK_RECORDS: [(&str, &str); 6] = [
+    ("/qubes-block-devices/sda1/desc", "SanDisk_3.2Gen1 ()"),
+    ("/qubes-block-devices/sda1/parent", "sda"),
+    ("/qubes-block-devices/sda/desc", "SanDisk_3.2Gen1 ()"),
+    ("/qubes-block-devices/sda/parent", "1-2:1.0"),
+    ("/qubes-usb-devices/1-2/desc", "0781:5581 \\x20USB \\x20SanDisk\\x203.2Gen1 4C530001230101115543"),
+    ("/qubes-usb-devices/1-2/interfaces", ":080650:"),
+];
+
+/// Uevents run ahead of Qubes publishing the device to dom0: the agent asks qubesdb again
+/// (the fallback reader polls) and calls only once the device is published, with the id the
+/// published records give (they agree with sysfs); if it never is, it gives up and calls
+/// nothing.
 #[test]
 fn calls_wait_for_qubesdb_publication() {
     let case = fixtures().join("usb-stick");
     let dir = tempdir("qubesdb-late");
-    let reader = qubesdb_standin(&dir, "/qubes-block-devices/sda1/desc", 4, None);
+    let reader = qubesdb_standin(&dir, &STICK_RECORDS, "/qubes-block-devices/sda1/desc", 4, None);
     // The stick as present at start (coldplug), so it stays while the agent waits.
     let (sys, dev, rules) = (case.join("sys"), case.join("dev"), case.join("rules"));
     let args = ["replay", sys.to_str().unwrap(), "--dev", dev.to_str().unwrap(), "--rules", rules.to_str().unwrap()];
     let out = bin().args(args).args(["--qubesdb-read", reader.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "qrexec-client-vm dom0 custom.USBDeviceAttach+backup+__+sda1\n", "{}", stderr(&out));
+    assert_eq!(stdout(&out), attach_stick(), "{}", stderr(&out));
     let reads = std::fs::read_to_string(dir.join("reads")).unwrap();
+    let records: String = STICK_RECORDS.iter().map(|(k, _)| format!("{k} hit\n")).collect();
     assert_eq!(
         reads,
-        "/qubes-block-devices/sda1/desc miss\n".repeat(3) + "/qubes-block-devices/sda1/desc hit\n",
-        "three polls before publication, the call after the fourth"
+        "/qubes-block-devices/sda1/desc miss\n".repeat(3) + &records,
+        "three polls before publication; then the record and its parents', key by key, and the call"
     );
     // Never published: no call at all, and a warning that says why.
     let dir = tempdir("qubesdb-never");
-    let reader = qubesdb_standin(&dir, "/qubes-block-devices/sda1/desc", u32::MAX, None);
+    let reader = qubesdb_standin(&dir, &STICK_RECORDS, "/qubes-block-devices/sda1/desc", u32::MAX, None);
     let out = bin().args(args).args(["--qubesdb-read", reader.to_str().unwrap(), "--timeout", "5s"]).output().unwrap();
     assert_eq!(stdout(&out), "", "{}", stderr(&out));
     assert!(stderr(&out).contains("gave up after 5000 ms: not yet published to dom0 in qubesdb"), "{}", stderr(&out));
+}
+
+/// Qubes R4.1/R4.2 publish only `desc` (no device ids there): the call carries the desc form,
+/// taken once the record is known whole; a record of another stick at the same place is
+/// never called, and the log names both.
+#[test]
+fn r42_records_give_the_desc_form_and_another_device_is_never_called() {
+    let case = fixtures().join("usb-stick");
+    let (sys, dev, rules) = (case.join("sys"), case.join("dev"), case.join("rules"));
+    let args = ["replay", sys.to_str().unwrap(), "--dev", dev.to_str().unwrap(), "--rules", rules.to_str().unwrap()];
+    let dir = tempdir("qubesdb-r42");
+    let r42 = [("/qubes-block-devices/sda1/desc", "SanDisk_3.2Gen1 (BACKUP)")];
+    let reader = qubesdb_standin(&dir, &r42, "/qubes-block-devices/sda1/desc", 1, None);
+    let out = bin().args(args).args(["--qubesdb-read", reader.to_str().unwrap()]).output().unwrap();
+    assert_eq!(
+        stdout(&out),
+        "qrexec-client-vm dom0 custom.USBDeviceAttach+backup+__+sda1+__+desc+SanDisk_5f3.2Gen1_20_28BACKUP_29\n",
+        "{}",
+        stderr(&out)
+    );
+    let dir = tempdir("qubesdb-stale");
+    let mut stale = STICK_RECORDS;
+    stale[4].1 = "0781:5581 \\x20USB \\x20SanDisk\\x203.2Gen1 EVIL0000000000000000";
+    let reader = qubesdb_standin(&dir, &stale, "/qubes-block-devices/sda1/desc", 1, None);
+    let out = bin().args(args).args(["--qubesdb-read", reader.to_str().unwrap(), "--timeout", "3s"]).output().unwrap();
+    assert_eq!(stdout(&out), "", "{}", stderr(&out));
+    let log = stderr(&out);
+    assert!(
+        log.contains(
+            "error: sda1 0781:5581 \" USB\" \" SanDisk 3.2Gen1\" serial \"4C530001230101115543\": not \
+             attached after 3000 ms: qubesdb's record \
+             /qubes-block-devices/sda1/ describes another device: published id \
+             \"0781:5581:EVIL0000000000000000:u080650:1.0:1\", this device is id \
+             \"0781:5581:4C530001230101115543:u080650:1.0:1\""
+        ),
+        "{log}"
+    );
 }
 
 /// Rules set from dom0 (`qvm-features sys-usb vm-config.autoattach-rules ...`) arrive through
@@ -358,6 +429,7 @@ fn rules_from_qubesdb_vm_config() {
     let dir = tempdir("qubesdb-rules");
     let reader = qubesdb_standin(
         &dir,
+        &[],
         "-",
         1,
         Some(
@@ -545,4 +617,61 @@ fn replay_refuses_a_huge_fill() {
     let out = replay_case(&case);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(stderr(&out).contains("events:1: fill of 2000000000 bytes refused: at most 1048576"), "{}", stderr(&out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Identity (issue 9)
+
+/// The fields of a call's identity (IDENTITY.md §2: after the second `+__+`, `:` sent as `+`).
+fn ident_fields(call: &str) -> Vec<String> {
+    call.splitn(3, "+__+").nth(2).unwrap().split('+').map(str::to_owned).collect()
+}
+
+/// Issue 9's swap, replayed with virtual time (tests/fixtures/swap): two sticks of one model
+/// in the same port under the same name differ only in serial, and so do their calls; the
+/// Detach that follows the first Attach carries the first stick's identity. When dom0 answers
+/// the first Attach with 73 (it found another device there and attached nothing), no Detach
+/// follows at all.
+#[test]
+fn a_swap_while_dom0_asks_names_each_stick() {
+    let case = fixtures().join("swap");
+    let out = run(&["replay", case.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let calls: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    let [a, b, detach] = &calls[..] else { panic!("{calls:?}") };
+    assert!(a.contains("USBDeviceAttach+backup+__+sda1+__+") && b.contains("USBDeviceAttach+backup+__+sda1+__+"));
+    let (fa, fb) = (ident_fields(a), ident_fields(b));
+    let differ: Vec<usize> = (0..fa.len().max(fb.len())).filter(|&i| fa.get(i) != fb.get(i)).collect();
+    assert_eq!(differ, [2], "only the serial field differs: {fa:?} {fb:?}");
+    assert_eq!((fa[2].as_str(), fb[2].as_str()), ("4C530001230101115543", "4C530001260712117561"));
+    assert_eq!(*detach, a.replace("USBDeviceAttach", "USBDeviceDetach"), "the Detach names stick A");
+    assert!(stderr(&out).contains("removed while its attach call was in flight"), "{}", stderr(&out));
+
+    let dir = tempdir("swap-73");
+    let events = std::fs::read_to_string(case.join("events")).unwrap().replace("#! dom0 10s\n", "#! dom0 10s 73\n");
+    std::fs::write(dir.join("events"), events).unwrap();
+    let out = run(&["replay", case.to_str().unwrap(), dir.join("events").to_str().unwrap()]);
+    assert_eq!(stdout(&out), format!("{a}\n{b}\n"), "{}", stderr(&out));
+    let log = stderr(&out);
+    assert!(log.contains("exit 73: dom0 handler: identity mismatch"), "{log}");
+    assert!(log.contains("its attach call did not attach it: nothing to detach"), "{log}");
+}
+
+/// A stick without a serial has a stable, documented identity: an empty serial field
+/// (README, "Device identity"), the same on every replay and for every stick of its model.
+#[test]
+fn a_device_without_a_serial_has_an_empty_serial_field() {
+    let (case, _) = tampered_case("no-serial");
+    std::fs::remove_file(case.join("sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/serial")).unwrap();
+    std::fs::write(
+        case.join("rules"),
+        "SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{idVendor}==\"0781\", ATTACH=\"backup\"\n",
+    )
+    .unwrap();
+    let want = "custom.USBDeviceAttach+backup+__+sda1+__+0781+5581++u080650+1.0+1\n";
+    for _ in 0..2 {
+        let out = replay_case(&case);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(stdout(&out).starts_with(&format!("qrexec-client-vm dom0 {want}")), "{}", stdout(&out));
+    }
 }

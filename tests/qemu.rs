@@ -156,7 +156,7 @@ impl<'a> Steps<'a> {
              --qrexec-client /harness/qrexec-client-vm --no-qubesdb -v >{AGENT_LOG} 2>&1 & \
              echo $! >/tmp/agent.pid"
         ));
-        self.expect("coldplug of a matching stick", &[attach("work", &part)]);
+        self.expect("coldplug of a matching stick", &[attach("work", &stick(&part, "MATCH1"))]);
         part
     }
 
@@ -175,7 +175,7 @@ impl<'a> Steps<'a> {
         self.vm.drive_add(id, &image);
         self.vm.device_add(id, "MATCH1", self.ctrl);
         let part = self.vm.ok(&format!("aa wait-part MATCH1 {GUEST_WAIT_TENTHS}"));
-        self.expect(&format!("hotplug of matching stick {id}"), &[attach("work", &part)]);
+        self.expect(&format!("hotplug of matching stick {id}"), &[attach("work", &stick(&part, "MATCH1"))]);
         part
     }
 
@@ -185,7 +185,7 @@ impl<'a> Steps<'a> {
         self.vm.device_del(id);
         self.vm.ok(&format!("aa wait-gone /sys/class/block/{part} {GUEST_WAIT_TENTHS}"));
         let calls = if detach {
-            vec![format!("dom0 custom.USBDeviceDetach+work+__+{part} readable=no")]
+            vec![format!("dom0 custom.USBDeviceDetach+work+__+{} readable=no", stick(part, "MATCH1"))]
         } else {
             self.vm.ok(&format!("sleep {SETTLE}"));
             Vec::new()
@@ -203,7 +203,7 @@ impl<'a> Steps<'a> {
         }
         self.expect(
             "passthrough of a usb_device",
-            &[format!("dom0 custom.USBDeviceAttach+vault+__+{busid} readable=n/a")],
+            &[format!("dom0 custom.USBDeviceAttach+vault+__+{busid}+__+46f4+0001+PASS1+u080650 readable=n/a")],
         );
         self.vm.device_del("pass");
         self.vm.ok(&format!("aa wait-gone /sys/bus/usb/devices/{busid} {GUEST_WAIT_TENTHS}"));
@@ -270,6 +270,14 @@ fn attach(qube: &str, dev: &str) -> String {
     format!("dom0 custom.USBDeviceAttach+{qube}+__+{dev} readable=yes")
 }
 
+/// A QEMU stick's partition in a call, `PART+__+IDENT`: its Qubes device id is the stick's
+/// (46f4:0001, the serial we give it, one bulk-only mass-storage interface: u080650), the
+/// interface 1.0, then the partition number (IDENTITY.md; `:` encoded as `+`).
+fn stick(part: &str, serial: &str) -> String {
+    let number = part.trim_start_matches(|c: char| !c.is_ascii_digit());
+    format!("{part}+__+46f4+0001+{serial}+u080650+1.0+{number}")
+}
+
 #[derive(Debug)]
 struct Sample {
     call: String,
@@ -321,7 +329,7 @@ fn report(ctrl: Controller, prepared: Duration, booted: Duration, wall: Duration
     // Bus ids start with a digit, block names never do.
     let (usb, block): (Vec<&Sample>, Vec<&Sample>) = samples
         .iter()
-        .partition(|s| s.call.rsplit("+__+").next().is_some_and(|d| d.starts_with(|c: char| c.is_ascii_digit())));
+        .partition(|s| s.call.split("+__+").nth(1).is_some_and(|d| d.starts_with(|c: char| c.is_ascii_digit())));
     for (what, group) in [("partition", block), ("usb_device", usb)] {
         let mut micros: Vec<u64> = group.iter().map(|s| s.micros).collect();
         micros.sort_unstable();

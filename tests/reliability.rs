@@ -84,6 +84,22 @@ fn attach_line(qube: &str, dev: &str) -> String {
     format!("qrexec-client-vm dom0 custom.USBDeviceAttach+{qube}+__+{dev}\n")
 }
 
+/// The hostile-strings stick's sdd1 (1234:5678, a serial udev drops for its bytes outside
+/// ASCII, one mass-storage interface; partition 1 of the disk on interface 1.0), and the
+/// identities of the other fixture devices used here, as calls carry them.
+const HOSTILE_SDD1: &str = "sdd1+__+1234+5678++u080650+1.0+1";
+const WALLET_1_3: &str = "1-3+__+1209+53c1+0123456789ABCDEF01234567+uff0000u030000";
+const STICK_SDA: &str = "sda+__+0781+5581+4C530001230101115543+u080650+1.0";
+
+/// A `qubesdb-read` for loop devices as Qubes R4.3 publishes them (`desc`, and an empty
+/// `parent`: their id is `:N`), after `sleep` seconds per read.
+fn loop_reader(path: &Path, sleep: &str) {
+    executable(
+        path,
+        &format!("#!/bin/sh\nsleep {sleep}\ncase \"$2\" in */desc) echo desc ;; */parent) echo ;; *) exit 2 ;; esac\n"),
+    );
+}
+
 fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }
@@ -110,7 +126,7 @@ fn receive_buffer_overflow_resyncs_what_arrived_and_what_left() {
         &["--dry-run", "--no-qubesdb", "--rcvbuf", "4096", "--rules", r.to_str().unwrap()],
         &[],
     );
-    let first = attach_line("work", &leaving.name());
+    let first = attach_line("work", &leaving.arg());
     agent.wait_for(|a| a.stdout() == first, "the coldplug call");
     agent.signal(nix::sys::signal::Signal::SIGSTOP);
     // The burst: far more than an 8 KiB buffer holds (about 10 events).
@@ -120,13 +136,13 @@ fn receive_buffer_overflow_resyncs_what_arrived_and_what_left() {
     // While events are being lost: one device arrives, the called one leaves.
     let arriving = Loop::create(600);
     arriving.attach(&file);
-    let leaving_name = leaving.name();
+    let (leaving_name, leaving_arg) = (leaving.name(), leaving.arg());
     drop(leaving);
     assert!(!Path::new(&format!("/sys/class/block/{leaving_name}")).exists());
     agent.signal(nix::sys::signal::Signal::SIGCONT);
     // The one that left is detached (as a removal would have done), the newcomer attached.
-    let detach = format!("qrexec-client-vm dom0 custom.USBDeviceDetach+work+__+{leaving_name}\n");
-    let both = format!("{first}{detach}{}", attach_line("work", &arriving.name()));
+    let detach = format!("qrexec-client-vm dom0 custom.USBDeviceDetach+work+__+{leaving_arg}\n");
+    let both = format!("{first}{detach}{}", attach_line("work", &arriving.arg()));
     agent.wait_for(|a| a.stdout() == both, "the detach of the one that left, the call for the one that arrived");
     agent.wait_for(
         |a| a.stderr().contains(&format!("{leaving_name}: vanished while events were lost; forgotten")),
@@ -159,7 +175,7 @@ fn a_storm_of_20000_events_with_the_default_buffer_loses_nothing_or_resyncs() {
     let mut agent =
         Agent::start(&dir, "agent", &["-v", "--dry-run", "--no-qubesdb", "--rules", r.to_str().unwrap()], &[]);
     assert!(agent.stderr().contains("listening for kernel uevents (receive buffer 16384 KiB)"), "{}", agent.stderr());
-    let first = attach_line("work", &leaving.name());
+    let first = attach_line("work", &leaving.arg());
     agent.wait_for(|a| a.stdout() == first, "the coldplug call");
     let uevent =
         std::fs::OpenOptions::new().write(true).open(format!("/sys/class/block/{}/uevent", noise.name())).unwrap();
@@ -171,11 +187,11 @@ fn a_storm_of_20000_events_with_the_default_buffer_loses_nothing_or_resyncs() {
     storm(10_000);
     let arriving = Loop::create(730);
     arriving.attach(&file);
-    let leaving_name = leaving.name();
+    let leaving_arg = leaving.arg();
     drop(leaving);
     storm(10_000);
-    let detach = format!("qrexec-client-vm dom0 custom.USBDeviceDetach+work+__+{leaving_name}\n");
-    let arrived = attach_line("work", &arriving.name());
+    let detach = format!("qrexec-client-vm dom0 custom.USBDeviceDetach+work+__+{leaving_arg}\n");
+    let arrived = attach_line("work", &arriving.arg());
     agent.wait_for(|a| a.stdout().contains(&detach) && a.stdout().contains(&arrived), "the detach and the attach");
     let noise_event = format!("debug: uevent change /devices/virtual/block/{} (block)", noise.name());
     let resynced =
@@ -230,11 +246,28 @@ fn list_and_test_escape_hostile_strings() {
     assert_printable("list stdout", &out.stdout);
     assert_printable("list stderr", &out.stderr);
     let listing = text(&out.stdout);
-    let serial_tail = format!("{}\"", "A".repeat(4096 - 13));
-    for dev in ["sdd1", "sdd", "usb 1-8"] {
-        let line = listing.lines().find(|l| l.starts_with(&format!("{dev} "))).unwrap_or_else(|| panic!("{listing}"));
-        assert!(line.starts_with(&format!("{dev} {HOSTILE_ID}")), "{line}");
-        assert!(line.contains(&serial_tail), "the whole 4 KiB serial is shown: {line}");
+    // The qubes id: udev's serial (see below) and the interfaces; a partition adds 1.0 and its
+    // number.
+    let id = format!("1234:5678:+:__id__x____{}:u080650", "A".repeat(498));
+    for (dev, id) in [("sdd1", format!("{id}:1.0:1")), ("sdd", format!("{id}:1.0")), ("1-8", id.clone())] {
+        let entry =
+            listing.split("\n\n").find(|e| e.starts_with(&format!("# {dev}\n"))).unwrap_or_else(|| panic!("{listing}"));
+        let field = |name: &str| {
+            let line =
+                entry.lines().find(|l| l.starts_with(&format!("#   {name} "))).unwrap_or_else(|| panic!("{entry}"));
+            line[4 + name.len()..].trim_start().to_owned()
+        };
+        assert_eq!(
+            field("usb device"),
+            "1-8 1234:5678, manufacturer \"Evil\\x1b[2J\\x07\", product \"Stick\\x0aroot# $(reboot) +:\\xff\\xfe\"",
+            "{dev}"
+        );
+        assert_eq!(
+            field("serial"),
+            format!("\"+:$(id)`x`\\\"\\\\;{}\"", "A".repeat(4096 - 13)),
+            "the whole 4 KiB serial"
+        );
+        assert_eq!(field("qubes id"), format!("\"{id}\""), "{dev}");
     }
     assert!(listing.contains("rules:1 -> ATTACH=\"work\""), "{listing}");
 
@@ -246,7 +279,12 @@ fn list_and_test_escape_hostile_strings() {
     let report = text(&out.stdout);
     assert!(report.contains(&format!("\n  sdd1 {HOSTILE_ID}")), "{report}");
     assert!(report.contains("ATTRS{serial}==\"+:$(id)`x`*\""), "{report}");
-    assert!(report.ends_with("would call: qrexec-client-vm dom0 custom.USBDeviceAttach+work+__+sdd1\n"), "{report}");
+    // The call carries the id: udev's ID_SERIAL_SHORT keeps `+`, `:`, letters and digits,
+    // turns `$ ( ) ` " \ ;` into `_`, and stops at 511 bytes (usb_id's serial_str is
+    // UDEV_NAME_SIZE, 512): "+:__id__x____" and 498 of the A's. qubesd keeps that printable
+    // serial; the encoding escapes `+` and `_` and writes `:` as `+`.
+    let sdd1 = format!("sdd1+__+1234+5678+_2b+_5f_5fid_5f_5fx_5f_5f_5f_5f{}+u080650+1.0+1", "A".repeat(498));
+    assert!(report.ends_with(&format!("would call: {}", attach_line("work", &sdd1))), "{report}");
 }
 
 /// Device names from events that qrexec would rewrite, or that would break `QUBE+__+DEV`
@@ -298,7 +336,7 @@ fn hostile_device_names_are_refused_never_sent() {
     assert_printable("replay stderr", &out.stderr);
     // sdd11 and sdd12 lost their DEVNAME (not UTF-8, control bytes): the kernel name is used,
     // and it is a good one. sdd11's and sdd12's nodes are absent, so they wait and give up.
-    assert_eq!(text(&out.stdout), attach_line("work", "sdd1"));
+    assert_eq!(text(&out.stdout), attach_line("work", HOSTILE_SDD1));
     let log = text(&out.stderr);
     for want in [
         "not attached: device name \"sdd3+__+work\" refused: '+' is not allowed (it separates the qrexec argument's fields)",
@@ -360,7 +398,7 @@ fn hostile_strings_in_the_real_agent_are_escaped_and_it_keeps_running() {
         &[],
     );
     dev.attach(&file);
-    agent.wait_for(|a| a.stdout() == attach_line("work", &name), "the call");
+    agent.wait_for(|a| a.stdout() == attach_line("work", &dev.arg()), "the call");
     // The match is logged once the device is described, which may be just after the call.
     let described = format!("autoattach: {name} 1234");
     agent.wait_for(|a| a.stderr().contains(&described), "the match in the log");
@@ -377,7 +415,7 @@ fn hostile_strings_in_the_real_agent_are_escaped_and_it_keeps_running() {
     dev.synthetic("change");
     agent.wait_for(|a| count(&a.stderr(), &change) > before, "the next event");
     assert!(agent.alive());
-    assert_eq!(agent.stdout(), attach_line("work", &name), "no second call");
+    assert_eq!(agent.stdout(), attach_line("work", &dev.arg()), "no second call");
     assert!(agent.stop().success());
 }
 
@@ -468,8 +506,13 @@ fn flapping_with_default_limits_is_bounded() {
     let dir = tempdir("flap-default");
     let (calls, log) = replay_flapping(&dir, &flap_events(1000, 100, 100, false), &format!("{WALLET}\n"), &[]);
     assert_eq!(calls.len(), 40, "{calls:?}");
-    assert!(calls.iter().all(|c| c == "qrexec-client-vm dom0 custom.USBDeviceAttach+vault+__+1-3"));
+    assert!(calls.iter().all(|c| *c == format!("qrexec-client-vm dom0 custom.USBDeviceAttach+vault+__+{WALLET_1_3}")));
     assert_eq!(held_back(&log, "reached its rate limit of 10 calls per 60s"), 960);
+    // Each summary names the last device it held back (escaped, as logs name devices).
+    assert!(
+        log.contains("more call(s) were held back by its rate limit, the last for usb 1-3 1209:53c1 \"SatoshiLabs\""),
+        "{log}"
+    );
 }
 
 /// The same storm with explicit settings, as rule options and as command-line defaults: a
@@ -495,7 +538,11 @@ fn flapping_with_explicit_debounce_and_rate_limit_is_bounded() {
         assert_eq!(count(&log, "ready; debounce: calling in 2000 ms if it stays"), 1000, "{options:?}");
         assert_eq!(count(&log, "removed before it was attached"), 1000, "{options:?}");
         let (calls, _) = replay_flapping(&dir, &settled, rules, options);
-        assert_eq!(calls, ["qrexec-client-vm dom0 custom.USBDeviceAttach+vault+__+1-3"], "{options:?}");
+        assert_eq!(
+            calls,
+            [format!("qrexec-client-vm dom0 custom.USBDeviceAttach+vault+__+{WALLET_1_3}")],
+            "{options:?}"
+        );
     }
     // The fixture's own rule has both: one call for 1,000 flaps and a settle.
     let own = std::fs::read_to_string(fixtures().join("flapping/rules")).unwrap();
@@ -686,7 +733,7 @@ fn sighup_with_bad_rules_keeps_the_old_ones() {
     assert!(log.contains("error: reload refused: 1 error(s) in the rules; keeping the 1 rule(s) in use"), "{log}");
     let a = Loop::create(610);
     a.attach(&file);
-    agent.wait_for(|ag| ag.stdout() == attach_line("work", &a.name()), "the old rule's call");
+    agent.wait_for(|ag| ag.stdout() == attach_line("work", &a.arg()), "the old rule's call");
 
     std::fs::remove_file(&r).unwrap();
     hup(&agent, 2, "the second refused reload");
@@ -697,7 +744,7 @@ fn sighup_with_bad_rules_keeps_the_old_ones() {
     assert!(agent.stderr().contains("reloaded 1 rule(s)"), "{}", agent.stderr());
     let b = Loop::create(610);
     b.attach(&file);
-    let want = format!("{}{}", attach_line("work", &a.name()), attach_line("vault", &b.name()));
+    let want = format!("{}{}", attach_line("work", &a.arg()), attach_line("vault", &b.arg()));
     agent.wait_for(|ag| ag.stdout() == want, "the new rule's call");
     assert!(agent.stop().success());
 }
@@ -743,7 +790,7 @@ fn a_device_vanishing_between_add_and_probe_is_forgotten() {
         run(&["replay", "-v", case.to_str().unwrap(), events.to_str().unwrap(), "--rules", rules.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let log = text(&out.stderr);
-    assert_eq!(text(&out.stdout), attach_line("backup", "sda"), "{log}");
+    assert_eq!(text(&out.stdout), attach_line("backup", STICK_SDA), "{log}");
     assert!(log.lines().any(|l| l.contains("sda1 0781:5581") && l.contains("no device node")), "{log}");
     assert!(log.lines().any(|l| l.contains("sda1 0781:5581") && l.ends_with("gone before it was ready")), "{log}");
 }
@@ -810,26 +857,32 @@ fn loop_devices_removed_right_after_add() {
     }
     let stays = Loop::create(630);
     stays.attach(&file);
-    let last = attach_line("work", &stays.name());
-    agent.wait_for(|a| a.stdout().ends_with(&last), "the call for the device that stays");
+    let last = attach_line("work", &stays.arg());
+    // The churned devices' calls, in order: no detach before its attach, every attach
+    // detached. (Two probe workers: the call for the device that stays, or one churned
+    // device's attach, may be printed before another's detach.)
+    let churned = |calls: &str| -> Vec<String> {
+        calls.lines().filter(|l| format!("{l}\n") != last).map(str::to_owned).collect()
+    };
+    let balanced = |calls: &str| {
+        let lines = churned(calls);
+        lines.iter().filter(|l| l.contains("Attach+")).count() == lines.iter().filter(|l| l.contains("Detach+")).count()
+    };
+    agent.wait_for(|a| a.stdout().contains(&last) && balanced(&a.stdout()), "the call for the device that stays");
     std::thread::sleep(Duration::from_millis(500));
     assert!(agent.alive());
     let calls = agent.stdout();
-    let lines: Vec<&str> = calls.lines().collect();
-    let (body, tail) = lines.split_at(lines.len() - 1);
-    assert_eq!(format!("{}\n", tail[0]), last);
-    // Pairs: each attach of a churned device, then its detach.
-    let mut open: Option<&str> = None;
-    for line in body {
-        match (open, line.split_once("custom.USBDevice")) {
-            (None, Some((_, rest))) if rest.starts_with("Attach+") => open = Some(rest.trim_start_matches("Attach")),
-            (Some(dev), Some((_, rest))) if rest.starts_with("Detach+") && rest.trim_start_matches("Detach") == dev => {
-                open = None
-            }
-            _ => panic!("attach and detach out of order in:\n{calls}\n{}", agent.stderr()),
+    assert_eq!(calls.matches(&last).count(), 1, "{calls}");
+    let mut open = 0usize;
+    for line in churned(&calls) {
+        let arg = line.split_once("custom.USBDevice").map(|(_, rest)| rest).unwrap_or_default();
+        match arg.split_once('+') {
+            Some(("Attach", dev)) if dev.starts_with("work+__+loop62") => open += 1,
+            Some(("Detach", dev)) if dev.starts_with("work+__+loop62") && open > 0 => open -= 1,
+            _ => panic!("attach and detach out of order, or a stranger, in:\n{calls}\n{}", agent.stderr()),
         }
     }
-    assert_eq!(open, None, "an attach without its detach:\n{calls}");
+    assert_eq!(open, 0, "an attach without its detach:\n{calls}");
     assert!(agent.stop().success());
 }
 
@@ -956,7 +1009,7 @@ fn restart_after_sigkill_calls_each_present_device_once() {
     let all = calls();
     assert_eq!(all.lines().count(), 4, "{all}");
     for d in &devices {
-        let mine = format!(" dom0 custom.USBDeviceAttach+work+__+{} readable=yes", d.name());
+        let mine = format!(" dom0 custom.USBDeviceAttach+work+__+{} readable=yes", d.arg());
         assert_eq!(all.lines().filter(|l| l.ends_with(&mine)).count(), 2, "one call per agent per device:\n{all}");
     }
     assert!(second.stop().success());
@@ -982,7 +1035,7 @@ fn sigterm_leaves_calls_in_flight_running() {
     );
     let dev = Loop::create(670);
     dev.attach(&file);
-    let calling = format!("{}: calling custom.USBDeviceAttach+work+__+{} (pid ", dev.name(), dev.name());
+    let calling = format!("{}: calling custom.USBDeviceAttach+work+__+{} (pid ", dev.name(), dev.arg());
     agent.wait_for(|a| a.stderr().contains(&calling), "the call");
     let log_text = agent.stderr();
     let pid: i32 = log_text.split(&calling).nth(1).unwrap().split(')').next().unwrap().parse().unwrap();
@@ -994,7 +1047,7 @@ fn sigterm_leaves_calls_in_flight_running() {
     let state = status.lines().find(|l| l.starts_with("State:")).unwrap();
     assert!(!state.contains('Z'), "the call was not left running: {state}");
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    assert!(text(&cmdline).contains(&format!("custom.USBDeviceAttach+work+__+{}", dev.name())));
+    assert!(text(&cmdline).contains(&format!("custom.USBDeviceAttach+work+__+{}", dev.arg())));
     // It finishes on its own.
     let start = Instant::now();
     while std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| !s.contains("State:\tZ")) {
@@ -1027,7 +1080,7 @@ fn a_call_that_exits_at_once_is_always_reaped() {
     // A published device, after a qubesdb read: the loop thread goes on polling while the probe
     // worker spawns the call, and can read the child's SIGCHLD before the worker's outcome.
     let reader = dir.join("qubesdb-read");
-    executable(&reader, "#!/bin/sh\necho desc\n");
+    loop_reader(&reader, "0");
     let args = [
         "--qubesdb-read",
         reader.to_str().unwrap(),
@@ -1039,8 +1092,8 @@ fn a_call_that_exits_at_once_is_always_reaped() {
         "--rules",
         r.to_str().unwrap(),
     ];
-    let calling = format!("{}: calling custom.USBDeviceAttach+work+__+{} (pid ", dev.name(), dev.name());
-    let reaped = format!("{}: custom.USBDeviceAttach+work+__+{} exit 0", dev.name(), dev.name());
+    let calling = format!("{}: calling custom.USBDeviceAttach+work+__+{} (pid ", dev.name(), dev.arg());
+    let reaped = format!("{}: custom.USBDeviceAttach+work+__+{} exit 0", dev.name(), dev.arg());
     // Two busy threads: a prober thread preempted between its spawn and its report is what
     // opens the window (on a quiet machine it almost never is).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1098,7 +1151,7 @@ fn stalled_probes_never_hold_back_a_healthy_device() {
     let set_aside = "its probe has been stuck in the kernel for 5 s";
     let healthy = Loop::create(700);
     healthy.attach(&backing_file(&dir));
-    agent.wait_for(|a| a.stdout() == attach_line("work", &healthy.name()), "the healthy device's call");
+    agent.wait_for(|a| a.stdout() == attach_line("work", &healthy.arg()), "the healthy device's call");
     agent.wait_for(|a| count(&a.stderr(), set_aside) == 2, "both stalled probes set aside");
     let log = agent.stderr();
     for s in &stalled {
@@ -1117,7 +1170,7 @@ fn stalled_probes_never_hold_back_a_healthy_device() {
     }
     let status = agent.wait_exit(Duration::from_secs(10)).expect("the process ends once the reads fail");
     assert_eq!(status.code(), Some(0), "{status:?}");
-    assert_eq!(agent.stdout(), attach_line("work", &healthy.name()), "no call for the stalled devices");
+    assert_eq!(agent.stdout(), attach_line("work", &healthy.arg()), "no call for the stalled devices");
 }
 
 /// The calls the stand-in client recorded: (time in ns, service+argument).
@@ -1147,13 +1200,13 @@ fn a_device_removed_during_its_attach_call_is_detached_after_it() {
     let r = rules_file(&dir, "SUBSYSTEM==\"block\", KERNEL==\"loop71[0-9]\", ATTACH=\"work\"\n");
     for (case, reader_sleep, client_sleep) in [("a", "0.6", "1"), ("b", "0", "2")] {
         let reader = dir.join(format!("qubesdb-read-{case}"));
-        executable(&reader, &format!("#!/bin/sh\nsleep {reader_sleep}\necho desc\n"));
+        loop_reader(&reader, reader_sleep);
         let log = dir.join(format!("calls-{case}.log"));
         let args = ["--qubesdb-read", reader.to_str().unwrap(), "--qrexec-client", client.to_str().unwrap()];
         let env = [("AUTOATTACH_STANDIN_LOG", log.to_str().unwrap()), ("AUTOATTACH_STANDIN_SLEEP", client_sleep)];
         let mut agent = Agent::start(&dir, case, &[&args[..], &["--rules", r.to_str().unwrap()]].concat(), &env);
         let dev = Loop::create(710);
-        let name = dev.name();
+        let (name, arg) = (dev.name(), dev.arg());
         dev.attach(&file);
         match case {
             "a" => std::thread::sleep(Duration::from_millis(200)),
@@ -1168,7 +1221,7 @@ fn a_device_removed_during_its_attach_call_is_detached_after_it() {
         let calls = recorded(&log);
         let services: Vec<&str> = calls.iter().map(|(_, c)| c.as_str()).collect();
         let (attach, detach) =
-            (format!("custom.USBDeviceAttach+work+__+{name}"), format!("custom.USBDeviceDetach+work+__+{name}"));
+            (format!("custom.USBDeviceAttach+work+__+{arg}"), format!("custom.USBDeviceDetach+work+__+{arg}"));
         assert_eq!(services, [attach.as_str(), detach.as_str()], "case {case}");
         let sleep_ns = client_sleep.parse::<u64>().unwrap() * 1_000_000_000;
         assert!(calls[1].0 >= calls[0].0 + sleep_ns, "case {case}: the detach came before the attach returned");

@@ -198,6 +198,13 @@ pub const OPTIONS: &[OptSpec] = &[
         commands: &[Run, Check, Test, List, Replay],
     },
     OptSpec {
+        long: "qubesdb-socket",
+        short: None,
+        value: Some("PATH"),
+        help: "the qubesdb daemon's socket, read and watched for publication (default: this qube's)",
+        commands: &[Run],
+    },
+    OptSpec {
         long: "no-qubesdb",
         short: None,
         value: None,
@@ -290,6 +297,7 @@ pub struct Opts {
     pub dev: Option<PathBuf>,
     pub client: Option<PathBuf>,
     pub qubesdb_read: Option<PathBuf>,
+    pub qubesdb_socket: Option<PathBuf>,
     pub no_qubesdb: bool,
     pub action: Option<Action>,
     pub dry_run: bool,
@@ -437,6 +445,7 @@ fn valued(opts: &mut Opts, long: &str, value: OsString) -> Result<(), String> {
         "dev" => opts.dev = Some(value.into()),
         "qrexec-client" => opts.client = Some(value.into()),
         "qubesdb-read" => opts.qubesdb_read = Some(value.into()),
+        "qubesdb-socket" => opts.qubesdb_socket = Some(value.into()),
         "output" => opts.output = Some(value.into()),
         _ => {
             let text = value.to_string_lossy();

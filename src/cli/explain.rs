@@ -76,7 +76,9 @@ fn would_call(opts: &Opts, sysfs: Sysfs, rules: rules::RuleSet, event: &Uevent<'
     let prober = Prober { sysfs: std::sync::Arc::new(sysfs), dev, nodes, qubesdb: qubesdb(opts) };
     let client = client(opts);
     for effect in effects {
-        let Effect::Probe(job) = effect else { continue };
+        let Effect::Probe(mut job) = effect else { continue };
+        // A device tested is one present for a while: a desc-only record (R4.1/R4.2) is whole.
+        job.target.desc_settled = true;
         let outcome = job.run(&prober, |call| call.clone());
         let _ = writeln!(report, "readiness now: {}", outcome.verdict);
         let mut calls = Vec::new();

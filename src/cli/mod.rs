@@ -89,13 +89,17 @@ fn utf8_arg<'a>(arg: &'a OsString, what: &str) -> Result<&'a str, Failure> {
 
 /// The qubesdb reader the options ask for (the probes'; rule loading makes its own).
 fn qubesdb(opts: &Opts) -> Option<Publication> {
-    qubesdb_with(opts.no_qubesdb, opts.qubesdb_read.as_deref())
+    qubesdb_with(opts.no_qubesdb, opts.qubesdb_read.as_deref(), opts.qubesdb_socket.as_deref())
 }
 
 /// How to reach qubesdb, if at all: `--no-qubesdb`: never; `--qubesdb-read PATH`: that
-/// program; by default this qube's qubesdb socket, else `qubesdb-read` if installed.
-fn qubesdb_with(no_qubesdb: bool, reader: Option<&Path>) -> Option<Publication> {
-    Publication::choose(no_qubesdb, reader)
+/// program; `--qubesdb-socket PATH`: the daemon there (logged, and None, if it does not
+/// answer); by default this qube's qubesdb socket, else `qubesdb-read` if installed.
+fn qubesdb_with(no_qubesdb: bool, reader: Option<&Path>, socket: Option<&Path>) -> Option<Publication> {
+    match socket {
+        Some(socket) if !no_qubesdb && reader.is_none() => Publication::at(socket).map_err(|e| error!("{e}")).ok(),
+        _ => Publication::choose(no_qubesdb, reader),
+    }
 }
 
 fn config(opts: &Opts) -> Config {
@@ -169,7 +173,14 @@ pub const SLOW_CALL: Duration = Duration::from_secs(120);
 fn run(opts: &Opts) -> Result<u8, Failure> {
     let sources = sources::Sources::of(opts);
     let db = qubesdb(opts);
-    let watch = db.as_ref().filter(|db| db.watches()).map(|_| runloop::Connect::local());
+    if db.is_none() && opts.qubesdb_socket.is_some() && !opts.no_qubesdb {
+        let message = "--qubesdb-socket: no qubesdb there, and a device is never called unverified";
+        return Err(Failure::new(exit::FATAL, message.to_owned()));
+    }
+    let watch = db.as_ref().filter(|db| db.watches()).map(|_| match &opts.qubesdb_socket {
+        Some(socket) => runloop::Connect::at(socket.clone()),
+        None => runloop::Connect::local(),
+    });
     let options = RunOptions {
         sysfs: sysfs_root(opts),
         dev: opts.dev.clone().unwrap_or_else(|| "/dev".into()),

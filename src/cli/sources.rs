@@ -31,6 +31,7 @@ pub struct Sources {
     /// gets a fresh reader), as the agent's probes choose theirs.
     no_qubesdb: bool,
     reader: Option<PathBuf>,
+    socket: Option<PathBuf>,
 }
 
 impl Sources {
@@ -49,12 +50,13 @@ impl Sources {
             required: false,
             no_qubesdb: opts.no_qubesdb,
             reader: opts.qubesdb_read.clone(),
+            socket: opts.qubesdb_socket.clone(),
         }
     }
 
     /// Exactly these paths, each of which must exist.
     pub fn files(paths: &[PathBuf]) -> Sources {
-        Sources { paths: paths.to_vec(), required: true, no_qubesdb: true, reader: None }
+        Sources { paths: paths.to_vec(), required: true, no_qubesdb: true, reader: None, socket: None }
     }
 
     /// Reads every source; `parsed.sources` says what each place held.
@@ -66,7 +68,7 @@ impl Sources {
         if self.required {
             return parsed;
         }
-        if let Some(db) = qubesdb_with(self.no_qubesdb, self.reader.as_deref()) {
+        if let Some(db) = qubesdb_with(self.no_qubesdb, self.reader.as_deref(), self.socket.as_deref()) {
             read_qubesdb(&mut parsed, &db);
         }
         parsed
@@ -191,7 +193,7 @@ mod tests {
         let parsed = Sources::files(std::slice::from_ref(&gone)).load();
         assert_eq!(parsed.sources[0].found, Found::Unreadable);
         assert_eq!(parsed.errors.len(), 1);
-        let sources = Sources { paths: vec![gone], required: false, no_qubesdb: true, reader: None };
+        let sources = Sources { paths: vec![gone], required: false, no_qubesdb: true, reader: None, socket: None };
         let parsed = sources.load();
         assert_eq!((parsed.sources[0].found, parsed.errors.len()), (Found::Missing, 0));
         let _ = std::fs::remove_dir_all(&dir);

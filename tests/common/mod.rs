@@ -199,6 +199,12 @@ impl Loop {
         format!("loop{}", self.index)
     }
 
+    /// The device's part of a call, `loopN+__+IDENT`: a loop device has no USB parent, so its
+    /// Qubes id is `:` and its number (`:200`), encoded `+200`.
+    pub fn arg(&self) -> String {
+        format!("{}+__++{}", self.name(), self.index)
+    }
+
     pub fn node(&self) -> String {
         format!("/dev/loop{}", self.index)
     }
@@ -301,5 +307,62 @@ impl Drop for StalledDisk {
     fn drop(&mut self) {
         self.release();
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+/// The stand-in qubesdb daemon (tests/support/qubesdb-standin.c, the real daemon's protocol)
+/// serving `DIR/qubesdb.sock`, killed on drop.
+pub struct QubesDb {
+    child: Child,
+    bin: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl QubesDb {
+    /// Compiles and starts the daemon in `dir` with its SPEC arguments (`KEY=VALUE`, ...).
+    pub fn start(dir: &Path, specs: &[&str]) -> QubesDb {
+        let bin = compile("qubesdb-standin.c", dir, "qubesdb-standin");
+        let socket = dir.join("qubesdb.sock");
+        let mut child = Command::new(&bin)
+            .arg("daemon")
+            .arg(&socket)
+            .args(specs)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the stand-in qubesdb daemon");
+        let mut ready = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut ready).unwrap();
+        assert_eq!(ready, "ready\n", "the stand-in qubesdb daemon did not start");
+        QubesDb { child, bin, socket }
+    }
+
+    /// Writes `key` as another client does (Qubes' `qubesdb-write`): its watches fire.
+    pub fn write(&self, key: &str, value: &str) {
+        let status = Command::new(&self.bin).arg("write").arg(&self.socket).args([key, value]).status().unwrap();
+        assert!(status.success(), "qubesdb write {key}");
+    }
+
+    /// What Qubes' `udev-block-add-change` publishes for a loop device, in its order: `desc`
+    /// (the backing file), `size`, `mode`, then `parent` (R4.3 only: empty, a loop device has
+    /// none), then the trigger key `/qubes-block-devices` its watchers wait for. With
+    /// `pause`, the parent and trigger come that long after the rest (a script descheduled in
+    /// the middle of its writes).
+    pub fn publish_loop(&self, dev: &Loop, file: &Path, r43: bool, pause: Duration) {
+        let dir = format!("/qubes-block-devices/{}", dev.name());
+        self.write(&format!("{dir}/desc"), file.to_str().unwrap());
+        self.write(&format!("{dir}/size"), &(1u32 << 20).to_string());
+        self.write(&format!("{dir}/mode"), "w");
+        std::thread::sleep(pause);
+        if r43 {
+            self.write(&format!("{dir}/parent"), "");
+        }
+        self.write("/qubes-block-devices", "");
+    }
+}
+
+impl Drop for QubesDb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
