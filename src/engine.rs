@@ -714,6 +714,9 @@ impl Engine {
             Verdict::Unpublished(awaited) => park(entry, &mut self.calls, awaited, again, now, out),
             Verdict::Wait(_) if again => send_probe(entry, &mut self.calls, now, out),
             Verdict::Wait(why) => retry(entry, why, now, out),
+            // An event seen while the probe ran (the size a zram disk was just given, a card
+            // just inserted) may be the media: look again now, not at the next event.
+            Verdict::NoMedia(_) if again => send_probe(entry, &mut self.calls, now, out),
             Verdict::NoMedia(why) => {
                 info!("{who}: {why}; waiting for media");
                 stop_watching(entry, out);

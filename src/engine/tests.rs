@@ -558,3 +558,32 @@ fn an_identity_too_long_to_send_is_refused_at_the_match() {
     e.on_tick(100_000, &mut out);
     assert!(out.is_empty(), "{out:?}");
 }
+
+/// Media that arrives while the probe of the `add` runs (a zram disk sized and announced at
+/// once, a card inserted as the reader appears): the probe says "no media", but the `change`
+/// seen meanwhile makes the device probed again at once, not left waiting for an event that
+/// already came (found by hand: `hot_add`, `disksize` and `echo change` back to back).
+#[test]
+fn media_announced_during_the_probe_is_looked_at_again() {
+    let s = stick_partition();
+    let mut e = engine("SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{serial}==\"S1\", ATTACH=\"w\"\n");
+    let mut out = Vec::new();
+    s.add(&mut e, 0, &mut out);
+    let (epoch, _) = last_probe(&mut out);
+    let change = datagram("change", STICK_PART, "block", &["DEVNAME=sdb1", "DEVTYPE=partition"]);
+    e.on_event(&s.sysfs, &Uevent::parse(&change).unwrap(), 1, &mut out);
+    assert!(out.is_empty(), "one probe at a time: {out:?}");
+    e.on_verdict(epoch, STICK_PART, Verdict::NoMedia(Why::SizeZero), Carried::No, 2, &mut out);
+    let (again, carries) = last_probe(&mut out);
+    assert!(carries, "the second probe carries the call");
+    e.on_verdict(again, STICK_PART, ready(), Carried::No, 3, &mut out);
+    assert_eq!(calls(&out), [format!("custom.USBDeviceAttach+w+__+sdb1+__+{PART_IDENT}")]);
+    // Without an event meanwhile, "no media" waits for the kernel's change event.
+    let mut e = engine("SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{serial}==\"S1\", ATTACH=\"w\"\n");
+    let mut out = Vec::new();
+    s.add(&mut e, 0, &mut out);
+    let (epoch, _) = last_probe(&mut out);
+    e.on_verdict(epoch, STICK_PART, Verdict::NoMedia(Why::SizeZero), Carried::No, 2, &mut out);
+    e.on_tick(60_000, &mut out);
+    assert!(out.is_empty(), "waits for media: {out:?}");
+}
