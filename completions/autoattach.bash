@@ -55,7 +55,7 @@ _autoattach()
         check) options="--rules --qubesdb-read --no-qubesdb" ;;
         test) options="--rules --sysfs --dev --qrexec-client --qubesdb-read --no-qubesdb --action" ;;
         list) options="--rules --sysfs --qubesdb-read --no-qubesdb" ;;
-        record) options="--sysfs -o --output" ;;
+        record) options="--sysfs --dev -o --output" ;;
         replay) options="--rules --dev --qrexec-client --qubesdb-read --timeout --debounce --rate-limit
                          --no-detach" ;;
         help | "") options="" ;;

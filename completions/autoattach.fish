@@ -28,7 +28,7 @@ complete -c autoattach -l version -d 'the version'
 # Options of some commands.
 complete -c autoattach -n '__fish_seen_subcommand_from run check test list replay' -l rules -r -F -d 'rules file or directory'
 complete -c autoattach -n '__fish_seen_subcommand_from run test list record' -l sysfs -r -a '(__fish_complete_directories)' -d 'sysfs root'
-complete -c autoattach -n '__fish_seen_subcommand_from run test replay' -l dev -r -a '(__fish_complete_directories)' -d 'device node directory'
+complete -c autoattach -n '__fish_seen_subcommand_from run test replay record' -l dev -r -a '(__fish_complete_directories)' -d 'device node directory'
 complete -c autoattach -n '__fish_seen_subcommand_from run test replay' -l qrexec-client -r -F -d 'client that makes calls'
 complete -c autoattach -n '__fish_seen_subcommand_from run check test list replay' -l qubesdb-read -r -F -d 'qubesdb reader'
 complete -c autoattach -n '__fish_seen_subcommand_from run' -l qubesdb-socket -r -F -d 'the qubesdb daemon socket'

@@ -1107,7 +1107,7 @@ mod tests {
             "no serial: the last field is empty"
         );
         let mut recorded = Vec::new();
-        crate::umockdev::record(&sysfs, key, &mut recorded).unwrap();
+        crate::umockdev::record(&sysfs, key, None, &mut recorded).unwrap();
         assert!(String::from_utf8(recorded).unwrap().contains(&format!("\nH: descriptors={hex}\n")));
     }
 

@@ -481,6 +481,12 @@ impl QubesDbRead for &Program {
     }
 }
 
+/// True if the first sector of `node` can be read, as the readiness probe reads it (for
+/// `autoattach record`, which notes an unreadable node in the recording).
+pub fn first_sector_readable(node: &Path) -> bool {
+    read_first_sector(node, true).is_ok()
+}
+
 /// Opens the node read-only and reads its first block. A real node (`direct`) is read with
 /// O_DIRECT, one 4 KiB block (a multiple of every logical block size: 512, 2048 for CDs,
 /// 4096), so that the check reads what it needs and not a 128 KiB readahead into a page

@@ -6,6 +6,7 @@
 //! ```text
 //! P: /devices/pci0000:00/0000:00:14.0/usb2/2-1     the devpath
 //! N: bus/usb/002/002[=HEX]                          node under /dev, optional contents
+//!                                                   (`N: sr0=`: recorded empty, unreadable)
 //! E: KEY=VALUE                                      properties (udev's, kernel's among them)
 //! A: name=value                                     text attribute, g_strescape'd
 //! H: name=HEX                                       binary attribute
@@ -17,7 +18,9 @@
 //! are left out: rules never see them live either), `subsystem` and `driver` links, and the
 //! `class/block` and `bus/usb/devices` listings that coldplug reads. A recording does not hold
 //! block device contents, so a recorded block node with a non-zero size gets 512 readable
-//! bytes, and one with size 0 an empty file (no media).
+//! bytes, and one with size 0, or recorded with empty contents (`autoattach record` writes
+//! `N: sr0=` for a node whose first sector it could not read: an empty CD drive has a
+//! non-zero size), an empty file (no media).
 //!
 //! Everything in a recording is checked before it touches the filesystem: devpaths and
 //! attribute names must be plain relative paths, link targets must stay inside the tree.
@@ -84,26 +87,33 @@ pub fn parse(text: &str) -> Result<Vec<Device>, FormatError> {
         }
         let device = current.as_mut().ok_or_else(|| err(format!("'{tag}:' before any 'P:' line")))?;
         let (name, value) = match tag {
-            "N" | "S" => rest.split_once('=').unwrap_or((rest, "")),
-            _ => rest.split_once('=').ok_or_else(|| err(format!("'{tag}:' needs name=value")))?,
+            "N" | "S" => rest.split_once('=').map_or((rest, None), |(n, v)| (n, Some(v))),
+            _ => rest
+                .split_once('=')
+                .map(|(n, v)| (n, Some(v)))
+                .ok_or_else(|| err(format!("'{tag}:' needs name=value")))?,
         };
+        let value_or_empty = value.unwrap_or_default();
         match tag {
             "N" => {
                 check_rel(name).map_err(|m| err(format!("node {name:?}: {m}")))?;
-                let contents =
-                    if value.is_empty() { None } else { Some(unhex(value).ok_or_else(|| err("bad hex".into()))?) };
+                // `N: sr0` (no contents recorded) and `N: sr0=` (recorded empty: unreadable).
+                let contents = match value {
+                    None => None,
+                    Some(hex) => Some(unhex(hex).ok_or_else(|| err("bad hex".into()))?),
+                };
                 device.node = Some((name.to_owned(), contents));
             }
             "S" => {}
-            "E" => device.props.push((name.to_owned(), value.to_owned())),
+            "E" => device.props.push((name.to_owned(), value_or_empty.to_owned())),
             "A" | "H" => {
                 check_rel(name).map_err(|m| err(format!("attribute {name:?}: {m}")))?;
-                let bytes = if tag == "A" { unescape(value) } else { unhex(value) };
+                let bytes = if tag == "A" { unescape(value_or_empty) } else { unhex(value_or_empty) };
                 device.attrs.push((name.to_owned(), bytes.ok_or_else(|| err(format!("bad {tag}: value")))?));
             }
             "L" => {
                 check_rel(name).map_err(|m| err(format!("link {name:?}: {m}")))?;
-                device.links.push((name.to_owned(), value.to_owned()));
+                device.links.push((name.to_owned(), value_or_empty.to_owned()));
             }
             _ => return Err(err(format!("unknown line type '{tag}:'"))),
         }
@@ -264,26 +274,32 @@ fn stays_inside(root: &Path, link: &Path, target: &str) -> bool {
     true
 }
 
-/// Records `devpath` and its parents from `sysfs`, in umockdev-record's format.
-pub fn record(sysfs: &Sysfs, devpath: &str, out: &mut impl Write) -> io::Result<()> {
+/// Records `devpath` and its parents from `sysfs`, in umockdev-record's format. With `nodes`
+/// (the `/dev` the tree's nodes live in), a block device whose first sector cannot be read (an
+/// empty CD drive, a card reader without a card: their `size` may not say so) is recorded as
+/// `N: NAME=`, a node with empty contents, which replay makes unreadable; a readable one as
+/// `N: NAME`. A disk's contents are never recorded.
+pub fn record(sysfs: &Sysfs, devpath: &str, nodes: Option<&Path>, out: &mut impl Write) -> io::Result<()> {
     let mut at = Some(devpath.to_owned());
     while let Some(dp) = at {
-        record_one(sysfs, &dp, out)?;
+        record_one(sysfs, &dp, nodes, out)?;
         at = sysfs.parent(&dp).map(str::to_owned);
     }
     Ok(())
 }
 
-fn record_one(sysfs: &Sysfs, devpath: &str, out: &mut impl Write) -> io::Result<()> {
+fn record_one(sysfs: &Sysfs, devpath: &str, nodes: Option<&Path>, out: &mut impl Write) -> io::Result<()> {
     writeln!(out, "P: {devpath}")?;
     let uevent = sysfs.uevent_file(devpath).unwrap_or_default();
     let uevent = String::from_utf8_lossy(&uevent);
     let mut props: Vec<(&str, &str)> = uevent.lines().filter_map(|l| l.split_once('=')).collect();
-    if let Some((_, name)) = props.iter().find(|(k, _)| *k == "DEVNAME") {
-        writeln!(out, "N: {name}")?;
-    }
     let mut buf = [0u8; crate::sysfs::MAX_ATTR];
     let subsystem = sysfs.link(devpath, "subsystem", &mut buf).map(|s| String::from_utf8_lossy(s).into_owned());
+    if let Some((_, name)) = props.iter().find(|(k, _)| *k == "DEVNAME") {
+        let block = subsystem.as_deref() == Some("block");
+        let unreadable = block && nodes.is_some_and(|dev| !crate::readiness::first_sector_readable(&dev.join(name)));
+        writeln!(out, "N: {name}{}", if unreadable { "=" } else { "" })?;
+    }
     if let Some(s) = &subsystem {
         props.push(("SUBSYSTEM", s));
     }
@@ -424,7 +440,7 @@ mod tests {
         std::fs::write(tree.root().join(&STICK_DISK[1..]).join("binary"), b"\x00\xff").unwrap();
         let sysfs = Sysfs::new(tree.root()).unwrap();
         let mut text = Vec::new();
-        record(&sysfs, STICK_DISK, &mut text).unwrap();
+        record(&sysfs, STICK_DISK, None, &mut text).unwrap();
         let text = String::from_utf8(text).unwrap();
         assert!(text.starts_with(&format!("P: {STICK_DISK}\nN: sdb\n")), "{text}");
         assert!(text.contains("A: serial=AB\\\"C\\\\1\\303\\251\\n\n"), "{text}");
@@ -435,9 +451,33 @@ mod tests {
         write_tree(&devices, out.path()).unwrap();
         let again = Sysfs::new(out.path().join("sys")).unwrap();
         let mut text2 = Vec::new();
-        record(&again, STICK_DISK, &mut text2).unwrap();
+        record(&again, STICK_DISK, None, &mut text2).unwrap();
         assert_eq!(text, String::from_utf8(text2).unwrap());
         assert_eq!(std::fs::read(out.path().join("dev/sdb")).unwrap().len(), 512);
         assert_eq!(again.scan().len(), 3, "sdb, usb2 and 2-1 are listed for coldplug");
+    }
+
+    /// A block node whose first sector cannot be read (an empty CD drive: its size is not 0)
+    /// is recorded as `N: NAME=`, and replayed as an unreadable (empty) node; a readable one
+    /// as `N: NAME`, replayed readable. Nothing of the disk's contents is recorded.
+    #[test]
+    fn an_unreadable_node_is_recorded_and_replayed_unreadable() {
+        let tree = Tree::stick(b"S1");
+        let sysfs = Sysfs::new(tree.root()).unwrap();
+        let dev = TempDir::new("dev");
+        std::fs::write(dev.path().join("sdb"), [7u8; 100]).unwrap();
+        let mut text = Vec::new();
+        record(&sysfs, STICK_DISK, Some(dev.path()), &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.starts_with(&format!("P: {STICK_DISK}\nN: sdb=\n")), "{text}");
+        let out = TempDir::new("replayed");
+        write_tree(&parse(&text).unwrap(), out.path()).unwrap();
+        assert_eq!(std::fs::read(out.path().join("dev/sdb")).unwrap().len(), 0, "replayed unreadable");
+        std::fs::write(dev.path().join("sdb"), [7u8; 512]).unwrap();
+        let mut text = Vec::new();
+        record(&sysfs, STICK_DISK, Some(dev.path()), &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.starts_with(&format!("P: {STICK_DISK}\nN: sdb\n")), "{text}");
+        assert!(!text.contains("0707"), "no contents recorded: {text}");
     }
 }

@@ -179,8 +179,8 @@ pub const OPTIONS: &[OptSpec] = &[
         short: None,
         value: Some("DIR"),
         help: "the device node directory (default /dev); another DIR may hold regular files \
-               standing in for nodes (fixtures)",
-        commands: &[Run, Test, Replay],
+               standing in for nodes (fixtures); record notes which block nodes are unreadable",
+        commands: &[Run, Test, Replay, Record],
     },
     OptSpec {
         long: "qrexec-client",

@@ -202,15 +202,18 @@ fn record(opts: &Opts, name: &str) -> Result<u8, Failure> {
     let sysfs = sysfs(opts)?;
     let (devpath, _) = present_event(&sysfs, name, "add")?;
     let io_fail = |e: std::io::Error| Failure::input(format!("recording {devpath}: {e}"));
+    let dev = opts.dev.clone().unwrap_or_else(|| "/dev".into());
     match &opts.output {
         Some(path) => {
             let fail = |e: std::io::Error| Failure::input(format!("{}: {e}", path.display()));
             let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(fail)?);
-            crate::umockdev::record(&sysfs, &devpath, &mut file).map_err(io_fail)?;
+            crate::umockdev::record(&sysfs, &devpath, Some(&dev), &mut file).map_err(io_fail)?;
             file.flush().map_err(fail)?;
             info!("recorded {devpath} and its parents to {}", path.display());
         }
-        None => crate::umockdev::record(&sysfs, &devpath, &mut std::io::stdout().lock()).map_err(io_fail)?,
+        None => {
+            crate::umockdev::record(&sysfs, &devpath, Some(&dev), &mut std::io::stdout().lock()).map_err(io_fail)?
+        }
     }
     Ok(exit::SUCCESS)
 }
