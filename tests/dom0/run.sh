@@ -28,10 +28,12 @@ need flock util-linux
 need column bsdextrautils
 need gawk gawk
 
-# Identities: stick A (the rule's), stick B (swapped in at the same name), a security key.
+# Identities: stick A (the rule's), stick B (swapped in at the same name), a security key K
+# and a keyboard L (swapped in at K's port).
 A_ID=0781:5581:4C530001230101115543:u080650:1.0 A_DESC='Cruzer_Blade (BACKUP)'
 B_ID=dead:beef:EV1L:u080650:1.0 B_DESC='Cruzer_Blade (BACKUP2)'
 K_ID=1050:0407::u030000u030101u0b0000 K_DESC='1050:0407 Yubico_YubiKey_OTP+FIDO+CCID'
+L_ID=046d:c31c::u030101u030000 L_DESC='046d:c31c Logitech_USB_Keyboard' # swapped in for K
 A=$(enc "$A_ID") B=$(enc "$B_ID") K=$(enc "$K_ID")
 DA=desc+$(enc "$A_DESC") DB=desc+$(enc "$B_DESC") DK=desc+$(enc "$K_DESC")
 
@@ -436,44 +438,58 @@ setup_cases() {
 }
 
 # Issue 9's reproduction: an Attach waits for qvm-start (held by a gate until the test opens
-# it), the Detach for the same device arrives meanwhile, then stick B takes stick A's name.
-# On both releases the wrong device is never attached: the Attach refuses (73), and the
-# Detach, serialized after it, finds nothing of its device to undo. Without a swap, the
-# Detach waits for the Attach and then undoes it.
+# it), the Detach for the same device arrives meanwhile, then another device takes the
+# device's place: stick B at the block name sda, or a keyboard at the USB port 2-1 where the
+# security key was. On both releases the wrong device is never attached: the Attach refuses
+# (73: R4.3's qubesd refuses the id, R4.2's published description differs), and the Detach,
+# serialized after it, finds nothing of its device to undo. Without a swap, the Detach waits
+# for the Attach and then undoes it.
 swap_cases() {
-	local r id ident order
+	local r c
 	for r in 43 42; do
-		if [ "$r" = 43 ]; then id=$A_ID ident=$A; else id='' ident=$DA; fi
-		world "$r"; allow 'sys-usb block vault'; touch "$STATE/start.gate"
-		publish sys-usb block sda "$A_DESC" "$id"
-		spawn attach Attach "vault+__+sda+__+$ident"
-		wait_for qvm-start
-		spawn detach Detach "vault+__+sda+__+$ident"
-		sleep 0.5
-		unpublish sys-usb block sda
-		publish sys-usb block sda "$B_DESC" "${id:+$B_ID}"
-		rm "$STATE/start.gate"
-		wait
-		if [ "$(code_of attach)/$(code_of detach)" != 73/0 ]; then
-			fail "R4.${r#4} swap: Attach 73, Detach 0" "got $(code_of attach)/$(code_of detach): $(calls)"
-		elif ! nothing_attached; then fail "R4.${r#4} swap: B never attached" "$(cat "$STATE/block.attached")"
-		else pass "R4.${r#4} swap (issue 9): the wrong device is never attached, Attach 73, Detach 0"; fi
-
-		world "$r"; allow 'sys-usb block vault'; touch "$STATE/start.gate"
-		publish sys-usb block sda "$A_DESC" "$id"
-		spawn attach Attach "vault+__+sda+__+$ident"
-		wait_for qvm-start
-		spawn detach Detach "vault+__+sda+__+$ident"
-		wait_for 'qvm-block detach' 30 || : # never, unless the lock is broken
-		rm "$STATE/start.gate"
-		wait
-		order=$(grep -Eo '^qvm-block (attach|detach)' "$STATE/calls" | paste -sd ' ')
-		if [ "$(code_of attach)/$(code_of detach)" != 0/0 ]; then
-			fail "R4.${r#4} lock: Attach 0, Detach 0" "got $(code_of attach)/$(code_of detach)"
-		elif [ "$order" != "qvm-block attach qvm-block detach" ] || ! nothing_attached; then
-			fail "R4.${r#4} lock: a Detach during an Attach waits, then undoes it" "[$order] $(calls)"
-		else pass "R4.${r#4} lock: a Detach during an Attach waits for it, then undoes it"; fi
+		for c in block usb; do
+			swap_case "$r" "$c"
+		done
 	done
+}
+# swap_case RELEASE CLASS: the swap and the lock for one release and class.
+swap_case() {
+	local r=$1 c=$2 port id ident desc other_desc other_id order what
+	if [ "$c" = block ]; then
+		port=sda desc=$A_DESC id=$A_ID other_desc=$B_DESC other_id=$B_ID what="stick B at sda"
+	else
+		port=2-1 desc=$K_DESC id=$K_ID other_desc=$L_DESC other_id=$L_ID what="a keyboard at port 2-1"
+	fi
+	if [ "$r" = 43 ]; then ident=$(enc "$id"); else ident=desc+$(enc "$desc") id='' other_id=''; fi
+	world "$r"; allow "sys-usb $c vault"; touch "$STATE/start.gate"
+	publish sys-usb "$c" "$port" "$desc" "$id"
+	spawn attach Attach "vault+__+$port+__+$ident"
+	wait_for qvm-start
+	spawn detach Detach "vault+__+$port+__+$ident"
+	sleep 0.5
+	unpublish sys-usb "$c" "$port"
+	publish sys-usb "$c" "$port" "$other_desc" "$other_id"
+	rm "$STATE/start.gate"
+	wait
+	if [ "$(code_of attach)/$(code_of detach)" != 73/0 ]; then
+		fail "R4.${r#4} $c swap: Attach 73, Detach 0" "got $(code_of attach)/$(code_of detach): $(calls)"
+	elif ! nothing_attached; then fail "R4.${r#4} $c swap: $what is never attached" "$(cat "$STATE/$c.attached")"
+	else pass "R4.${r#4} $c swap (issue 9): $what is never attached, Attach 73, Detach 0"; fi
+
+	world "$r"; allow "sys-usb $c vault"; touch "$STATE/start.gate"
+	publish sys-usb "$c" "$port" "$desc" "$id"
+	spawn attach Attach "vault+__+$port+__+$ident"
+	wait_for qvm-start
+	spawn detach Detach "vault+__+$port+__+$ident"
+	wait_for "qvm-$c detach" 30 || : # never, unless the lock is broken
+	rm "$STATE/start.gate"
+	wait
+	order=$(grep -Eo "^qvm-$c (attach|detach)" "$STATE/calls" | paste -sd ' ')
+	if [ "$(code_of attach)/$(code_of detach)" != 0/0 ]; then
+		fail "R4.${r#4} $c lock: Attach 0, Detach 0" "got $(code_of attach)/$(code_of detach)"
+	elif [ "$order" != "qvm-$c attach qvm-$c detach" ] || ! nothing_attached; then
+		fail "R4.${r#4} $c lock: a Detach during an Attach waits, then undoes it" "[$order] $(calls)"
+	else pass "R4.${r#4} $c lock: a Detach during an Attach waits for it, then undoes it"; fi
 }
 
 # The per-source bound and the lock, with real parallel handlers.
