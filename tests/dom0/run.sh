@@ -123,6 +123,18 @@ r43_attach() {
 	call Attach "work+__+sda+__+$A"
 	check "refuse 73: another device at sda, qubesd refuses it twice" 73 "$AT43;$AT43"
 	assert "refuse 73: nothing attached" "attached" nothing_attached
+	assert "refuse 73: the record was read once more after the second refusal, and was there" "$(calls)" \
+		test "$(tail -n 1 "$STATE/calls")" = 'qubesdb-read -r -d sys-usb /qubes-block-devices/sda/parent'
+	world 43; allow 'sys-usb block work'; running work; publish sys-usb block sda "$B_DESC" "$B_ID"
+	echo 2 >"$STATE/attach.unplug"
+	call Attach "work+__+sda+__+$A"
+	check "refuse 70, not 73: refused twice, and then the record is gone (the device left)" 70 "$AT43;$AT43"
+	logged "refuse 70: the log says the device left" "no longer publishes sda: the device left"
+	world 43; allow 'sys-usb block work'; running work; publish sys-usb block sda "$A_DESC" "$A_ID"
+	touch "$STATE/qubesd.swap"; echo 2 >"$STATE/attach.unplug"
+	call Attach "work+__+sda+__+$DA"
+	check "refuse 70, not 72: a desc-form request refused twice, and then the record is gone" 70 "$AT42;$AT42"
+
 
 	world 43; allow 'sys-usb block work'; running work; publish sys-usb block sda "$A_DESC" "$A_ID"
 	touch "$STATE/qubesd.swap"
@@ -632,6 +644,7 @@ if [ -z "${AUTOATTACH_MUTANT:-}" ]; then
 	mutant "no id in the R4.3 attach" 'spec=$src:$dev:$text' 'spec=$src:$dev' r43_attach swap_cases
 	mutant "no description check" 'desc) same_desc ||' 'desc) now=$want ;;' r42_attach swap_cases
 	mutant "no check after the attach" 'same_desc || {' 'true || {' r42_attach
+	mutant "no second look at the record before 73" '[ -n "$(hex_of "$key")" ] ||' ':' r43_attach
 	mutant "no USED BY check on R4.2" '|| used_elsewhere' ':' r42_attach
 	mutant "no device lock" 'flock -w "$LOCK_WAIT" 9 ||' ':' swap_cases
 	mutant "no bound per source" '! flock -n 8 || break' 'break' lock_cases
