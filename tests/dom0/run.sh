@@ -135,7 +135,6 @@ r43_attach() {
 	call Attach "work+__+sda+__+$DA"
 	check "refuse 70, not 72: a desc-form request refused twice, and then the record is gone" 70 "$AT42;$AT42"
 
-
 	world 43; allow 'sys-usb block work'; running work; publish sys-usb block sda "$A_DESC" "$A_ID"
 	touch "$STATE/qubesd.swap"
 	call Attach "work+__+sda+__+$A"
@@ -355,13 +354,36 @@ allowlist_cases() {
 	call Detach "work+__+sda+__+$B"
 	check "refuse 68: pins bound Detach too" 68 ""
 
-	for line in 'sys-usb block work bare id=*' 'sys-usb block work start nostart' 'sys-usb block work sometimes' \
-		'sys-usb disk work' 'sys-usb block' 'sys-usb block dom0-dm' 'sys-usb block work id=' 'sys-usb block work # x'; do
-		world 43; allow "$line"; running work; publish sys-usb block sda "$A_DESC" "$A_ID"
+	# Each malformed line grants nothing and is logged as FILE:LINE:COL: what is wrong (what is
+	# allowed); entry ignored. Columns count bytes, a tab as one.
+	local q='a letter, then up to 30 of A-Za-z0-9_.-; not none, default, Domain-0 nor *-dm' line want shown
+	while IFS='|' read -r line want; do
+		line=$(printf '%b' "$line") shown=$(printf '%s' "$line" | tr -c ' -~' '?')
+		world 43; allow '# a comment' "$line"; running work; publish sys-usb block sda "$A_DESC" "$A_ID"
 		call Attach "work+__+sda+__+$A"
-		check "refuse 68: malformed entry '$line' grants nothing" 68 ""
-	done
-	logged "refuse 68: malformed lines are reported with their line number" "autoattach.conf:1: malformed entry ignored"
+		check "refuse 68: malformed entry '$shown' grants nothing" 68 ""
+		if grep -qxF -- "logger -t autoattach -- $STATE/autoattach.conf:2:$want; entry ignored" "$STATE/log"; then
+			pass "malformed entry '$shown' is logged as FILE:2:$want"
+		else fail "malformed entry '$shown' is logged as FILE:2:$want" "log: $(grep -F autoattach.conf "$STATE/log" || :)"; fi
+	done <<EOF_CASES
+sys-usb block work sometimes|20: unknown option 'sometimes' (start, nostart, bare, id=GLOB, desc=GLOB)
+sys-usb block work bare id=*|25: 'id=*' with 'bare': a bare request has no identity for a pin to match; keep one of them
+sys-usb block work desc=x* bare|28: 'bare' with a pin: a bare request has no identity for a pin to match; keep one of them
+sys-usb block work start nostart|26: 'nostart' after 'start': an entry takes at most one of start, nostart
+sys-usb block work id=|20: empty pin 'id=' (id=GLOB, desc=GLOB)
+sys-usb block work # x|20: '#' after an entry: a comment takes a line of its own
+sys-usb disk work|9: unknown class 'disk' (block, usb)
+sys-usb block|14: missing TARGET (the qube to attach to) after the class
+sys-usb|8: missing CLASS (block, usb) after the source
+sys-usb block dom0-dm|15: target 'dom0-dm' is not a qube name ($q)
+1sys-usb block work|1: source '1sys-usb' is not a qube name ($q)
+\t  sys-usb\tblock  work \tnope|25: unknown option 'nope' (start, nostart, bare, id=GLOB, desc=GLOB)
+sys-usb block w\xc3\xb6rk|15: target 'w??rk' is not a qube name ($q)
+sys-usb block work\r|15: target 'work?' is not a qube name ($q)
+EOF_CASES
+	world 43; allow 'sys-usb block work sometimes' 'sys-usb block work'; running work; publish sys-usb block sda "$A_DESC" "$A_ID"
+	call Attach "work+__+sda+__+$A"
+	check "a malformed line is skipped: the next entry decides" 0 "$AT43"
 	world 43; running work; publish sys-usb block sda "$A_DESC" "$A_ID"; rm "$STATE/autoattach.conf"
 	call Attach "work+__+sda+__+$A"
 	check "refuse 68: no allowlist file at all" 68 ""
@@ -374,8 +396,8 @@ allowlist_cases() {
 	world 43; cp "$root/dom0/autoattach.conf" "$STATE/autoattach.conf"; running work; publish sys-usb block sda "$A_DESC" "$A_ID"
 	call Attach "work+__+sda+__+$A"
 	check "refuse 68: the shipped allowlist allows nothing" 68 ""
-	assert "the shipped allowlist has no malformed line" "$(grep malformed "$STATE/log" || :)" \
-		test -z "$(grep malformed "$STATE/log" || :)"
+	assert "the shipped allowlist has no malformed line" "$(grep 'entry ignored' "$STATE/log" || :)" \
+		test -z "$(grep 'entry ignored' "$STATE/log" || :)"
 	world 43; sed 's/^#sys-usb/sys-usb/' "$root/dom0/autoattach.conf" >"$STATE/autoattach.conf"
 	running work; publish sys-usb block sda "$A_DESC" "$A_ID"
 	call Attach "work+__+sda+__+$A"
