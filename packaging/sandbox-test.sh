@@ -253,7 +253,7 @@ for _ in $(seq 1 50); do journal | grep -q 'coldplug:' && break; sleep 0.1; done
 losetup "$e2e_loop" "$img"
 # Qubes' identity of a disk with no parent is ":N" (qubes/ext/block.py), ENC'd "+N".
 want="$e2e_name: custom.USBDeviceAttach+work+__+$e2e_name+__++${e2e_name#loop} exit 0: done"
-for _ in $(seq 1 20); do journal | grep -q "$e2e_name.*not yet published" && break; sleep 0.1; done
+for _ in $(seq 1 50); do journal | grep -q "$e2e_name.*not yet published" && break; sleep 0.1; done
 sleep 1
 if journal | grep -q "$e2e_name.*not yet published to dom0 in qubesdb (/qubes-block-devices/$e2e_name/, watching /qubes-block-devices" &&
     qdb_log | grep -qx 'watch /qubes-block-devices' && ! journal | grep -qF "custom.USBDeviceAttach+work+__+$e2e_name"; then
