@@ -61,8 +61,6 @@ pub struct ReplayOptions {
     pub config: Config,
 }
 
-/// The exit code for input that is missing, unreadable or refused.
-pub const EXIT_INPUT: u8 = 5;
 /// The most bytes a `#! fill` makes (readiness reads only the first 4 KiB).
 pub const MAX_FILL: u64 = 1 << 20;
 /// The largest file copied from a fixture (sysfs attributes are a page; node stand-ins small).
@@ -95,8 +93,8 @@ impl ReplayError {
     /// The documented exit code: 3 for rules with errors, 5 for anything about the input.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ReplayError::Rules(_) => crate::runloop::EXIT_RULES,
-            _ => EXIT_INPUT,
+            ReplayError::Rules(_) => crate::exit::RULES,
+            _ => crate::exit::INPUT,
         }
     }
 }

@@ -195,7 +195,7 @@ fn run(opts: &Opts) -> Result<u8, Failure> {
         probe_deadline: runloop::PROBE_DEADLINE,
         watch,
     };
-    runloop::run(options).map(|()| exit::SUCCESS).map_err(|f| Failure::new(f.code, f.message))
+    runloop::run(options).map(|()| exit::SUCCESS)
 }
 
 fn record(opts: &Opts, name: &str) -> Result<u8, Failure> {
