@@ -164,6 +164,19 @@ pub fn report_rules(parsed: &Parsed) -> bool {
     parsed.errors.is_empty()
 }
 
+/// The rules a command can act on, every error and warning printed: rules with errors are
+/// [`Failure::rules`] (3); rules a source could not be asked for (qubesdb not answering) are
+/// incomplete, [`Failure::fatal`] (4).
+pub fn usable_rules(parsed: Parsed) -> Result<crate::rules::RuleSet, Failure> {
+    if !report_rules(&parsed) {
+        return Err(Failure::rules(format!("{} error(s) in the rules", parsed.errors.len())));
+    }
+    match parsed.unreachable.first() {
+        Some(why) => Err(Failure::fatal(why.to_string())),
+        None => Ok(parsed.set),
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT (`Ok`), or returns why it could not start or go on
 /// ([`crate::exit::RULES`] for rules with errors, else [`crate::exit::FATAL`], which systemd restarts).
 pub fn run(opts: RunOptions) -> Result<(), Failure> {
@@ -839,13 +852,14 @@ fn open_socket(rcvbuf: usize) -> Result<UeventSocket, Failure> {
     Ok(socket)
 }
 
-/// The rules at start: any error stops the agent.
+/// The rules at start: any error stops the agent (exit 3, not restarted), and so does a
+/// source that could not be asked (exit 4: systemd starts it again), since a rule set without
+/// the rules dom0 sets could attach where they would not.
 fn initial_rules(load: &RuleLoader) -> Result<crate::rules::RuleSet, Failure> {
-    let parsed = (load.0)();
-    if !report_rules(&parsed) {
-        return Err(Failure::rules(format!("{} error(s) in the rules; nothing started", parsed.errors.len())));
-    }
-    let rules = parsed.set;
+    let rules = usable_rules((load.0)()).map_err(|f| {
+        let then = if f.code == crate::exit::RULES { "" } else { " (exit 4: systemd starts the agent again)" };
+        Failure::new(f.code, format!("{}; nothing started{then}", f.message))
+    })?;
     if rules.is_empty() {
         warning!("no rules: nothing will be attached (see `autoattach check`)");
     } else {
@@ -891,15 +905,13 @@ fn release_free_memory() {
 
 fn reload(engine: &mut Engine, load: &RuleLoader) {
     let parsed = (load.0)();
-    if report_rules(&parsed) {
-        info!("reloaded {} rule(s)", parsed.set.rules.len());
-        engine.reload(parsed.set);
-    } else {
-        error!(
-            "reload refused: {} error(s) in the rules; keeping the {} rule(s) in use",
-            parsed.errors.len(),
-            engine.rules().rules.len()
-        );
+    let kept = engine.rules().rules.len();
+    match usable_rules(parsed) {
+        Ok(rules) => {
+            info!("reloaded {} rule(s)", rules.rules.len());
+            engine.reload(rules);
+        }
+        Err(f) => error!("reload refused: {}; keeping the {kept} rule(s) in use", f.message),
     }
 }
 

@@ -76,8 +76,9 @@ flight alone.",
 Reads the rules (the FILEs and DIRs given, with --rules too, or else the default places and
 qubesdb), says where it looked and what it found there, and prints every error as
 file:line:col: message, then warnings for rules that are risky or can never attach. A DIR
-contributes its *.rules files in name order. With no rules anywhere it says so.",
-        exits: &[0, 2, 3],
+contributes its *.rules files in name order. With no rules anywhere it says so. Exits 3
+if there is an error, else 4 if qubesdb could not be asked (the rules are incomplete).",
+        exits: &[0, 2, 3, 4],
     },
     CommandSpec {
         command: Test,

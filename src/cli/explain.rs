@@ -15,10 +15,7 @@ use crate::uevent::{Action, Uevent};
 
 pub fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
     let sysfs = sysfs(opts)?;
-    let parsed = Sources::of(opts).load();
-    if !runloop::report_rules(&parsed) {
-        return Err(Failure::rules(format!("{} error(s) in the rules", parsed.errors.len())));
-    }
+    let rules = runloop::usable_rules(Sources::of(opts).load())?;
     let action = opts.action.unwrap_or(Action::Add);
     let (devpath, datagram) = present_event(&sysfs, name, action.as_str())?;
     let event = Uevent::parse(&datagram).map_err(|e| Failure::input(format!("{devpath}: {e}")))?;
@@ -34,16 +31,16 @@ pub fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
         print(&report)?;
         return Ok(exit::NO_MATCH);
     }
-    let mut matcher = rules::Matcher::new(&parsed.set);
+    let mut matcher = rules::Matcher::new(&rules);
     let mut explain = Explain { out: report, parents_started: false };
-    let first = matcher.explain(&sysfs, &parsed.set, &event, &mut explain);
+    let first = matcher.explain(&sysfs, &rules, &event, &mut explain);
     let mut report = explain.out;
     let Some(index) = first else {
         report.push_str("\nno rule matches: nothing would be called\n");
         print(&report)?;
         return Ok(exit::NO_MATCH);
     };
-    let rule = &parsed.set.rules[index];
+    let rule = &rules.rules[index];
     let _ = writeln!(report, "\nfirst match: {} -> ATTACH=\"{}\"", rule.location(), rule.attach);
     if action == Action::Remove {
         let dev = crate::log::Escaped(event.get("DEVNAME").unwrap_or_else(|| event.kernel()).as_bytes()).to_string();
@@ -58,7 +55,7 @@ pub fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
         print(&report)?;
         return Ok(exit::NO_MATCH);
     }
-    would_call(opts, sysfs, parsed.set, &event, &mut report);
+    would_call(opts, sysfs, rules, &event, &mut report);
     print(&report)?;
     Ok(exit::SUCCESS)
 }

@@ -36,17 +36,14 @@ pub const PLACEHOLDER: &str = "QUBE";
 
 pub fn list(opts: &Opts) -> Result<u8, Failure> {
     let sysfs = sysfs(opts)?;
-    let parsed = Sources::of(opts).load();
-    if !runloop::report_rules(&parsed) {
-        return Err(Failure::rules(format!("{} error(s) in the rules", parsed.errors.len())));
-    }
+    let rules = runloop::usable_rules(Sources::of(opts).load())?;
     let devices = present(&sysfs);
-    let mut matcher = Matcher::new(&parsed.set);
+    let mut matcher = Matcher::new(&rules);
     let mut out = String::new();
     for (devpath, datagram) in &devices {
         let Ok(event) = Uevent::parse(datagram) else { continue };
-        let rule = match matcher.first_match(&sysfs, &parsed.set, &event) {
-            Some(i) => format!("{} -> ATTACH=\"{}\"", parsed.set.rules[i].location(), parsed.set.rules[i].attach),
+        let rule = match matcher.first_match(&sysfs, &rules, &event) {
+            Some(i) => format!("{} -> ATTACH=\"{}\"", rules.rules[i].location(), rules.rules[i].attach),
             None => "no rule matches".into(),
         };
         describe(&mut out, &sysfs, devpath, &event);

@@ -214,9 +214,7 @@ fn record(opts: &Opts, name: &str) -> Result<u8, Failure> {
             file.flush().map_err(fail)?;
             info!("recorded {devpath} and its parents to {}", path.display());
         }
-        None => {
-            crate::umockdev::record(&sysfs, &devpath, dev, &mut std::io::stdout().lock()).map_err(io_fail)?
-        }
+        None => crate::umockdev::record(&sysfs, &devpath, dev, &mut std::io::stdout().lock()).map_err(io_fail)?,
     }
     Ok(exit::SUCCESS)
 }
