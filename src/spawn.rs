@@ -222,10 +222,15 @@ impl Exit {
 }
 
 impl Exit {
-    /// Whether an attach call that ended so may have attached the device: a non-zero exit
-    /// is dom0's (or qrexec's) refusal; a signal, or an exit that was lost (-1), may not be.
+    /// Whether an attach call that ended so may have attached the device: all but the exits
+    /// that attached nothing for certain ([`crate::exit::call_attached_nothing`]: the dom0
+    /// handler's refusals, qrexec's 126 and 127). qrexec's 125, a code of no one's, a
+    /// signal, an exit that was lost (-1): the device may be attached.
     pub fn may_have_attached(self) -> bool {
-        !matches!(self, Exit::Code(code) if code > 0)
+        match self {
+            Exit::Code(code) => !crate::exit::call_attached_nothing(code),
+            Exit::Signal(_) => true,
+        }
     }
 }
 
@@ -417,6 +422,21 @@ mod tests {
                 assert_eq!(waitpid(child, None).unwrap(), WaitStatus::Exited(child, 0));
             }
         }
+    }
+
+    /// A removed device gets a Detach unless its Attach attached nothing for certain: the
+    /// handler refused (64-74), or qrexec never ran the service (126 policy, 127 no such
+    /// service). qrexec's 125 can come after dom0 attached it, and so can a code of no one's
+    /// (a handler killed by SIGKILL: 137) or a signal; a Detach is harmless there.
+    #[test]
+    fn only_exits_that_attached_nothing_for_certain_skip_the_detach() {
+        let attached_nothing: Vec<i32> = (-1..=255).filter(|&c| !Exit::Code(c).may_have_attached()).collect();
+        let mut want: Vec<i32> = (64..=74).collect();
+        want.extend([126, 127]);
+        assert_eq!(attached_nothing, want);
+        assert!(Exit::Code(125).may_have_attached());
+        assert!(Exit::Code(0).may_have_attached());
+        assert!(Exit::Signal(Signal::SIGKILL).may_have_attached());
     }
 
     #[test]

@@ -631,7 +631,7 @@ fn ident_fields(call: &str) -> Vec<String> {
 /// in the same port under the same name differ only in serial, and so do their calls; the
 /// Detach that follows the first Attach carries the first stick's identity. When dom0 answers
 /// the first Attach with 73 (it found another device there and attached nothing), no Detach
-/// follows at all.
+/// follows at all; when qrexec answers 125 (it failed, maybe after dom0 attached A), it does.
 #[test]
 fn a_swap_while_dom0_asks_names_each_stick() {
     let case = fixtures().join("swap");
@@ -655,6 +655,13 @@ fn a_swap_while_dom0_asks_names_each_stick() {
     let log = stderr(&out);
     assert!(log.contains("exit 73: dom0 handler: identity mismatch"), "{log}");
     assert!(log.contains("its attach call did not attach it: nothing to detach"), "{log}");
+
+    // qrexec's 125 may come after dom0 attached stick A: the Detach follows all the same.
+    let events = std::fs::read_to_string(case.join("events")).unwrap().replace("#! dom0 10s\n", "#! dom0 10s 125\n");
+    std::fs::write(dir.join("events"), events).unwrap();
+    let out = run(&["replay", case.to_str().unwrap(), dir.join("events").to_str().unwrap()]);
+    assert_eq!(stdout(&out), format!("{a}\n{b}\n{detach}\n"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("exit 125: qrexec: qrexec failure"), "{}", stderr(&out));
 }
 
 /// A stick without a serial has a stable, documented identity: an empty serial field
