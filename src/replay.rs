@@ -78,7 +78,7 @@ pub enum ReplayError {
     /// file or a tree too large.
     Refused(PathBuf, BeneathError),
     /// A umockdev recording is malformed or leaves its tree.
-    Recording(PathBuf, String),
+    Recording(PathBuf, RecordingError),
     /// The event stream is malformed.
     Events(PathBuf, TextError),
     /// A directive is malformed or refused (path, 1-based line).
@@ -114,6 +114,26 @@ impl fmt::Display for ReplayError {
 }
 
 impl std::error::Error for ReplayError {}
+
+/// What is wrong with a umockdev recording.
+#[derive(Debug)]
+pub enum RecordingError {
+    NotUtf8,
+    /// A line `umockdev-record` does not write, or one that leaves the tree.
+    Format(crate::umockdev::FormatError),
+    /// Its tree could not be written into the work directory.
+    Write(io::Error),
+}
+
+impl fmt::Display for RecordingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecordingError::NotUtf8 => f.write_str("not UTF-8 text"),
+            RecordingError::Format(e) => e.fmt(f),
+            RecordingError::Write(e) => write!(f, "cannot write its tree: {e}"),
+        }
+    }
+}
 
 /// What is wrong with a `#!` directive.
 #[derive(Debug)]
@@ -257,12 +277,10 @@ fn write_recording(recording: &Path, work: &Work) -> Result<(), ReplayError> {
     let name = Path::new(recording.file_name().unwrap_or_default());
     let bytes = beneath::read(open_dir(dir)?, name, MAX_BYTES, Links::Refuse)
         .map_err(|e| ReplayError::Refused(dir.to_owned(), e))?;
-    let text =
-        String::from_utf8(bytes).map_err(|_| ReplayError::Recording(recording.to_owned(), "not UTF-8 text".into()))?;
-    let devices =
-        crate::umockdev::parse(&text).map_err(|e| ReplayError::Recording(recording.to_owned(), e.to_string()))?;
-    crate::umockdev::write_tree(&devices, &work.path)
-        .map_err(|e| ReplayError::Recording(recording.to_owned(), e.to_string()))
+    let fail = |e| ReplayError::Recording(recording.to_owned(), e);
+    let text = String::from_utf8(bytes).map_err(|_| fail(RecordingError::NotUtf8))?;
+    let devices = crate::umockdev::parse(&text).map_err(|e| fail(RecordingError::Format(e)))?;
+    crate::umockdev::write_tree(&devices, &work.path).map_err(|e| fail(RecordingError::Write(e)))
 }
 
 /// What a copy has taken so far, against [`MAX_FILES`] and [`MAX_BYTES`].
@@ -643,5 +661,24 @@ mod tests {
         let gone = a.path.clone();
         drop(a);
         assert!(!gone.exists());
+    }
+
+    /// A recording that is not text, or holds a line `umockdev-record` never writes, is
+    /// refused with what is wrong and where.
+    #[test]
+    fn malformed_recordings_say_what_is_wrong() {
+        let dir = Work::new().unwrap();
+        let work = Work::new().unwrap();
+        let binary = dir.path.join("binary.umockdev");
+        std::fs::write(&binary, b"P: /devices/\xff\n").unwrap();
+        let err = write_recording(&binary, &work).unwrap_err();
+        assert!(matches!(&err, ReplayError::Recording(p, RecordingError::NotUtf8) if *p == binary), "{err:?}");
+        assert_eq!(err.to_string(), format!("{}: not UTF-8 text", binary.display()));
+        let odd = dir.path.join("odd.umockdev");
+        std::fs::write(&odd, "P: /devices/x\nQ: what=1\n").unwrap();
+        let err = write_recording(&odd, &work).unwrap_err();
+        let ReplayError::Recording(_, RecordingError::Format(e)) = &err else { panic!("{err:?}") };
+        assert_eq!(e.line, 2, "{err}");
+        assert_eq!(err.to_string(), format!("{}: line 2: unknown line type 'Q:'", odd.display()));
     }
 }
