@@ -321,6 +321,40 @@ mod tests {
         panic!("child did not exit");
     }
 
+    /// The child's argv, read once it sleeps. posix_spawn returns when the child releases our
+    /// memory, a moment before the new image's cmdline is readable; and while `sleep` starts
+    /// it opens locale files of its own, so its fds are looked at only once it is in
+    /// clock_nanosleep or nanosleep.
+    fn cmdline_once_asleep(proc: &Path) -> Vec<u8> {
+        let mut cmdline = Vec::new();
+        for _ in 0..1000 {
+            cmdline = std::fs::read(proc.join("cmdline")).unwrap();
+            if !cmdline.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for _ in 0..1000 {
+            let syscall = std::fs::read_to_string(proc.join("syscall")).unwrap_or_default();
+            if matches!(syscall.split_whitespace().next(), Some("230" | "35")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        cmdline
+    }
+
+    /// The open fds of a process, sorted.
+    fn open_fds(proc: &Path) -> Vec<String> {
+        let mut fds: Vec<String> = std::fs::read_dir(proc.join("fd"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().into_string().unwrap())
+            .collect();
+        fds.sort();
+        fds
+    }
+
     /// The child runs in its own session with exactly our argv, fds 0-2 on /dev/null and
     /// nothing else, an empty signal mask and default dispositions. Observed from outside,
     /// through /proc, while it sleeps.
@@ -337,38 +371,11 @@ mod tests {
         assert!(spawner.ignored.contains(Signal::SIGUSR2) && spawner.ignored.contains(Signal::SIGPIPE));
         let pid = spawner.spawn(&[c"5"]).unwrap();
         let proc = PathBuf::from(format!("/proc/{pid}"));
-        // posix_spawn returns when the child releases our memory, a moment before the new
-        // image's cmdline is readable.
-        let mut cmdline = Vec::new();
-        for _ in 0..1000 {
-            cmdline = std::fs::read(proc.join("cmdline")).unwrap();
-            if !cmdline.is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(cmdline, b"/bin/sleep\x005\x00");
-        // Look once `sleep` is asleep (in clock_nanosleep or nanosleep): while it starts it
-        // opens locale files of its own.
-        for _ in 0..1000 {
-            let syscall = std::fs::read_to_string(proc.join("syscall")).unwrap_or_default();
-            if matches!(syscall.split_whitespace().next(), Some("230" | "35")) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let fds = || {
-            let mut fds: Vec<String> = std::fs::read_dir(proc.join("fd"))
-                .unwrap()
-                .flatten()
-                .map(|e| e.file_name().into_string().unwrap())
-                .collect();
-            fds.sort();
-            fds
-        };
+        assert_eq!(cmdline_once_asleep(&proc), b"/bin/sleep\x005\x00");
+        let fds = open_fds(&proc);
         let what: Vec<String> =
-            fds().iter().map(|fd| format!("{fd} -> {:?}", std::fs::read_link(proc.join("fd").join(fd)))).collect();
-        assert_eq!(fds(), ["0", "1", "2"], "{what:?}");
+            fds.iter().map(|fd| format!("{fd} -> {:?}", std::fs::read_link(proc.join("fd").join(fd)))).collect();
+        assert_eq!(fds, ["0", "1", "2"], "{what:?}");
         for fd in 0..3 {
             assert_eq!(std::fs::read_link(proc.join(format!("fd/{fd}"))).unwrap(), Path::new("/dev/null"));
         }
