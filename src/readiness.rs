@@ -326,6 +326,17 @@ impl Publication {
         }
     }
 
+    /// Reads the records published for `expected`'s device and checks them against it
+    /// ([`identity::check`]): the identity a call would carry, or why there is none yet.
+    pub fn check(&self, expected: &Simulated) -> Result<identity::Verdict, QdbError> {
+        match self {
+            Publication::Socket(client) => {
+                identity::check(&mut *client.lock().unwrap_or_else(PoisonError::into_inner), expected)
+            }
+            Publication::Program(program) => identity::check(&mut &*program, expected),
+        }
+    }
+
     /// True if a device not yet published can be watched for.
     pub fn watches(&self) -> bool {
         matches!(self, Publication::Socket(_))
@@ -446,12 +457,10 @@ impl Prober {
 /// qubesdb, checked against what sysfs gave when the rule matched ([`identity::check`]).
 fn published(db: &Publication, target: &Target) -> Verdict {
     let expected = &*target.expected;
-    let (checked, how) = match db {
-        Publication::Socket(client) => {
-            let mut client = client.lock().unwrap_or_else(PoisonError::into_inner);
-            (identity::check(&mut *client, expected), How::Watch(expected.triggers()))
-        }
-        Publication::Program(program) => (identity::check(&mut &*program, expected), How::Ask(program.path.clone())),
+    let checked = db.check(expected);
+    let how = match db {
+        Publication::Socket(_) => How::Watch(expected.triggers()),
+        Publication::Program(program) => How::Ask(program.path.clone()),
     };
     let record = expected.port.qubesdb_dir();
     let awaited = |pending| Verdict::Unpublished(Awaited { record, pending, how });

@@ -211,8 +211,15 @@ fn test_explains_a_non_match_key_by_key() {
 #[test]
 fn list_shows_identity_and_rule() {
     let case = fixtures().join("usb-stick");
-    let out =
-        run(&["list", "--sysfs", case.join("sys").to_str().unwrap(), "--rules", case.join("rules").to_str().unwrap()]);
+    let sys = case.join("sys");
+    let out = run(&[
+        "list",
+        "--no-qubesdb",
+        "--sysfs",
+        sys.to_str().unwrap(),
+        "--rules",
+        case.join("rules").to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(0));
     let text = stdout(&out);
     let rules = case.join("rules");
@@ -223,7 +230,8 @@ fn list_shows_identity_and_rule() {
          #   usb device     1-2 0781:5581, manufacturer \" USB\", product \" SanDisk 3.2Gen1\"\n\
          #   serial         \"4C530001230101115543\"\n\
          #   interfaces     :080650:\n\
-         #   qubes id       \"0781:5581:4C530001230101115543:u080650:1.0:1\"\n\
+         #   identity       id \"0781:5581:4C530001230101115543:u080650:1.0:1\" (R4.3 device id, from sysfs: no \
+         qubesdb here to check against)\n\
          #   rule           {}:2 -> ATTACH=\"backup\"\n\
          SUBSYSTEM==\"block\", ENV{{DEVTYPE}}==\"partition\", ENV{{PARTN}}==\"1\", ATTRS{{idVendor}}==\"0781\", \
          ATTRS{{idProduct}}==\"5581\", ATTRS{{serial}}==\"4C530001230101115543\", ATTACH=\"QUBE\"\n",

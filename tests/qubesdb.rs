@@ -494,3 +494,88 @@ fn a_reload_while_qubesdb_does_not_answer_keeps_the_rules() {
     agent.wait_for(|a| a.stderr().contains("reloaded 2 rule(s)"), "the reload once qubesdb answers");
     assert!(agent.stop().success(), "{}", agent.stderr());
 }
+
+// --- `list` and `test`: the identity a call would carry -----------------------------------------
+
+/// What Qubes R4.3's udev scripts publish for the usb-stick fixture's sda1, its disk and its
+/// USB device 1-2 (udev-block-add-change, udev-usb-add-change; desc with udev's \xNN escapes).
+const STICK_R43: [&str; 6] = [
+    "/qubes-block-devices/sda1/desc=SanDisk_3.2Gen1 ()",
+    "/qubes-block-devices/sda1/parent=sda",
+    "/qubes-block-devices/sda/desc=SanDisk_3.2Gen1 ()",
+    "/qubes-block-devices/sda/parent=1-2:1.0",
+    "/qubes-usb-devices/1-2/desc=0781:5581 \\x20USB \\x20SanDisk\\x203.2Gen1 4C530001230101115543",
+    "/qubes-usb-devices/1-2/interfaces=:080650:",
+];
+
+/// R4.1/R4.2 publish `desc` only: a block device's model and label, a USB device's
+/// `VID:PID ID_SERIAL` (udev-usb-add-change at v4.2).
+const STICK_R42: [&str; 2] = [
+    "/qubes-block-devices/sda1/desc=SanDisk_3.2Gen1 (BACKUP)",
+    "/qubes-usb-devices/1-2/desc=0781:5581 _USB_SanDisk_3.2Gen1_4C530001230101115543",
+];
+
+/// `autoattach ARGS` over the usb-stick fixture, asking the daemon `d` through the stand-in
+/// as `qubesdb-read` (the fallback `list` and `test` use where there is no socket).
+fn over_stick(d: &Daemon, args: &[&str]) -> (Option<i32>, String) {
+    let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/usb-stick");
+    let tools = d.dir.join("opt-tools");
+    let reader = if tools.exists() { tools.join("qubesdb-read") } else { reader_in(&tools, d) };
+    let out = Command::new(env!("CARGO_BIN_EXE_autoattach"))
+        .args(args)
+        .arg("--sysfs")
+        .arg(case.join("sys"))
+        .arg("--rules")
+        .arg(case.join("rules"))
+        .arg("--qubesdb-read")
+        .arg(reader)
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .unwrap();
+    (out.status.code(), text(&out.stdout) + &text(&out.stderr))
+}
+
+/// The `#   identity` line of device `name` in `list`'s output.
+fn listed_identity(d: &Daemon, name: &str) -> String {
+    let (code, text) = over_stick(d, &["list"]);
+    assert_eq!(code, Some(0), "{text}");
+    let block = text.split(&format!("# {name}\n")).nth(1).unwrap_or_else(|| panic!("{name} not listed:\n{text}"));
+    let line = block.lines().find(|l| l.starts_with("#   identity ")).unwrap();
+    line["#   identity ".len()..].trim_start().to_owned()
+}
+
+/// In a Qubes qube, `list` and `test` show the identity the call would carry, as the agent
+/// checks it against what Qubes published: on R4.1/R4.2 the published desc (not the R4.3 id
+/// sysfs gives, which that call would not carry), on R4.3 the device id; a device not yet
+/// published, or published as another one, has none yet, and the line says why.
+#[test]
+fn list_and_test_show_the_identity_the_call_would_carry() {
+    let id = "id \"0781:5581:4C530001230101115543:u080650:1.0:1\"";
+    let d = Daemon::start("qdb-list-r42", &STICK_R42);
+    let form = "(R4.1/R4.2 form: the published desc; this qube publishes no device ids)";
+    assert_eq!(listed_identity(&d, "sda1"), format!("desc \"SanDisk_3.2Gen1 (BACKUP)\" {form}"));
+    let usb = listed_identity(&d, "1-2");
+    assert_eq!(usb, format!("desc \"0781:5581 _USB_SanDisk_3.2Gen1_4C530001230101115543\" {form}"));
+    let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/usb-stick");
+    let (code, text) = over_stick(&d, &["test", "sda1", "--dev", case.join("dev").to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&format!("\n  identity: desc \"SanDisk_3.2Gen1 (BACKUP)\" {form}\n")), "{text}");
+    let call = "custom.USBDeviceAttach+backup+__+sda1+__+desc+SanDisk_5f3.2Gen1_20_28BACKUP_29";
+    assert!(text.contains(&format!("would call: qrexec-client-vm dom0 {call}\n")), "{text}");
+
+    let d = Daemon::start("qdb-list-r43", &STICK_R43);
+    assert_eq!(listed_identity(&d, "sda1"), format!("{id} (R4.3 device id, as qubesdb publishes it)"));
+
+    let d = Daemon::start("qdb-list-none", &[] as &[&str]);
+    assert_eq!(listed_identity(&d, "sda1"), format!("none yet: not published in qubesdb (sysfs gives {id})"));
+
+    let evil = STICK_R43.map(|r| r.replace("4C530001230101115543", "EVIL0000000000000000"));
+    let d = Daemon::start("qdb-list-evil", &evil);
+    assert_eq!(
+        listed_identity(&d, "sda1"),
+        format!(
+            "none: qubesdb publishes id \"0781:5581:EVIL0000000000000000:u080650:1.0:1\" here, this device is {id} \
+             (no call until they agree)"
+        )
+    );
+}
