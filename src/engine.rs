@@ -454,7 +454,11 @@ impl Engine {
         let who = entry.who().to_owned();
         match (why, entry.call_in_flight()) {
             (_, true) if matches!(entry.state, State::Done(_)) => {
-                info!("{who}: removed while its attach call was in flight: detaching it once the call returns");
+                let then = match self.detaches(entry.target.kind) {
+                    true => "detaching it once the call returns",
+                    false => "not detached: Qubes detaches a removed USB device itself",
+                };
+                info!("{who}: removed while its attach call was in flight: {then}");
                 return self.leaving.push(entry);
             }
             (_, true) => {

@@ -15,6 +15,8 @@
 //! which udevadm never prints), applied to a private copy of the fixture:
 //! - `#! wait 5s`: let virtual time pass;
 //! - `#! set sys/devices/.../size 31116288`: write a file (the value plus a newline);
+//! - `#! hex sys/devices/.../descriptors 12010002...`: write a file's bytes, in hex (a binary
+//!   attribute, as umockdev's `H:` lines give it);
 //! - `#! fill dev/sdc 512`: make a node file of that many readable bytes (0: no media; at most
 //!   [`MAX_FILL`]);
 //! - `#! rm sys/devices/...`: remove a file or directory;
@@ -143,6 +145,8 @@ pub enum DirectiveError {
     NoPath(&'static str),
     NoCount,
     TooBig(u64),
+    /// `hex` with no bytes, or not pairs of hex digits.
+    BadHex,
     /// Not an exit status (0-255).
     BadExit(String),
     /// Not a plain path under `sys/` or `dev/`.
@@ -155,11 +159,12 @@ pub enum DirectiveError {
 impl fmt::Display for DirectiveError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DirectiveError::Unknown(v) => write!(f, "unknown directive '{v}' (wait, set, fill, rm, dom0)"),
+            DirectiveError::Unknown(v) => write!(f, "unknown directive '{v}' (wait, set, hex, fill, rm, dom0)"),
             DirectiveError::NoDuration => f.write_str("wait needs a duration, e.g. 5s"),
             DirectiveError::NoPath(verb) => write!(f, "{verb} needs a path"),
             DirectiveError::NoCount => f.write_str("fill needs a byte count"),
             DirectiveError::TooBig(n) => write!(f, "fill of {n} bytes refused: at most {MAX_FILL}"),
+            DirectiveError::BadHex => f.write_str("hex needs the bytes as pairs of hex digits, e.g. 1201"),
             DirectiveError::BadExit(v) => write!(f, "dom0 {v}: an exit status is 0 to 255"),
             DirectiveError::BadPath(p) => write!(f, "{p}: directive paths are relative, under sys/ or dev/"),
             DirectiveError::Refused(e) => write!(f, "{e}"),
@@ -533,6 +538,7 @@ impl Run {
         }
         let verb = match verb {
             "set" => "set",
+            "hex" => "hex",
             "fill" => "fill",
             "rm" => "rm",
             other => return Err(DirectiveError::Unknown(other.to_owned())),
@@ -543,6 +549,10 @@ impl Run {
         let io = |e: io::Error| DirectiveError::Io(rel.to_owned(), e);
         match verb {
             "set" => write_beneath(work, path, format!("{}\n", rest.join(" ")).as_bytes()),
+            "hex" => {
+                let bytes = crate::umockdev::unhex(&rest.concat()).filter(|b| !b.is_empty());
+                write_beneath(work, path, &bytes.ok_or(DirectiveError::BadHex)?)
+            }
             "fill" => {
                 let n: u64 = rest.first().and_then(|n| n.parse().ok()).ok_or(DirectiveError::NoCount)?;
                 if n > MAX_FILL {
