@@ -194,7 +194,7 @@ pub fn drop_capabilities() -> std::io::Result<()> {
 #[derive(Debug)]
 pub struct Child<T> {
     pub pid: Pid,
-    /// What it does, for logs (`custom.USBDeviceAttach+work+__+sdb1`).
+    /// What it does, for logs (`custom.USBDeviceAttach+work+__+sdb1+__+0781+5581+4C53+u080650+1.0+1`).
     pub call: String,
     /// The device, for logs.
     pub device: String,

@@ -60,10 +60,11 @@ pub const COMMANDS: &[CommandSpec] = &[
         about: "\
 Runs the agent: reads kernel uevents, matches devices against the rules, waits until a
 matched device is ready (node, media, driver, published in qubesdb) and calls
-qrexec-client-vm dom0 custom.USBDeviceAttach+QUBE+__+DEV; when an attached block device is
-removed, custom.USBDeviceDetach. Devices present at start are matched too. SIGHUP rereads
-the rules (a broken set keeps the old one); SIGTERM and SIGINT stop it, leaving calls in
-flight alone.",
+qrexec-client-vm dom0 custom.USBDeviceAttach+QUBE+__+DEV+__+IDENT, where IDENT names the
+device matched; when an attached block device is removed, or its media removed,
+custom.USBDeviceDetach with the same argument. Devices present at start are matched too.
+SIGHUP rereads the rules (a broken set, or qubesdb not answering, keeps the old one);
+SIGTERM and SIGINT stop it, leaving calls in flight alone.",
         exits: &[0, 2, 3, 4],
     },
     CommandSpec {
