@@ -46,7 +46,7 @@ use std::sync::Arc;
 use crate::identity::{self, Identity, Records, SimError, Simulated};
 use crate::log::Escaped;
 use crate::names::{ATTACH_SERVICE, Call, CallError, DETACH_SERVICE, Kind};
-use crate::readiness::{Awaited, Facts, How, Pending, Prober, Target, Verdict, Why};
+use crate::readiness::{Awaited, Facts, How, Pending, Prober, Target, Unverifiable, Verdict, Why};
 use crate::rules::{Matcher, Rule, RuleSet};
 use crate::sysfs::Sysfs;
 use crate::uevent::{Action, Uevent};
@@ -454,7 +454,11 @@ impl Engine {
         let who = entry.who().to_owned();
         match (why, entry.call_in_flight()) {
             (_, true) if matches!(entry.state, State::Done(_)) => {
-                info!("{who}: removed while its attach call was in flight: detaching it once the call returns");
+                let then = match self.detaches(entry.target.kind) {
+                    true => "detaching it once the call returns",
+                    false => "not detached: Qubes detaches a removed USB device itself",
+                };
+                info!("{who}: removed while its attach call was in flight: {then}");
                 return self.leaving.push(entry);
             }
             (_, true) => {
@@ -729,9 +733,12 @@ impl Engine {
                 }
             }
             Verdict::Unverifiable(why) => {
+                let shows = match &why {
+                    Unverifiable::Published { record, .. } => format!("`qubesdb-multiread {record}` shows the record"),
+                    Unverifiable::Simulated(_) => "`autoattach test` shows the device".to_owned(),
+                };
                 error!(
-                    "{who}: not attached: no identity can be had from what Qubes published for it: {why} \
-                     (`qubesdb-multiread` shows the record; it will be tried again on its next change event)"
+                    "{who}: not attached: no identity can be had {why} ({shows}; it is tried again on its next change event)"
                 );
                 stop_watching(entry, out);
                 entry.state = State::GaveUp;

@@ -98,17 +98,35 @@ pub struct CallExit {
     pub text: &'static str,
     /// The line the agent logs: `text`, prefixed with who said it where that helps.
     pub logged: &'static str,
+    /// An Attach that ended so attached nothing, for certain: the handler's refusals (each
+    /// comes before its attach, or after undoing it), and qrexec's 126 and 127 (the service
+    /// never ran). Not 125: qrexec can fail after the service ran, and the device was
+    /// attached. An Attach that may have attached is undone by a Detach when the device goes
+    /// (harmless when nothing is attached: the handler answers 0).
+    pub attached_nothing: bool,
 }
 
 macro_rules! handler {
     ($code:literal, $text:literal) => {
-        CallExit { code: $code, by: By::Handler, text: $text, logged: concat!("dom0 handler: ", $text) }
+        CallExit {
+            code: $code,
+            by: By::Handler,
+            text: $text,
+            logged: concat!("dom0 handler: ", $text),
+            attached_nothing: true,
+        }
     };
 }
 
 macro_rules! qrexec {
-    ($code:literal, $text:literal) => {
-        CallExit { code: $code, by: By::Qrexec, text: $text, logged: concat!("qrexec: ", $text) }
+    ($code:literal, $attached_nothing:literal, $text:literal) => {
+        CallExit {
+            code: $code,
+            by: By::Qrexec,
+            text: $text,
+            logged: concat!("qrexec: ", $text),
+            attached_nothing: $attached_nothing,
+        }
     };
 }
 
@@ -120,6 +138,7 @@ pub const CALLS: [CallExit; 15] = [
         by: By::Handler,
         text: "attached or detached, or already in that state",
         logged: "done: attached or detached, or already in that state",
+        attached_nothing: false,
     },
     handler!(
         64,
@@ -135,10 +154,11 @@ pub const CALLS: [CallExit; 15] = [
     handler!(72, "qvm-block/qvm-usb attach or detach failed"),
     handler!(73, "identity mismatch: the device at DEV is not the one requested, or it cannot be verified here"),
     handler!(74, "busy: too many requests from this source in progress"),
-    qrexec!(125, "qrexec failure (QREXEC_EXIT_PROBLEM)"),
-    qrexec!(126, "refused by dom0's qrexec policy (QREXEC_EXIT_REQUEST_REFUSED)"),
+    qrexec!(125, false, "qrexec failure (QREXEC_EXIT_PROBLEM)"),
+    qrexec!(126, true, "refused by dom0's qrexec policy (QREXEC_EXIT_REQUEST_REFUSED)"),
     qrexec!(
         127,
+        true,
         "the policy allows the call but dom0 has no such service: install the handler (QREXEC_EXIT_SERVICE_NOT_FOUND)"
     ),
 ];
@@ -151,6 +171,13 @@ pub const CALL_SIGNAL: &str = "qrexec-client-vm was killed by a signal";
 /// What the exit status `code` of a call means, as the agent logs it.
 pub fn call_meaning(code: i32) -> &'static str {
     CALLS.iter().find(|c| c.code == code).map_or(CALL_OTHER, |c| c.logged)
+}
+
+/// Whether an Attach that exited with `code` attached nothing, for certain (see
+/// [`CallExit::attached_nothing`]); any code not in [`CALLS`] may come after an attach (a
+/// handler killed by a signal exits 128+N).
+pub fn call_attached_nothing(code: i32) -> bool {
+    CALLS.iter().any(|c| c.code == code && c.attached_nothing)
 }
 
 #[cfg(test)]

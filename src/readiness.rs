@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 
-use crate::identity::{self, Identity, QubesDbRead, Simulated};
+use crate::identity::{self, IdError, Identity, QubesDbRead, Simulated};
 use crate::names::Kind;
 use crate::qubesdb::{Client, Program, QdbError};
 use crate::sysfs::{MAX_ATTR, NodeProblem, Sysfs};
@@ -83,8 +83,27 @@ pub enum Verdict {
     NoMedia(Why),
     /// The device is gone.
     Gone,
-    /// Published, but no identity can be had from its records (why): it is not called.
-    Unverifiable(String),
+    /// Ready, but no identity can be had for it: it is not called.
+    Unverifiable(Unverifiable),
+}
+
+/// Why no identity can be had for a ready device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unverifiable {
+    /// From its published records (the record's directory, `/qubes-usb-devices/2-1/`).
+    Published { record: String, error: IdError },
+    /// From sysfs, with no qubesdb to check against: qubesd would give the records sysfs
+    /// simulates no id.
+    Simulated(IdError),
+}
+
+impl fmt::Display for Unverifiable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unverifiable::Published { record, error } => write!(f, "from qubesdb's record {record}: {error}"),
+            Unverifiable::Simulated(error) => write!(f, "from sysfs: {error}"),
+        }
+    }
 }
 
 /// A device whose publication is awaited: its record, what is wrong with it now, and how a
@@ -160,7 +179,7 @@ impl fmt::Display for Verdict {
             Verdict::Unpublished(awaited) => awaited.fmt(f),
             Verdict::NoMedia(why) => write!(f, "no media: {why}"),
             Verdict::Gone => f.write_str("gone"),
-            Verdict::Unverifiable(why) => write!(f, "no identity can be had from qubesdb: {why}"),
+            Verdict::Unverifiable(why) => write!(f, "no identity can be had {why}"),
         }
     }
 }
@@ -307,6 +326,17 @@ impl Publication {
         }
     }
 
+    /// Reads the records published for `expected`'s device and checks them against it
+    /// ([`identity::check`]): the identity a call would carry, or why there is none yet.
+    pub fn check(&self, expected: &Simulated) -> Result<identity::Verdict, QdbError> {
+        match self {
+            Publication::Socket(client) => {
+                identity::check(&mut *client.lock().unwrap_or_else(PoisonError::into_inner), expected)
+            }
+            Publication::Program(program) => identity::check(&mut &*program, expected),
+        }
+    }
+
     /// True if a device not yet published can be watched for.
     pub fn watches(&self) -> bool {
         matches!(self, Publication::Socket(_))
@@ -351,7 +381,7 @@ impl Prober {
         match &self.qubesdb {
             None => match target.expected.identity() {
                 Ok(identity) => Verdict::Ready(Facts { identity }),
-                Err(e) => Verdict::Unverifiable(e.to_string()),
+                Err(e) => Verdict::Unverifiable(Unverifiable::Simulated(e)),
             },
             Some(db) => published(db, target),
         }
@@ -427,12 +457,10 @@ impl Prober {
 /// qubesdb, checked against what sysfs gave when the rule matched ([`identity::check`]).
 fn published(db: &Publication, target: &Target) -> Verdict {
     let expected = &*target.expected;
-    let (checked, how) = match db {
-        Publication::Socket(client) => {
-            let mut client = client.lock().unwrap_or_else(PoisonError::into_inner);
-            (identity::check(&mut *client, expected), How::Watch(expected.triggers()))
-        }
-        Publication::Program(program) => (identity::check(&mut &*program, expected), How::Ask(program.path.clone())),
+    let checked = db.check(expected);
+    let how = match db {
+        Publication::Socket(_) => How::Watch(expected.triggers()),
+        Publication::Program(program) => How::Ask(program.path.clone()),
     };
     let record = expected.port.qubesdb_dir();
     let awaited = |pending| Verdict::Unpublished(Awaited { record, pending, how });
@@ -442,8 +470,8 @@ fn published(db: &Publication, target: &Target) -> Verdict {
         Ok(identity::Verdict::Send(identity)) => Verdict::Ready(Facts { identity }),
         Ok(identity::Verdict::Unpublished) => awaited(Pending::Absent),
         Ok(identity::Verdict::Mismatch { expected, published }) => awaited(Pending::Mismatch { expected, published }),
-        Ok(identity::Verdict::Unverifiable(e)) => {
-            Verdict::Unverifiable(format!("{}: {e}", expected.port.qubesdb_dir()))
+        Ok(identity::Verdict::Unverifiable(error)) => {
+            Verdict::Unverifiable(Unverifiable::Published { record: expected.port.qubesdb_dir(), error })
         }
     }
 }
@@ -700,6 +728,19 @@ mod tests {
                 published: "id \"46f4:0001:EVIL:u080650:1.0\"".into(),
             })
         );
+        // An interface entry qubesd would fail on: no identity, said where it came from.
+        publish(dev.path(), "/qubes-usb-devices/2-1/interfaces", ":08065x:");
+        let record = "/qubes-block-devices/sdb/".to_owned();
+        let error = IdError::Interface(b"08065x".to_vec());
+        let unverifiable = Verdict::Unverifiable(Unverifiable::Published { record, error: error.clone() });
+        assert_eq!(p.check(&disk(&tree)), unverifiable);
+        assert_eq!(
+            unverifiable.to_string(),
+            "no identity can be had from qubesdb's record /qubes-block-devices/sdb/: interface entry \"08065x\" is \
+             not hex digits: qubesd would fail on it"
+        );
+        let simulated = Verdict::Unverifiable(Unverifiable::Simulated(error));
+        assert!(simulated.to_string().starts_with("no identity can be had from sysfs: interface entry"), "{simulated}");
         std::fs::write(&reader, "#!/bin/sh\nexec sleep 10\n").unwrap();
         let slow = Prober { qubesdb: Some(program(Duration::from_millis(100))), ..p };
         let start = std::time::Instant::now();

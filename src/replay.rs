@@ -15,6 +15,8 @@
 //! which udevadm never prints), applied to a private copy of the fixture:
 //! - `#! wait 5s`: let virtual time pass;
 //! - `#! set sys/devices/.../size 31116288`: write a file (the value plus a newline);
+//! - `#! hex sys/devices/.../descriptors 12010002...`: write a file's bytes, in hex (a binary
+//!   attribute, as umockdev's `H:` lines give it);
 //! - `#! fill dev/sdc 512`: make a node file of that many readable bytes (0: no media; at most
 //!   [`MAX_FILL`]);
 //! - `#! rm sys/devices/...`: remove a file or directory;
@@ -61,8 +63,6 @@ pub struct ReplayOptions {
     pub config: Config,
 }
 
-/// The exit code for input that is missing, unreadable or refused.
-pub const EXIT_INPUT: u8 = 5;
 /// The most bytes a `#! fill` makes (readiness reads only the first 4 KiB).
 pub const MAX_FILL: u64 = 1 << 20;
 /// The largest file copied from a fixture (sysfs attributes are a page; node stand-ins small).
@@ -80,7 +80,7 @@ pub enum ReplayError {
     /// file or a tree too large.
     Refused(PathBuf, BeneathError),
     /// A umockdev recording is malformed or leaves its tree.
-    Recording(PathBuf, String),
+    Recording(PathBuf, RecordingError),
     /// The event stream is malformed.
     Events(PathBuf, TextError),
     /// A directive is malformed or refused (path, 1-based line).
@@ -95,8 +95,8 @@ impl ReplayError {
     /// The documented exit code: 3 for rules with errors, 5 for anything about the input.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ReplayError::Rules(_) => crate::runloop::EXIT_RULES,
-            _ => EXIT_INPUT,
+            ReplayError::Rules(_) => crate::exit::RULES,
+            _ => crate::exit::INPUT,
         }
     }
 }
@@ -117,6 +117,26 @@ impl fmt::Display for ReplayError {
 
 impl std::error::Error for ReplayError {}
 
+/// What is wrong with a umockdev recording.
+#[derive(Debug)]
+pub enum RecordingError {
+    NotUtf8,
+    /// A line `umockdev-record` does not write, or one that leaves the tree.
+    Format(crate::umockdev::FormatError),
+    /// Its tree could not be written into the work directory.
+    Write(io::Error),
+}
+
+impl fmt::Display for RecordingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecordingError::NotUtf8 => f.write_str("not UTF-8 text"),
+            RecordingError::Format(e) => e.fmt(f),
+            RecordingError::Write(e) => write!(f, "cannot write its tree: {e}"),
+        }
+    }
+}
+
 /// What is wrong with a `#!` directive.
 #[derive(Debug)]
 pub enum DirectiveError {
@@ -125,6 +145,8 @@ pub enum DirectiveError {
     NoPath(&'static str),
     NoCount,
     TooBig(u64),
+    /// `hex` with no bytes, or not pairs of hex digits.
+    BadHex,
     /// Not an exit status (0-255).
     BadExit(String),
     /// Not a plain path under `sys/` or `dev/`.
@@ -137,11 +159,12 @@ pub enum DirectiveError {
 impl fmt::Display for DirectiveError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DirectiveError::Unknown(v) => write!(f, "unknown directive '{v}' (wait, set, fill, rm, dom0)"),
+            DirectiveError::Unknown(v) => write!(f, "unknown directive '{v}' (wait, set, hex, fill, rm, dom0)"),
             DirectiveError::NoDuration => f.write_str("wait needs a duration, e.g. 5s"),
             DirectiveError::NoPath(verb) => write!(f, "{verb} needs a path"),
             DirectiveError::NoCount => f.write_str("fill needs a byte count"),
             DirectiveError::TooBig(n) => write!(f, "fill of {n} bytes refused: at most {MAX_FILL}"),
+            DirectiveError::BadHex => f.write_str("hex needs the bytes as pairs of hex digits, e.g. 1201"),
             DirectiveError::BadExit(v) => write!(f, "dom0 {v}: an exit status is 0 to 255"),
             DirectiveError::BadPath(p) => write!(f, "{p}: directive paths are relative, under sys/ or dev/"),
             DirectiveError::Refused(e) => write!(f, "{e}"),
@@ -259,12 +282,10 @@ fn write_recording(recording: &Path, work: &Work) -> Result<(), ReplayError> {
     let name = Path::new(recording.file_name().unwrap_or_default());
     let bytes = beneath::read(open_dir(dir)?, name, MAX_BYTES, Links::Refuse)
         .map_err(|e| ReplayError::Refused(dir.to_owned(), e))?;
-    let text =
-        String::from_utf8(bytes).map_err(|_| ReplayError::Recording(recording.to_owned(), "not UTF-8 text".into()))?;
-    let devices =
-        crate::umockdev::parse(&text).map_err(|e| ReplayError::Recording(recording.to_owned(), e.to_string()))?;
-    crate::umockdev::write_tree(&devices, &work.path)
-        .map_err(|e| ReplayError::Recording(recording.to_owned(), e.to_string()))
+    let fail = |e| ReplayError::Recording(recording.to_owned(), e);
+    let text = String::from_utf8(bytes).map_err(|_| fail(RecordingError::NotUtf8))?;
+    let devices = crate::umockdev::parse(&text).map_err(|e| fail(RecordingError::Format(e)))?;
+    crate::umockdev::write_tree(&devices, &work.path).map_err(|e| fail(RecordingError::Write(e)))
 }
 
 /// What a copy has taken so far, against [`MAX_FILES`] and [`MAX_BYTES`].
@@ -517,6 +538,7 @@ impl Run {
         }
         let verb = match verb {
             "set" => "set",
+            "hex" => "hex",
             "fill" => "fill",
             "rm" => "rm",
             other => return Err(DirectiveError::Unknown(other.to_owned())),
@@ -527,6 +549,10 @@ impl Run {
         let io = |e: io::Error| DirectiveError::Io(rel.to_owned(), e);
         match verb {
             "set" => write_beneath(work, path, format!("{}\n", rest.join(" ")).as_bytes()),
+            "hex" => {
+                let bytes = crate::umockdev::unhex(&rest.concat()).filter(|b| !b.is_empty());
+                write_beneath(work, path, &bytes.ok_or(DirectiveError::BadHex)?)
+            }
             "fill" => {
                 let n: u64 = rest.first().and_then(|n| n.parse().ok()).ok_or(DirectiveError::NoCount)?;
                 if n > MAX_FILL {
@@ -645,5 +671,24 @@ mod tests {
         let gone = a.path.clone();
         drop(a);
         assert!(!gone.exists());
+    }
+
+    /// A recording that is not text, or holds a line `umockdev-record` never writes, is
+    /// refused with what is wrong and where.
+    #[test]
+    fn malformed_recordings_say_what_is_wrong() {
+        let dir = Work::new().unwrap();
+        let work = Work::new().unwrap();
+        let binary = dir.path.join("binary.umockdev");
+        std::fs::write(&binary, b"P: /devices/\xff\n").unwrap();
+        let err = write_recording(&binary, &work).unwrap_err();
+        assert!(matches!(&err, ReplayError::Recording(p, RecordingError::NotUtf8) if *p == binary), "{err:?}");
+        assert_eq!(err.to_string(), format!("{}: not UTF-8 text", binary.display()));
+        let odd = dir.path.join("odd.umockdev");
+        std::fs::write(&odd, "P: /devices/x\nQ: what=1\n").unwrap();
+        let err = write_recording(&odd, &work).unwrap_err();
+        let ReplayError::Recording(_, RecordingError::Format(e)) = &err else { panic!("{err:?}") };
+        assert_eq!(e.line, 2, "{err}");
+        assert_eq!(err.to_string(), format!("{}: line 2: unknown line type 'Q:'", odd.display()));
     }
 }

@@ -46,6 +46,7 @@ use nix::sys::signalfd::SignalFd;
 use nix::unistd::Pid;
 
 use crate::engine::{Config, Effect, Engine, Job, Outcome, Ticket};
+use crate::exit::Failure;
 use crate::log::{Escaped, RateLimited};
 use crate::names::Call;
 use crate::netlink::{Received, UeventSocket};
@@ -152,20 +153,6 @@ impl std::fmt::Debug for Connect {
     }
 }
 
-/// Why the agent could not start or go on, with the exit code that tells systemd why.
-#[derive(Debug)]
-pub struct Fatal {
-    pub code: u8,
-    pub message: String,
-}
-
-pub const EXIT_RULES: u8 = 3;
-pub const EXIT_STARTUP: u8 = 4;
-
-fn fatal(code: u8) -> impl Fn(String) -> Fatal {
-    move |message| Fatal { code, message }
-}
-
 /// Prints every rules error and warning; true if there was no error.
 pub fn report_rules(parsed: &Parsed) -> bool {
     for e in &parsed.errors {
@@ -177,8 +164,22 @@ pub fn report_rules(parsed: &Parsed) -> bool {
     parsed.errors.is_empty()
 }
 
-/// Runs the agent until SIGTERM or SIGINT (`Ok`), or returns why it could not start or go on.
-pub fn run(opts: RunOptions) -> Result<(), Fatal> {
+/// The rules a command can act on, every error and warning printed: rules with errors are
+/// [`Failure::rules`] (3); rules a source could not be asked for (qubesdb not answering) are
+/// incomplete, [`Failure::fatal`] (4).
+pub fn usable_rules(parsed: Parsed) -> Result<crate::rules::RuleSet, Failure> {
+    if !report_rules(&parsed) {
+        return Err(Failure::rules(format!("{} error(s) in the rules", parsed.errors.len())));
+    }
+    match parsed.unreachable.first() {
+        Some(why) => Err(Failure::fatal(why.to_string())),
+        None => Ok(parsed.set),
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT (`Ok`), or returns why it could not start or go on
+/// ([`crate::exit::RULES`] for rules with errors, else [`crate::exit::FATAL`], which systemd restarts).
+pub fn run(opts: RunOptions) -> Result<(), Failure> {
     one_malloc_arena();
     let mut agent = Loop::start(opts)?;
     loop {
@@ -461,7 +462,7 @@ const SETTLE_MS: u64 = 5;
 
 impl Loop {
     /// Everything up to coldplug: signals, socket, rules, workers; then the coldplug itself.
-    fn start(opts: RunOptions) -> Result<Loop, Fatal> {
+    fn start(opts: RunOptions) -> Result<Loop, Failure> {
         let start = Instant::now();
         let sigfd = block_signals()?;
         if let Err(e) = crate::spawn::cloexec_inherited_fds() {
@@ -469,14 +470,14 @@ impl Loop {
         }
         // The socket first, so nothing that happens during coldplug is missed.
         let socket = open_socket(opts.rcvbuf)?;
-        let sysfs = Arc::new(Sysfs::new(&opts.sysfs).map_err(|e| fatal(EXIT_STARTUP)(format!("sysfs: {e}")))?);
+        let sysfs = Arc::new(Sysfs::new(&opts.sysfs).map_err(|e| Failure::fatal(format!("sysfs: {e}")))?);
         let rules = initial_rules(&opts.load_rules)?;
         match &opts.qubesdb {
             Some(db) => info!("a ready device is called once Qubes publishes it in qubesdb, awaited with {db}"),
             None => info!("qubesdb publication is not awaited (--no-qubesdb, or no qubesdb here)"),
         }
         let (wake, wake_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-            .map_err(|e| fatal(EXIT_STARTUP)(format!("pipe: {}", e.desc())))?;
+            .map_err(|e| Failure::fatal(format!("pipe: {}", e.desc())))?;
         let shared = Arc::new(Shared {
             prober: Prober { sysfs: sysfs.clone(), dev: opts.dev.clone(), nodes: Nodes::Real, qubesdb: opts.qubesdb },
             caller: caller(&opts.client, opts.dry_run),
@@ -485,7 +486,7 @@ impl Loop {
         let (results, finished) = mpsc::channel();
         let mut pool = Pool::new(opts.workers, opts.probe_deadline, shared.clone(), results);
         for _ in 0..pool.size {
-            pool.spawn_worker().map_err(|e| fatal(EXIT_STARTUP)(format!("cannot start probe workers: {e}")))?;
+            pool.spawn_worker().map_err(|e| Failure::fatal(format!("cannot start probe workers: {e}")))?;
         }
         let mut agent = Loop {
             engine: Engine::new(rules, opts.config),
@@ -583,7 +584,7 @@ impl Loop {
 
     /// One iteration: wait for something to do (socket, signals, finished probes, qubesdb
     /// watches, timers) and do it.
-    fn turn(&mut self) -> Result<Flow, Fatal> {
+    fn turn(&mut self) -> Result<Flow, Failure> {
         self.set_aside_stuck_probes();
         let now = self.now();
         let settling = self.settle_until > now && self.engine.undescribed();
@@ -646,7 +647,7 @@ impl Loop {
     }
 
     /// Waits in poll; returns which of socket, signals, wake pipe, qubesdb watch are ready.
-    fn wait(&self, timeout: PollTimeout) -> Result<[bool; 4], Fatal> {
+    fn wait(&self, timeout: PollTimeout) -> Result<[bool; 4], Failure> {
         let watch = self.watches.as_ref().and_then(|w| w.conn.as_ref()).map(|c| c.fd());
         let mut fds = [
             PollFd::new(self.socket.as_fd(), PollFlags::POLLIN),
@@ -657,7 +658,7 @@ impl Loop {
         let n = if watch.is_some() { 4 } else { 3 };
         match poll(&mut fds[..n], timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => return Err(fatal(EXIT_STARTUP)(format!("poll: {}", e.desc()))),
+            Err(e) => return Err(Failure::fatal(format!("poll: {}", e.desc()))),
         }
         let ready = |i: usize| i < n && fds[i].revents().is_some_and(|r| !r.is_empty());
         Ok([ready(0), ready(1), ready(2), ready(3)])
@@ -824,21 +825,21 @@ impl Loop {
 
 /// Blocks the signals the loop reads from a signalfd, before any thread exists, so that all
 /// threads inherit the mask and the signals reach only the signalfd.
-fn block_signals() -> Result<SignalFd, Fatal> {
+fn block_signals() -> Result<SignalFd, Failure> {
     use nix::sys::signal::SigSet;
     use nix::sys::signalfd::SfdFlags;
     let mut signals = SigSet::empty();
     for s in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
         signals.add(s);
     }
-    signals.thread_block().map_err(|e| fatal(EXIT_STARTUP)(format!("blocking signals: {}", e.desc())))?;
+    signals.thread_block().map_err(|e| Failure::fatal(format!("blocking signals: {}", e.desc())))?;
     SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-        .map_err(|e| fatal(EXIT_STARTUP)(format!("signalfd: {}", e.desc())))
+        .map_err(|e| Failure::fatal(format!("signalfd: {}", e.desc())))
 }
 
 /// Opens the uevent socket, says what receive buffer it got, and drops every capability.
-fn open_socket(rcvbuf: usize) -> Result<UeventSocket, Fatal> {
-    let socket = UeventSocket::open(rcvbuf).map_err(|e| fatal(EXIT_STARTUP)(e.to_string()))?;
+fn open_socket(rcvbuf: usize) -> Result<UeventSocket, Failure> {
+    let socket = UeventSocket::open(rcvbuf).map_err(|e| Failure::fatal(e.to_string()))?;
     let (granted, forced) = socket.rcvbuf();
     info!(
         "listening for kernel uevents (receive buffer {} KiB{})",
@@ -851,13 +852,14 @@ fn open_socket(rcvbuf: usize) -> Result<UeventSocket, Fatal> {
     Ok(socket)
 }
 
-/// The rules at start: any error stops the agent.
-fn initial_rules(load: &RuleLoader) -> Result<crate::rules::RuleSet, Fatal> {
-    let parsed = (load.0)();
-    if !report_rules(&parsed) {
-        return Err(fatal(EXIT_RULES)(format!("{} error(s) in the rules; nothing started", parsed.errors.len())));
-    }
-    let rules = parsed.set;
+/// The rules at start: any error stops the agent (exit 3, not restarted), and so does a
+/// source that could not be asked (exit 4: systemd starts it again), since a rule set without
+/// the rules dom0 sets could attach where they would not.
+fn initial_rules(load: &RuleLoader) -> Result<crate::rules::RuleSet, Failure> {
+    let rules = usable_rules((load.0)()).map_err(|f| {
+        let then = if f.code == crate::exit::RULES { "" } else { " (exit 4: systemd starts the agent again)" };
+        Failure::new(f.code, format!("{}; nothing started{then}", f.message))
+    })?;
     if rules.is_empty() {
         warning!("no rules: nothing will be attached (see `autoattach check`)");
     } else {
@@ -903,15 +905,13 @@ fn release_free_memory() {
 
 fn reload(engine: &mut Engine, load: &RuleLoader) {
     let parsed = (load.0)();
-    if report_rules(&parsed) {
-        info!("reloaded {} rule(s)", parsed.set.rules.len());
-        engine.reload(parsed.set);
-    } else {
-        error!(
-            "reload refused: {} error(s) in the rules; keeping the {} rule(s) in use",
-            parsed.errors.len(),
-            engine.rules().rules.len()
-        );
+    let kept = engine.rules().rules.len();
+    match usable_rules(parsed) {
+        Ok(rules) => {
+            info!("reloaded {} rule(s)", rules.rules.len());
+            engine.reload(rules);
+        }
+        Err(f) => error!("reload refused: {}; keeping the {kept} rule(s) in use", f.message),
     }
 }
 

@@ -194,7 +194,7 @@ pub fn drop_capabilities() -> std::io::Result<()> {
 #[derive(Debug)]
 pub struct Child<T> {
     pub pid: Pid,
-    /// What it does, for logs (`custom.USBDeviceAttach+work+__+sdb1`).
+    /// What it does, for logs (`custom.USBDeviceAttach+work+__+sdb1+__+0781+5581+4C53+u080650+1.0+1`).
     pub call: String,
     /// The device, for logs.
     pub device: String,
@@ -222,10 +222,15 @@ impl Exit {
 }
 
 impl Exit {
-    /// Whether an attach call that ended so may have attached the device: a non-zero exit
-    /// is dom0's (or qrexec's) refusal; a signal, or an exit that was lost (-1), may not be.
+    /// Whether an attach call that ended so may have attached the device: all but the exits
+    /// that attached nothing for certain ([`crate::exit::call_attached_nothing`]: the dom0
+    /// handler's refusals, qrexec's 126 and 127). qrexec's 125, a code of no one's, a
+    /// signal, an exit that was lost (-1): the device may be attached.
     pub fn may_have_attached(self) -> bool {
-        !matches!(self, Exit::Code(code) if code > 0)
+        match self {
+            Exit::Code(code) => !crate::exit::call_attached_nothing(code),
+            Exit::Signal(_) => true,
+        }
     }
 }
 
@@ -316,6 +321,40 @@ mod tests {
         panic!("child did not exit");
     }
 
+    /// The child's argv, read once it sleeps. posix_spawn returns when the child releases our
+    /// memory, a moment before the new image's cmdline is readable; and while `sleep` starts
+    /// it opens locale files of its own, so its fds are looked at only once it is in
+    /// clock_nanosleep or nanosleep.
+    fn cmdline_once_asleep(proc: &Path) -> Vec<u8> {
+        let mut cmdline = Vec::new();
+        for _ in 0..1000 {
+            cmdline = std::fs::read(proc.join("cmdline")).unwrap();
+            if !cmdline.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for _ in 0..1000 {
+            let syscall = std::fs::read_to_string(proc.join("syscall")).unwrap_or_default();
+            if matches!(syscall.split_whitespace().next(), Some("230" | "35")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        cmdline
+    }
+
+    /// The open fds of a process, sorted.
+    fn open_fds(proc: &Path) -> Vec<String> {
+        let mut fds: Vec<String> = std::fs::read_dir(proc.join("fd"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().into_string().unwrap())
+            .collect();
+        fds.sort();
+        fds
+    }
+
     /// The child runs in its own session with exactly our argv, fds 0-2 on /dev/null and
     /// nothing else, an empty signal mask and default dispositions. Observed from outside,
     /// through /proc, while it sleeps.
@@ -332,38 +371,11 @@ mod tests {
         assert!(spawner.ignored.contains(Signal::SIGUSR2) && spawner.ignored.contains(Signal::SIGPIPE));
         let pid = spawner.spawn(&[c"5"]).unwrap();
         let proc = PathBuf::from(format!("/proc/{pid}"));
-        // posix_spawn returns when the child releases our memory, a moment before the new
-        // image's cmdline is readable.
-        let mut cmdline = Vec::new();
-        for _ in 0..1000 {
-            cmdline = std::fs::read(proc.join("cmdline")).unwrap();
-            if !cmdline.is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(cmdline, b"/bin/sleep\x005\x00");
-        // Look once `sleep` is asleep (in clock_nanosleep or nanosleep): while it starts it
-        // opens locale files of its own.
-        for _ in 0..1000 {
-            let syscall = std::fs::read_to_string(proc.join("syscall")).unwrap_or_default();
-            if matches!(syscall.split_whitespace().next(), Some("230" | "35")) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let fds = || {
-            let mut fds: Vec<String> = std::fs::read_dir(proc.join("fd"))
-                .unwrap()
-                .flatten()
-                .map(|e| e.file_name().into_string().unwrap())
-                .collect();
-            fds.sort();
-            fds
-        };
+        assert_eq!(cmdline_once_asleep(&proc), b"/bin/sleep\x005\x00");
+        let fds = open_fds(&proc);
         let what: Vec<String> =
-            fds().iter().map(|fd| format!("{fd} -> {:?}", std::fs::read_link(proc.join("fd").join(fd)))).collect();
-        assert_eq!(fds(), ["0", "1", "2"], "{what:?}");
+            fds.iter().map(|fd| format!("{fd} -> {:?}", std::fs::read_link(proc.join("fd").join(fd)))).collect();
+        assert_eq!(fds, ["0", "1", "2"], "{what:?}");
         for fd in 0..3 {
             assert_eq!(std::fs::read_link(proc.join(format!("fd/{fd}"))).unwrap(), Path::new("/dev/null"));
         }
@@ -417,6 +429,21 @@ mod tests {
                 assert_eq!(waitpid(child, None).unwrap(), WaitStatus::Exited(child, 0));
             }
         }
+    }
+
+    /// A removed device gets a Detach unless its Attach attached nothing for certain: the
+    /// handler refused (64-74), or qrexec never ran the service (126 policy, 127 no such
+    /// service). qrexec's 125 can come after dom0 attached it, and so can a code of no one's
+    /// (a handler killed by SIGKILL: 137) or a signal; a Detach is harmless there.
+    #[test]
+    fn only_exits_that_attached_nothing_for_certain_skip_the_detach() {
+        let attached_nothing: Vec<i32> = (-1..=255).filter(|&c| !Exit::Code(c).may_have_attached()).collect();
+        let mut want: Vec<i32> = (64..=74).collect();
+        want.extend([126, 127]);
+        assert_eq!(attached_nothing, want);
+        assert!(Exit::Code(125).may_have_attached());
+        assert!(Exit::Code(0).may_have_attached());
+        assert!(Exit::Signal(Signal::SIGKILL).may_have_attached());
     }
 
     #[test]

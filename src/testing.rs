@@ -86,7 +86,6 @@ impl Tree {
         let t = Tree::new();
         let pci = "/devices/pci0000:00/0000:00:14.0";
         let usb = format!("{pci}/usb2/2-1");
-        let scsi = format!("{usb}/2-1:1.0/host6/target6:0:0/6:0:0:0");
         t.device("/devices/pci0000:00", "pci_bus", "", None, &[]);
         t.device(pci, "pci", "DRIVER=xhci_hcd\nPCI_CLASS=C0330\n", Some("xhci_hcd"), &[("vendor", b"0x1b36\n")]);
         t.device(
@@ -118,30 +117,36 @@ impl Tree {
             Some("usb-storage"),
             &[("bInterfaceClass", b"08\n"), ("bInterfaceSubClass", b"06\n"), ("bInterfaceProtocol", b"50\n")],
         );
-        t.device(&format!("{usb}/2-1:1.0/host6"), "scsi", "DEVTYPE=scsi_host\n", None, &[]);
-        t.device(&format!("{usb}/2-1:1.0/host6/target6:0:0"), "scsi", "DEVTYPE=scsi_target\n", None, &[]);
-        t.device(
+        t.scsi_disk(&format!("{usb}/2-1:1.0"));
+        t
+    }
+
+    /// SCSI host 6, its target and device under `interface`, disk sdb and partition sdb1.
+    fn scsi_disk(&self, interface: &str) {
+        let scsi = format!("{interface}/host6/target6:0:0/6:0:0:0");
+        self.device(&format!("{interface}/host6"), "scsi", "DEVTYPE=scsi_host\n", None, &[]);
+        self.device(&format!("{interface}/host6/target6:0:0"), "scsi", "DEVTYPE=scsi_target\n", None, &[]);
+        self.device(
             &scsi,
             "scsi",
             "DEVTYPE=scsi_device\nDRIVER=sd\n",
             Some("sd"),
             &[("vendor", b"QEMU    \n"), ("model", b"QEMU HARDDISK   \n"), ("type", b"0\n")],
         );
-        t.device(
+        self.device(
             &format!("{scsi}/block/sdb"),
             "block",
             "MAJOR=8\nMINOR=16\nDEVNAME=sdb\nDEVTYPE=disk\nDISKSEQ=9\n",
             None,
             &[("size", b"2048\n"), ("removable", b"1\n")],
         );
-        t.device(
+        self.device(
             &format!("{scsi}/block/sdb/sdb1"),
             "block",
             "MAJOR=8\nMINOR=17\nDEVNAME=sdb1\nDEVTYPE=partition\nPARTN=1\n",
             None,
             &[("size", b"2000\n"), ("partition", b"1\n")],
         );
-        t
     }
 }
 

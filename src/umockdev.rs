@@ -398,7 +398,8 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
+/// Bytes from hex digits (umockdev's `H:` values), None if they are not pairs of hex digits.
+pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
     let text = text.trim();
     if text.len() % 2 != 0 {
         return None;

@@ -6,14 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Cases where replay cannot yet give what the live kernel did, and why. The test checks that
-/// they still differ: when replay learns the case, it fails and asks to drop the entry.
-const KNOWN_GAPS: &[(&str, &str)] = &[(
-    "qemu-cd-empty",
-    "an empty CD drive has a non-zero size (2097151) but an unreadable node; a recording holds no \
-     node contents, so replay's stand-in node is readable and replay attaches it",
-)];
-
 /// The three captures each case holds.
 const CAPTURES: [&str; 3] = ["events", "events-mixed", "events-udev"];
 
@@ -73,16 +65,12 @@ fn captured_cases_replay_to_the_live_calls() {
     for case in captured_cases() {
         let name = name(&case);
         let expected = std::fs::read_to_string(case.join("expected")).expect("read expected");
-        let gap = KNOWN_GAPS.iter().find(|(gap, _)| *gap == name);
         for capture in CAPTURES {
             let (code, calls, stderr) = replay(&case, capture);
-            match gap {
-                None if code != Some(0) || !same_calls(capture, &expected, &calls) => failures.push(format!(
+            if code != Some(0) || !same_calls(capture, &expected, &calls) {
+                failures.push(format!(
                     "{name} ({capture}): exit {code:?}\nexpected:\n{expected}replayed:\n{calls}stderr:\n{stderr}"
-                )),
-                Some((_, why)) if code == Some(0) && same_calls(capture, &expected, &calls) => failures
-                    .push(format!("{name} ({capture}) now replays as the kernel did; drop it from KNOWN_GAPS ({why})")),
-                _ => {}
+                ));
             }
         }
     }

@@ -211,8 +211,15 @@ fn test_explains_a_non_match_key_by_key() {
 #[test]
 fn list_shows_identity_and_rule() {
     let case = fixtures().join("usb-stick");
-    let out =
-        run(&["list", "--sysfs", case.join("sys").to_str().unwrap(), "--rules", case.join("rules").to_str().unwrap()]);
+    let sys = case.join("sys");
+    let out = run(&[
+        "list",
+        "--no-qubesdb",
+        "--sysfs",
+        sys.to_str().unwrap(),
+        "--rules",
+        case.join("rules").to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(0));
     let text = stdout(&out);
     let rules = case.join("rules");
@@ -223,7 +230,8 @@ fn list_shows_identity_and_rule() {
          #   usb device     1-2 0781:5581, manufacturer \" USB\", product \" SanDisk 3.2Gen1\"\n\
          #   serial         \"4C530001230101115543\"\n\
          #   interfaces     :080650:\n\
-         #   qubes id       \"0781:5581:4C530001230101115543:u080650:1.0:1\"\n\
+         #   identity       id \"0781:5581:4C530001230101115543:u080650:1.0:1\" (R4.3 device id, from sysfs: no \
+         qubesdb here to check against)\n\
          #   rule           {}:2 -> ATTACH=\"backup\"\n\
          SUBSYSTEM==\"block\", ENV{{DEVTYPE}}==\"partition\", ENV{{PARTN}}==\"1\", ATTRS{{idVendor}}==\"0781\", \
          ATTRS{{idProduct}}==\"5581\", ATTRS{{serial}}==\"4C530001230101115543\", ATTACH=\"QUBE\"\n",
@@ -619,6 +627,18 @@ fn replay_refuses_a_huge_fill() {
     assert!(stderr(&out).contains("events:1: fill of 2000000000 bytes refused: at most 1048576"), "{}", stderr(&out));
 }
 
+/// `#! hex` writes bytes given as hex digits, and refuses anything else.
+#[test]
+fn replay_hex_writes_bytes_and_refuses_bad_digits() {
+    let (case, _) = tampered_case("hex");
+    std::fs::write(case.join("events"), "#! hex dev/sdc 12zz\n").unwrap();
+    let out = replay_case(&case);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("events:1: hex needs the bytes as pairs of hex digits"), "{}", stderr(&out));
+    std::fs::write(case.join("events"), "#! hex sys/x 1\n").unwrap();
+    assert!(stderr(&replay_case(&case)).contains("events:1: hex needs the bytes"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Identity (issue 9)
 
@@ -631,7 +651,7 @@ fn ident_fields(call: &str) -> Vec<String> {
 /// in the same port under the same name differ only in serial, and so do their calls; the
 /// Detach that follows the first Attach carries the first stick's identity. When dom0 answers
 /// the first Attach with 73 (it found another device there and attached nothing), no Detach
-/// follows at all.
+/// follows at all; when qrexec answers 125 (it failed, maybe after dom0 attached A), it does.
 #[test]
 fn a_swap_while_dom0_asks_names_each_stick() {
     let case = fixtures().join("swap");
@@ -655,6 +675,46 @@ fn a_swap_while_dom0_asks_names_each_stick() {
     let log = stderr(&out);
     assert!(log.contains("exit 73: dom0 handler: identity mismatch"), "{log}");
     assert!(log.contains("its attach call did not attach it: nothing to detach"), "{log}");
+
+    // qrexec's 125 may come after dom0 attached stick A: the Detach follows all the same.
+    let events = std::fs::read_to_string(case.join("events")).unwrap().replace("#! dom0 10s\n", "#! dom0 10s 125\n");
+    std::fs::write(dir.join("events"), events).unwrap();
+    let out = run(&["replay", case.to_str().unwrap(), dir.join("events").to_str().unwrap()]);
+    assert_eq!(stdout(&out), format!("{a}\n{b}\n{detach}\n"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("exit 125: qrexec: qrexec failure"), "{}", stderr(&out));
+}
+
+/// Issue 9's swap at a USB port (tests/fixtures/port-swap): the security key's usb_device
+/// rule matches, its Attach waits on dom0, the key is pulled and a keyboard appears at the same
+/// port 1-4. The keyboard does not match the key's rule: one call, the key's, and no Detach
+/// (Qubes detaches a removed USB device itself). With a rule that matches the port, both are
+/// called, each with its own identity (vendor, product and interfaces differ), and neither is
+/// detached.
+#[test]
+fn a_usb_port_swap_while_dom0_asks_names_each_device() {
+    let case = fixtures().join("port-swap");
+    let key = "custom.USBDeviceAttach+vault+__+1-4+__+1050+0407++u030101u030000u0b0000";
+    let out = run(&["replay", case.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("qrexec-client-vm dom0 {key}\n"), "{}", stderr(&out));
+    let log = stderr(&out);
+    assert!(log.contains("removed while its attach call was in flight: not detached: Qubes detaches"), "{log}");
+
+    let dir = tempdir("port-swap");
+    let port = dir.join("port.rules");
+    std::fs::write(&port, "SUBSYSTEM==\"usb\", ENV{DEVTYPE}==\"usb_device\", KERNEL==\"1-4\", ATTACH=\"vault\"\n")
+        .unwrap();
+    let out = run(&["replay", case.to_str().unwrap(), "--rules", port.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let calls: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    let [a, b] = &calls[..] else { panic!("{calls:?}\n{}", stderr(&out)) };
+    assert_eq!(*a, format!("qrexec-client-vm dom0 {key}"));
+    assert!(b.contains("USBDeviceAttach+vault+__+1-4+__+"), "{b}");
+    let (fa, fb) = (ident_fields(a), ident_fields(b));
+    assert_eq!((fa.len(), fb.len()), (4, 4), "{fa:?} {fb:?}");
+    let differ: Vec<usize> = (0..4).filter(|&i| fa[i] != fb[i]).collect();
+    assert_eq!(differ, [0, 1, 3], "vendor, product and interfaces differ; neither has a serial: {fa:?} {fb:?}");
+    assert_eq!(fb, ["046d", "c31c", "", "u030101"]);
 }
 
 /// A stick without a serial has a stable, documented identity: an empty serial field

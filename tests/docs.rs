@@ -286,3 +286,14 @@ fn dom0_man_page_lists_the_handlers_variables() {
     assert!(!header.is_empty(), "no AUTOATTACH_ variables in the handler's header");
     assert_eq!(man, header, "man/autoattach-dom0.8.scd ENVIRONMENT and dom0/custom.USBDeviceAttach's header");
 }
+
+/// `run --help` names the call as the agent makes it, with the identity (IDENTITY.md §2), as
+/// autoattach(8) does, and says a Detach follows media removal too, not only removal.
+#[test]
+fn run_help_names_the_call_with_its_identity() {
+    let call = "custom.USBDeviceAttach+QUBE+__+DEV+__+IDENT";
+    let text = words(&help(&["run", "--help"]));
+    assert!(text.contains(&format!("{call}, where IDENT names the device matched")), "{text}");
+    assert!(text.contains("when an attached block device is removed, or its media removed"), "{text}");
+    assert!(plain(&read("man/autoattach.8.scd")).contains(call), "man/autoattach.8.scd");
+}

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,8 +38,11 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(tag: &str, specs: &[&str]) -> Daemon {
-        let dir = common::tempdir(tag);
+    fn start<S: AsRef<OsStr>>(tag: &str, specs: &[S]) -> Daemon {
+        Daemon::spawn(common::tempdir(tag), specs)
+    }
+
+    fn spawn<S: AsRef<OsStr>>(dir: PathBuf, specs: &[S]) -> Daemon {
         let mut child = Command::new(standin())
             .args(["daemon", "-l"])
             .arg(dir.join("log"))
@@ -53,6 +57,13 @@ impl Daemon {
         std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut ready).unwrap();
         assert_eq!(ready, "ready\n", "the stand-in daemon did not start");
         Daemon { child, dir }
+    }
+
+    /// Another daemon in this one's place, on the same sockets (qubes-db restarted).
+    fn restart(mut self, specs: &[&str]) -> Daemon {
+        let dir = std::mem::take(&mut self.dir);
+        drop(self); // kills it; its directory, now empty, is kept
+        Daemon::spawn(dir, specs)
     }
 
     fn rw(&self) -> PathBuf {
@@ -242,7 +253,7 @@ fn a_daemon_that_never_answers_costs_the_deadline() {
 
 #[test]
 fn bad_keys_are_refused_before_anything_is_sent() {
-    let d = Daemon::start("qdb-keys", &[]);
+    let d = Daemon::start("qdb-keys", &[] as &[&str]);
     let mut c = d.client();
     for key in ["relative", "/ends/with/", "/a b", "/a\\b", &format!("/{}", "x".repeat(63))] {
         assert!(matches!(c.read(key), Err(QdbError::BadKey { .. })), "{key}");
@@ -349,4 +360,222 @@ fn the_fallback_is_bounded_in_time_and_output() {
     let broken = script(dir, "broken", "echo 'Failed connect to local daemon' >&2; exit 1");
     let err = broken.read("/k").unwrap_err().to_string();
     assert!(err.ends_with("broken /k: failed (exit 1): \"Failed connect to local daemon\""), "{err}");
+}
+
+// --- the rules dom0 sets, /vm-config/autoattach-rules -----------------------------------------
+
+const RULES_KEY: &str = "/vm-config/autoattach-rules";
+
+/// `autoattach ARGS --qubesdb-socket` the daemon's read-only socket, no `--rules`: the default
+/// places (absent here, or the host's own) and qubesdb.
+fn autoattach(d: &Daemon, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_autoattach"))
+        .args(args)
+        .arg("--qubesdb-socket")
+        .arg(d.ro())
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// qubesdb that cannot be asked for the rules (the connection dropped, no answer in time,
+/// an answer that is not qubesdb's) is exit 4, which the unit restarts: never 3, which it
+/// does not, so one failure at boot does not leave the agent down for good. The log names
+/// qubesdb, the key and what to do. `check` says the same, and so do `list` and `test`.
+#[test]
+fn qubesdb_not_answering_for_the_rules_is_a_restartable_failure() {
+    let cases = [
+        ("qdb-rules-drop", "drop:", "closed the connection while answering /vm-config/autoattach-rules"),
+        ("qdb-rules-garbage", "garbage:", "answered /vm-config/autoattach-rules with a message of type 238"),
+        ("qdb-rules-silent", "silent:", "did not answer for /vm-config/autoattach-rules within 2000 ms"),
+    ];
+    for (tag, spec, why) in cases {
+        let d = Daemon::start(tag, &[format!("{spec}{RULES_KEY}")]);
+        let out = autoattach(&d, &["run", "--dry-run"]);
+        let log = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{spec} {log}");
+        let socket = d.ro().display().to_string();
+        let want = format!("error: qubesdb:{RULES_KEY}: cannot read: qubesdb at {socket} {why}");
+        assert!(log.contains(&want), "{spec}: want {want:?} in\n{log}");
+        assert!(log.contains("systemctl status qubes-db"), "{log}");
+        assert!(log.contains("nothing started (exit 4: systemd starts the agent again)"), "{log}");
+        assert!(!log.contains("error(s) in the rules"), "{log}");
+    }
+}
+
+/// The same through the `qubesdb-read` fallback (which `check`, `list` and `test` use where
+/// there is no socket): a reader that fails is exit 4 for every command that loads rules, and
+/// `check` says where it could not look.
+#[test]
+fn a_failing_qubesdb_read_for_the_rules_is_exit_4_everywhere() {
+    let dir = Dir::new("qdb-rules-program");
+    let broken = script(&dir.0, "qubesdb-read", "echo 'Failed connect to local daemon' >&2; exit 1");
+    let reader = broken.path.to_str().unwrap();
+    let want = format!(
+        "qubesdb:{RULES_KEY}: cannot read: {reader} {RULES_KEY}: failed (exit 1): \"Failed connect to local daemon\""
+    );
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_autoattach"))
+            .args(args)
+            .args(["--qubesdb-read", reader])
+            .env_remove("JOURNAL_STREAM")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["check"]);
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{report}");
+    assert!(report.contains(&format!("  qubesdb:{RULES_KEY}: cannot be asked now (see below)\n")), "{report}");
+    assert!(report.contains(&want), "want {want:?} in\n{report}");
+    assert!(report.contains("0 error(s), 0 warning(s); 1 source(s) could not be asked"), "{report}");
+    for command in [&["run", "--dry-run"][..], &["list"], &["test", "lo"]] {
+        let out = run(command);
+        let log = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{command:?}: {log}");
+        assert!(log.contains(&want), "{command:?}: want {want:?} in\n{log}");
+    }
+}
+
+/// The key absent: no rules from there, and the agent starts. A value with errors, or one
+/// that is not UTF-8, is an error in the rules: exit 3 (waiting does not mend it).
+#[test]
+fn rules_absent_from_qubesdb_start_and_wrong_rules_there_are_exit_3() {
+    let d = Daemon::start("qdb-rules-absent", &["/vm-config/other=1"]);
+    let dir = Dir::new("qdb-rules-absent-agent");
+    let socket = d.ro();
+    let args = ["--dry-run", "--qubesdb-socket", socket.to_str().unwrap()];
+    let mut agent = common::Agent::start(&dir.0, "agent", &args, &[]);
+    assert!(agent.stop().success(), "{}", agent.stderr());
+    assert!(d.log().contains(&format!("read {RULES_KEY}")), "{:?}", d.log());
+
+    let d = Daemon::start("qdb-rules-wrong", &[format!("{RULES_KEY}=KERNEL=\"sdb\", ATTACH=\"work\"")]);
+    let out = autoattach(&d, &["run", "--dry-run"]);
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{log}");
+    assert!(log.contains(&format!("qubesdb:{RULES_KEY}:1:7: KERNEL can only be matched with == or !=")), "{log}");
+
+    let mut bad = std::ffi::OsString::from(format!("{RULES_KEY}=ATTRS{{serial}}==\""));
+    bad.push(<OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"\xff\", ATTACH=\"work\""));
+    let d = Daemon::start("qdb-rules-binary", &[bad]);
+    let out = autoattach(&d, &["run", "--dry-run"]);
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{log}");
+    assert!(log.contains(&format!("qubesdb:{RULES_KEY}: not UTF-8 (hint: set it again from dom0")), "{log}");
+}
+
+/// SIGHUP while qubesdb cannot be asked keeps the rules in use (a reload would otherwise drop
+/// the rules dom0 set), says why, and the agent goes on; once qubesdb answers, a SIGHUP takes
+/// the rules again.
+#[test]
+fn a_reload_while_qubesdb_does_not_answer_keeps_the_rules() {
+    let rule = "SUBSYSTEM==\"block\", KERNEL==\"autoattach-none\", ATTACH=\"work\"";
+    let d = Daemon::start("qdb-rules-reload", &[format!("{RULES_KEY}={rule}")]);
+    let dir = Dir::new("qdb-rules-reload-agent");
+    let socket = d.ro();
+    let args = ["--dry-run", "--qubesdb-socket", socket.to_str().unwrap()];
+    let mut agent = common::Agent::start(&dir.0, "agent", &args, &[]);
+    assert!(agent.stderr().contains("loaded 1 rule(s)"), "{}", agent.stderr());
+    let d = d.restart(&[&format!("drop:{RULES_KEY}")]);
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let want = format!(
+        "error: reload refused: qubesdb:{RULES_KEY}: cannot read: qubesdb at {} closed the connection",
+        socket.display()
+    );
+    agent.wait_for(|a| a.stderr().contains(&want), "the refused reload");
+    assert!(agent.stderr().contains("; keeping the 1 rule(s) in use\n"), "{}", agent.stderr());
+    assert!(agent.alive(), "{}", agent.stderr());
+    let _d = d.restart(&[&format!("{RULES_KEY}={rule}\n{rule}")]);
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.wait_for(|a| a.stderr().contains("reloaded 2 rule(s)"), "the reload once qubesdb answers");
+    assert!(agent.stop().success(), "{}", agent.stderr());
+}
+
+// --- `list` and `test`: the identity a call would carry -----------------------------------------
+
+/// What Qubes R4.3's udev scripts publish for the usb-stick fixture's sda1, its disk and its
+/// USB device 1-2 (udev-block-add-change, udev-usb-add-change; desc with udev's \xNN escapes).
+const STICK_R43: [&str; 6] = [
+    "/qubes-block-devices/sda1/desc=SanDisk_3.2Gen1 ()",
+    "/qubes-block-devices/sda1/parent=sda",
+    "/qubes-block-devices/sda/desc=SanDisk_3.2Gen1 ()",
+    "/qubes-block-devices/sda/parent=1-2:1.0",
+    "/qubes-usb-devices/1-2/desc=0781:5581 \\x20USB \\x20SanDisk\\x203.2Gen1 4C530001230101115543",
+    "/qubes-usb-devices/1-2/interfaces=:080650:",
+];
+
+/// R4.1/R4.2 publish `desc` only: a block device's model and label, a USB device's
+/// `VID:PID ID_SERIAL` (udev-usb-add-change at v4.2).
+const STICK_R42: [&str; 2] = [
+    "/qubes-block-devices/sda1/desc=SanDisk_3.2Gen1 (BACKUP)",
+    "/qubes-usb-devices/1-2/desc=0781:5581 _USB_SanDisk_3.2Gen1_4C530001230101115543",
+];
+
+/// `autoattach ARGS` over the usb-stick fixture, asking the daemon `d` through the stand-in
+/// as `qubesdb-read` (the fallback `list` and `test` use where there is no socket).
+fn over_stick(d: &Daemon, args: &[&str]) -> (Option<i32>, String) {
+    let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/usb-stick");
+    let tools = d.dir.join("opt-tools");
+    let reader = if tools.exists() { tools.join("qubesdb-read") } else { reader_in(&tools, d) };
+    let out = Command::new(env!("CARGO_BIN_EXE_autoattach"))
+        .args(args)
+        .arg("--sysfs")
+        .arg(case.join("sys"))
+        .arg("--rules")
+        .arg(case.join("rules"))
+        .arg("--qubesdb-read")
+        .arg(reader)
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .unwrap();
+    (out.status.code(), text(&out.stdout) + &text(&out.stderr))
+}
+
+/// The `#   identity` line of device `name` in `list`'s output.
+fn listed_identity(d: &Daemon, name: &str) -> String {
+    let (code, text) = over_stick(d, &["list"]);
+    assert_eq!(code, Some(0), "{text}");
+    let block = text.split(&format!("# {name}\n")).nth(1).unwrap_or_else(|| panic!("{name} not listed:\n{text}"));
+    let line = block.lines().find(|l| l.starts_with("#   identity ")).unwrap();
+    line["#   identity ".len()..].trim_start().to_owned()
+}
+
+/// In a Qubes qube, `list` and `test` show the identity the call would carry, as the agent
+/// checks it against what Qubes published: on R4.1/R4.2 the published desc (not the R4.3 id
+/// sysfs gives, which that call would not carry), on R4.3 the device id; a device not yet
+/// published, or published as another one, has none yet, and the line says why.
+#[test]
+fn list_and_test_show_the_identity_the_call_would_carry() {
+    let id = "id \"0781:5581:4C530001230101115543:u080650:1.0:1\"";
+    let d = Daemon::start("qdb-list-r42", &STICK_R42);
+    let form = "(R4.1/R4.2 form: the published desc; this qube publishes no device ids)";
+    assert_eq!(listed_identity(&d, "sda1"), format!("desc \"SanDisk_3.2Gen1 (BACKUP)\" {form}"));
+    let usb = listed_identity(&d, "1-2");
+    assert_eq!(usb, format!("desc \"0781:5581 _USB_SanDisk_3.2Gen1_4C530001230101115543\" {form}"));
+    let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/usb-stick");
+    let (code, text) = over_stick(&d, &["test", "sda1", "--dev", case.join("dev").to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&format!("\n  identity: desc \"SanDisk_3.2Gen1 (BACKUP)\" {form}\n")), "{text}");
+    let call = "custom.USBDeviceAttach+backup+__+sda1+__+desc+SanDisk_5f3.2Gen1_20_28BACKUP_29";
+    assert!(text.contains(&format!("would call: qrexec-client-vm dom0 {call}\n")), "{text}");
+
+    let d = Daemon::start("qdb-list-r43", &STICK_R43);
+    assert_eq!(listed_identity(&d, "sda1"), format!("{id} (R4.3 device id, as qubesdb publishes it)"));
+
+    let d = Daemon::start("qdb-list-none", &[] as &[&str]);
+    assert_eq!(listed_identity(&d, "sda1"), format!("none yet: not published in qubesdb (sysfs gives {id})"));
+
+    let evil = STICK_R43.map(|r| r.replace("4C530001230101115543", "EVIL0000000000000000"));
+    let d = Daemon::start("qdb-list-evil", &evil);
+    assert_eq!(
+        listed_identity(&d, "sda1"),
+        format!(
+            "none: qubesdb publishes id \"0781:5581:EVIL0000000000000000:u080650:1.0:1\" here, this device is {id} \
+             (no call until they agree)"
+        )
+    );
 }

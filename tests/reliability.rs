@@ -241,12 +241,12 @@ fn list_and_test_escape_hostile_strings() {
         &dir,
         "SUBSYSTEM==\"block\", ENV{DEVTYPE}==\"partition\", ATTRS{idVendor}==\"1234\", ATTRS{serial}==\"+:$(id)`x`*\", ATTACH=\"work\"\n",
     );
-    let out = run(&["list", "--sysfs", sys.to_str().unwrap(), "--rules", rules.to_str().unwrap()]);
+    let out = run(&["list", "--no-qubesdb", "--sysfs", sys.to_str().unwrap(), "--rules", rules.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_printable("list stdout", &out.stdout);
     assert_printable("list stderr", &out.stderr);
     let listing = text(&out.stdout);
-    // The qubes id: udev's serial (see below) and the interfaces; a partition adds 1.0 and its
+    // The identity: udev's serial (see below) and the interfaces; a partition adds 1.0 and its
     // number.
     let id = format!("1234:5678:+:__id__x____{}:u080650", "A".repeat(498));
     for (dev, id) in [("sdd1", format!("{id}:1.0:1")), ("sdd", format!("{id}:1.0")), ("1-8", id.clone())] {
@@ -267,7 +267,8 @@ fn list_and_test_escape_hostile_strings() {
             format!("\"+:$(id)`x`\\\"\\\\;{}\"", "A".repeat(4096 - 13)),
             "the whole 4 KiB serial"
         );
-        assert_eq!(field("qubes id"), format!("\"{id}\""), "{dev}");
+        let from_sysfs = "(R4.3 device id, from sysfs: no qubesdb here to check against)";
+        assert_eq!(field("identity"), format!("id \"{id}\" {from_sysfs}"), "{dev}");
     }
     assert!(listing.contains("rules:1 -> ATTACH=\"work\""), "{listing}");
 
@@ -957,12 +958,8 @@ fn a_hanging_qubesdb_read_is_bounded() {
     slow.attach(&file);
     agent.wait_for(|_| std::fs::read_to_string(&pids).is_ok_and(|p| !p.is_empty()), "the first qubesdb read");
     let other = Loop::create(650);
-    let seen = Instant::now();
-    agent.wait_for(
-        |a| a.stderr().contains(&format!("debug: uevent add /devices/virtual/block/{} (block)", other.name())),
-        "another device's event while a probe hangs",
-    );
-    assert!(seen.elapsed() < Duration::from_secs(1), "the loop waited for the hanging probe: {:?}", seen.elapsed());
+    let event = format!("debug: uevent add /devices/virtual/block/{} (block)", other.name());
+    agent.wait_for(|a| a.stderr().contains(&event), "another device's event while a probe hangs");
     let gave_up = format!(
         "{}: gave up after 5000 ms: {} /qubes-block-devices/{}/desc: no answer within 2000 ms, killed",
         slow.name(),
@@ -970,6 +967,11 @@ fn a_hanging_qubesdb_read_is_bounded() {
         slow.name()
     );
     agent.wait_for(|a| a.stderr().contains(&gave_up), "the give-up");
+    // The hanging read is killed 2 s after it started, and the probe's verdict logged then: a
+    // loop that waited for the probe would have read the other device's event only after it.
+    let log = agent.stderr();
+    let (read, killed) = (log.find(&event).unwrap(), log.find("no answer within 2000 ms, killed").unwrap());
+    assert!(read < killed, "the loop waited for the hanging probe:\n{log}");
     assert_eq!(agent.stdout(), "", "never published: never called");
     for pid in std::fs::read_to_string(&pids).unwrap().lines() {
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "qubesdb-read stand-in {pid} still running");
@@ -1031,7 +1033,7 @@ fn sigterm_leaves_calls_in_flight_running() {
         &dir,
         "agent",
         &["--no-qubesdb", "--qrexec-client", client.to_str().unwrap(), "--rules", r.to_str().unwrap()],
-        &[("AUTOATTACH_STANDIN_LOG", log.to_str().unwrap()), ("AUTOATTACH_STANDIN_SLEEP", "4")],
+        &[("AUTOATTACH_STANDIN_LOG", log.to_str().unwrap()), ("AUTOATTACH_STANDIN_SLEEP", "8")],
     );
     let dev = Loop::create(670);
     dev.attach(&file);
@@ -1039,9 +1041,9 @@ fn sigterm_leaves_calls_in_flight_running() {
     agent.wait_for(|a| a.stderr().contains(&calling), "the call");
     let log_text = agent.stderr();
     let pid: i32 = log_text.split(&calling).nth(1).unwrap().split(')').next().unwrap().parse().unwrap();
-    let stopped = Instant::now();
+    // The child sleeps 8 s: an agent that waited for it would miss stop()'s 5 s, and would
+    // have reaped it (checked below).
     assert!(agent.stop().success());
-    assert!(stopped.elapsed() < Duration::from_secs(2), "the agent waited for its child");
     assert!(agent.stderr().contains("exiting; 1 call(s) still running are left alone"), "{}", agent.stderr());
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the call still runs");
     let state = status.lines().find(|l| l.starts_with("State:")).unwrap();
@@ -1051,7 +1053,7 @@ fn sigterm_leaves_calls_in_flight_running() {
     // It finishes on its own.
     let start = Instant::now();
     while std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| !s.contains("State:\tZ")) {
-        assert!(start.elapsed() < Duration::from_secs(10), "the call never finished");
+        assert!(start.elapsed() < Duration::from_secs(30), "the call never finished");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -1112,12 +1114,14 @@ fn a_call_that_exits_at_once_is_always_reaped() {
         agent.wait_for(|a| a.stderr().contains(&calling), "the coldplug call");
         let log = agent.stderr();
         let pid: i32 = log.split(&calling).nth(1).unwrap().split(')').next().unwrap().parse().unwrap();
+        // Unreaped, the child stays a zombie for good (no other child exits to bring a SIGCHLD):
+        // 20 s is long enough that a loaded machine is never mistaken for that.
         let since = Instant::now();
         while !agent.stderr().contains(&reaped) {
-            if since.elapsed() > Duration::from_secs(3) {
+            if since.elapsed() > Duration::from_secs(20) {
                 let state = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
                 let state = state.lines().find(|l| l.starts_with("State:")).unwrap_or("State: gone");
-                panic!("start {start}: call pid {pid} not reaped after 3 s ({state})\n{}", agent.stderr());
+                panic!("start {start}: call pid {pid} not reaped after 20 s ({state})\n{}", agent.stderr());
             }
             std::thread::sleep(Duration::from_millis(5));
         }

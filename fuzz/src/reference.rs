@@ -8,8 +8,8 @@
 //!   are each compared the same way, and an empty alternative matches the empty value;
 //! - a missing string value compares as empty; a missing or unreadable attribute fails the
 //!   test whatever its operator;
-//! - an attribute value loses its trailing `" \t\n\r"` (WHITESPACE) unless the pattern ends in
-//!   a character C's isspace() accepts;
+//! - an attribute value loses its trailing `" \t\n\r"` (WHITESPACE) unless the pattern's first
+//!   non-empty `|` alternative ends in a character C's isspace() accepts;
 //! - attributes are read as sd_device_get_sysattr_value does: trailing newlines dropped, cut at
 //!   the first NUL; a directory fails; a link is read as its target's basename for `driver`,
 //!   `subsystem` and `module`, and fails for any other name;
@@ -160,7 +160,10 @@ fn c_isspace(b: u8) -> bool {
 
 fn attr_test(t: &Test, value: Option<Vec<u8>>) -> bool {
     let Some(mut value) = value else { return false };
-    if t.pattern.last().is_some_and(|&b| !c_isspace(b)) {
+    // udev turns the pattern's `|` into NULs (dropping empty alternatives) before it looks at
+    // the last byte (rule_line_add_token: strlen, isspace): the first non-empty alternative's.
+    let first = t.pattern.split(|&b| b == b'|').find(|a| !a.is_empty()).unwrap_or_default();
+    if first.last().is_some_and(|&b| !c_isspace(b)) {
         while value.last().is_some_and(|b| b" \t\n\r".contains(b)) {
             value.pop();
         }

@@ -60,10 +60,11 @@ pub const COMMANDS: &[CommandSpec] = &[
         about: "\
 Runs the agent: reads kernel uevents, matches devices against the rules, waits until a
 matched device is ready (node, media, driver, published in qubesdb) and calls
-qrexec-client-vm dom0 custom.USBDeviceAttach+QUBE+__+DEV; when an attached block device is
-removed, custom.USBDeviceDetach. Devices present at start are matched too. SIGHUP rereads
-the rules (a broken set keeps the old one); SIGTERM and SIGINT stop it, leaving calls in
-flight alone.",
+qrexec-client-vm dom0 custom.USBDeviceAttach+QUBE+__+DEV+__+IDENT, where IDENT names the
+device matched; when an attached block device is removed, or its media removed,
+custom.USBDeviceDetach with the same argument. Devices present at start are matched too.
+SIGHUP rereads the rules (a broken set, or qubesdb not answering, keeps the old one);
+SIGTERM and SIGINT stop it, leaving calls in flight alone.",
         exits: &[0, 2, 3, 4],
     },
     CommandSpec {
@@ -76,8 +77,9 @@ flight alone.",
 Reads the rules (the FILEs and DIRs given, with --rules too, or else the default places and
 qubesdb), says where it looked and what it found there, and prints every error as
 file:line:col: message, then warnings for rules that are risky or can never attach. A DIR
-contributes its *.rules files in name order. With no rules anywhere it says so.",
-        exits: &[0, 2, 3],
+contributes its *.rules files in name order. With no rules anywhere it says so. Exits 3
+if there is an error, else 4 if qubesdb could not be asked (the rules are incomplete).",
+        exits: &[0, 2, 3, 4],
     },
     CommandSpec {
         command: Test,

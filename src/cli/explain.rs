@@ -7,7 +7,7 @@ use std::path::Path;
 use super::{Opts, client, config, present_event, print, qubesdb, sources::Sources, sysfs};
 use crate::engine::{self, Effect, Engine};
 use crate::exit::{self, Failure};
-use crate::readiness::{Nodes, Prober};
+use crate::readiness::{Nodes, Prober, Publication};
 use crate::rules::{self, Rule, Test, Trace};
 use crate::runloop;
 use crate::sysfs::Sysfs;
@@ -15,15 +15,15 @@ use crate::uevent::{Action, Uevent};
 
 pub fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
     let sysfs = sysfs(opts)?;
-    let parsed = Sources::of(opts).load();
-    if !runloop::report_rules(&parsed) {
-        return Err(Failure::rules(format!("{} error(s) in the rules", parsed.errors.len())));
-    }
+    let rules = runloop::usable_rules(Sources::of(opts).load())?;
     let action = opts.action.unwrap_or(Action::Add);
     let (devpath, datagram) = present_event(&sysfs, name, action.as_str())?;
     let event = Uevent::parse(&datagram).map_err(|e| Failure::input(format!("{devpath}: {e}")))?;
     let mut report = String::new();
-    let _ = writeln!(report, "device {devpath}\n  {}", crate::identity::describe(&sysfs, &devpath));
+    let db = qubesdb(opts);
+    let device = crate::identity::describe(&sysfs, &devpath).device;
+    let identity = super::list::identity(&sysfs, &devpath, db.as_ref());
+    let _ = writeln!(report, "device {devpath}\n  {device}\n  identity: {identity}");
     let devtype = event.devtype().unwrap_or("-");
     let _ = writeln!(report, "  event: {} {} {devtype} (from sysfs)", event.action, event.subsystem);
     if engine::attachable(&event).is_none() {
@@ -34,16 +34,16 @@ pub fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
         print(&report)?;
         return Ok(exit::NO_MATCH);
     }
-    let mut matcher = rules::Matcher::new(&parsed.set);
+    let mut matcher = rules::Matcher::new(&rules);
     let mut explain = Explain { out: report, parents_started: false };
-    let first = matcher.explain(&sysfs, &parsed.set, &event, &mut explain);
+    let first = matcher.explain(&sysfs, &rules, &event, &mut explain);
     let mut report = explain.out;
     let Some(index) = first else {
         report.push_str("\nno rule matches: nothing would be called\n");
         print(&report)?;
         return Ok(exit::NO_MATCH);
     };
-    let rule = &parsed.set.rules[index];
+    let rule = &rules.rules[index];
     let _ = writeln!(report, "\nfirst match: {} -> ATTACH=\"{}\"", rule.location(), rule.attach);
     if action == Action::Remove {
         let dev = crate::log::Escaped(event.get("DEVNAME").unwrap_or_else(|| event.kernel()).as_bytes()).to_string();
@@ -58,14 +58,21 @@ pub fn test(opts: &Opts, name: &str) -> Result<u8, Failure> {
         print(&report)?;
         return Ok(exit::NO_MATCH);
     }
-    would_call(opts, sysfs, parsed.set, &event, &mut report);
+    would_call(opts, sysfs, db, rules, &event, &mut report);
     print(&report)?;
     Ok(exit::SUCCESS)
 }
 
 /// The engine on this one event, a readiness probe now, and the call it would make: the
 /// same probe-then-call step ([`engine::Job::run`]) as `run` and `replay`.
-fn would_call(opts: &Opts, sysfs: Sysfs, rules: rules::RuleSet, event: &Uevent<'_>, report: &mut String) {
+fn would_call(
+    opts: &Opts,
+    sysfs: Sysfs,
+    qubesdb: Option<Publication>,
+    rules: rules::RuleSet,
+    event: &Uevent<'_>,
+    report: &mut String,
+) {
     let mut engine = Engine::new(rules, config(opts));
     let mut effects = Vec::new();
     engine.on_event(&sysfs, event, 0, &mut effects);
@@ -73,7 +80,7 @@ fn would_call(opts: &Opts, sysfs: Sysfs, rules: rules::RuleSet, event: &Uevent<'
     // Under the real /dev a node must be a block device; a fixture's nodes are files.
     let dev = opts.dev.clone().unwrap_or_else(|| "/dev".into());
     let nodes = if dev == Path::new("/dev") { Nodes::Real } else { Nodes::Fixture };
-    let prober = Prober { sysfs: std::sync::Arc::new(sysfs), dev, nodes, qubesdb: qubesdb(opts) };
+    let prober = Prober { sysfs: std::sync::Arc::new(sysfs), dev, nodes, qubesdb };
     let client = client(opts);
     for effect in effects {
         let Effect::Probe(mut job) = effect else { continue };

@@ -9,7 +9,7 @@
 //! #   usb device     2-1 0781:5581, manufacturer "SanDisk", product "Cruzer Blade"
 //! #   serial         "4C530001230101115543"
 //! #   interfaces     :080650:
-//! #   qubes id       "0781:5581:4C530001230101115543:u080650:1.0:1"
+//! #   identity       id "0781:5581:4C530001230101115543:u080650:1.0:1" (R4.3 device id, ...)
 //! #   rule           /etc/autoattach/rules.d/backup.rules:3 -> ATTACH="backup"
 //! SUBSYSTEM=="block", ENV{DEVTYPE}=="partition", ENV{PARTN}=="1", ATTRS{idVendor}=="0781", ...
 //! ```
@@ -23,9 +23,11 @@
 
 use std::fmt::Write as _;
 
-use super::{Opts, print, sources::Sources, sysfs};
+use super::{Opts, print, qubesdb, sources::Sources, sysfs};
 use crate::exit::{self, Failure};
+use crate::identity::{Identity, Verdict};
 use crate::log::Escaped;
+use crate::readiness::Publication;
 use crate::rules::{self, Matcher, RuleSet};
 use crate::sysfs::{MAX_ATTR, Sysfs};
 use crate::uevent::Uevent;
@@ -36,21 +38,19 @@ pub const PLACEHOLDER: &str = "QUBE";
 
 pub fn list(opts: &Opts) -> Result<u8, Failure> {
     let sysfs = sysfs(opts)?;
-    let parsed = Sources::of(opts).load();
-    if !runloop::report_rules(&parsed) {
-        return Err(Failure::rules(format!("{} error(s) in the rules", parsed.errors.len())));
-    }
+    let rules = runloop::usable_rules(Sources::of(opts).load())?;
+    let db = qubesdb(opts);
     let devices = present(&sysfs);
-    let mut matcher = Matcher::new(&parsed.set);
+    let mut matcher = Matcher::new(&rules);
     let mut out = String::new();
     for (devpath, datagram) in &devices {
         let Ok(event) = Uevent::parse(datagram) else { continue };
-        let rule = match matcher.first_match(&sysfs, &parsed.set, &event) {
-            Some(i) => format!("{} -> ATTACH=\"{}\"", parsed.set.rules[i].location(), parsed.set.rules[i].attach),
+        let rule = match matcher.first_match(&sysfs, &rules, &event) {
+            Some(i) => format!("{} -> ATTACH=\"{}\"", rules.rules[i].location(), rules.rules[i].attach),
             None => "no rule matches".into(),
         };
         describe(&mut out, &sysfs, devpath, &event);
-        qubes_id(&mut out, &sysfs, devpath);
+        label(&mut out, "identity", &identity(&sysfs, devpath, db.as_ref()));
         label(&mut out, "rule", &rule);
         match rule_line(&sysfs, &event) {
             Ok(line) => {
@@ -149,15 +149,33 @@ fn describe(out: &mut String, sysfs: &Sysfs, devpath: &str, event: &Uevent<'_>) 
     }
 }
 
-/// The Qubes device id the call would carry (R4.3's `device_id`), as qubesd would compute it
-/// from the records Qubes' udev scripts publish, simulated from sysfs.
-fn qubes_id(out: &mut String, sysfs: &Sysfs, devpath: &str) {
-    let id = crate::identity::from_sysfs(sysfs, devpath)
-        .map_err(|e| e.to_string())
-        .and_then(|simulated| simulated.device_id().map_err(|e| e.to_string()));
-    match id {
-        Ok(id) => label(out, "qubes id", &format!("\"{}\"", Escaped(id.as_bytes()))),
-        Err(why) => label(out, "qubes id", &format!("none ({why})")),
+/// The identity a call for the device would carry, labelled with its form. In a Qubes qube
+/// (`db`), what the published records give, checked against sysfs as the agent checks them:
+/// R4.3's device id, or on R4.1/R4.2 the published `desc`; or why there is none now. Without
+/// qubesdb, the R4.3 id that qubesd would compute from the records sysfs simulates.
+pub(super) fn identity(sysfs: &Sysfs, devpath: &str, db: Option<&Publication>) -> String {
+    let simulated = match crate::identity::from_sysfs(sysfs, devpath) {
+        Ok(simulated) => simulated,
+        Err(why) => return format!("none ({why})"),
+    };
+    let from_sysfs = match simulated.device_id() {
+        Ok(id) => format!("id \"{}\"", Escaped(id.as_bytes())),
+        Err(why) => return format!("none ({why})"),
+    };
+    let Some(db) = db else {
+        return format!("{from_sysfs} (R4.3 device id, from sysfs: no qubesdb here to check against)");
+    };
+    match db.check(&simulated) {
+        Ok(Verdict::Send(id @ Identity::Id(_))) => format!("{id} (R4.3 device id, as qubesdb publishes it)"),
+        Ok(Verdict::Send(desc @ Identity::Desc(_))) => {
+            format!("{desc} (R4.1/R4.2 form: the published desc; this qube publishes no device ids)")
+        }
+        Ok(Verdict::Unpublished) => format!("none yet: not published in qubesdb (sysfs gives {from_sysfs})"),
+        Ok(Verdict::Mismatch { expected, published }) => {
+            format!("none: qubesdb publishes {published} here, this device is {expected} (no call until they agree)")
+        }
+        Ok(Verdict::Unverifiable(why)) => format!("none: {why}"),
+        Err(why) => format!("{from_sysfs} from sysfs (R4.3 form); qubesdb could not be asked: {why}"),
     }
 }
 

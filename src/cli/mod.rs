@@ -195,25 +195,26 @@ fn run(opts: &Opts) -> Result<u8, Failure> {
         probe_deadline: runloop::PROBE_DEADLINE,
         watch,
     };
-    runloop::run(options).map(|()| exit::SUCCESS).map_err(|f| Failure::new(f.code, f.message))
+    runloop::run(options).map(|()| exit::SUCCESS)
 }
 
 fn record(opts: &Opts, name: &str) -> Result<u8, Failure> {
     let sysfs = sysfs(opts)?;
     let (devpath, _) = present_event(&sysfs, name, "add")?;
     let io_fail = |e: std::io::Error| Failure::input(format!("recording {devpath}: {e}"));
-    let dev = opts.dev.clone().unwrap_or_else(|| "/dev".into());
+    // Nodes are looked at under --dev, or /dev for the system's own sysfs: the system's
+    // /dev says nothing about a fixture tree's devices.
+    let dev = opts.dev.clone().or_else(|| opts.sysfs.is_none().then(|| "/dev".into()));
+    let dev = dev.as_deref();
     match &opts.output {
         Some(path) => {
             let fail = |e: std::io::Error| Failure::input(format!("{}: {e}", path.display()));
             let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(fail)?);
-            crate::umockdev::record(&sysfs, &devpath, Some(&dev), &mut file).map_err(io_fail)?;
+            crate::umockdev::record(&sysfs, &devpath, dev, &mut file).map_err(io_fail)?;
             file.flush().map_err(fail)?;
             info!("recorded {devpath} and its parents to {}", path.display());
         }
-        None => {
-            crate::umockdev::record(&sysfs, &devpath, Some(&dev), &mut std::io::stdout().lock()).map_err(io_fail)?
-        }
+        None => crate::umockdev::record(&sysfs, &devpath, dev, &mut std::io::stdout().lock()).map_err(io_fail)?,
     }
     Ok(exit::SUCCESS)
 }

@@ -10,10 +10,10 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use super::{Opts, print, qubesdb_with};
+use super::{Opts, print};
 use crate::exit::{self, Failure};
 use crate::readiness::Publication;
-use crate::rules::{Found, Parsed, Source};
+use crate::rules::{Found, Parsed, RuleError, Source};
 
 /// The qubesdb key a disposable sys-usb's rules come from (`qvm-features sys-usb
 /// vm-config.autoattach-rules '...'` in dom0).
@@ -65,11 +65,20 @@ impl Sources {
         for path in &self.paths {
             parsed.add_path(path, self.required);
         }
-        if self.required {
+        if self.required || self.no_qubesdb {
             return parsed;
         }
-        if let Some(db) = qubesdb_with(self.no_qubesdb, self.reader.as_deref(), self.socket.as_deref()) {
-            read_qubesdb(&mut parsed, &db);
+        match &self.socket {
+            // Named on the command line: a daemon that does not answer there cannot be asked.
+            Some(socket) if self.reader.is_none() => match Publication::at(socket) {
+                Ok(db) => read_qubesdb(&mut parsed, &db),
+                Err(why) => unreachable(&mut parsed, &why),
+            },
+            _ => {
+                if let Some(db) = Publication::choose(false, self.reader.as_deref()) {
+                    read_qubesdb(&mut parsed, &db);
+                }
+            }
         }
         parsed
     }
@@ -85,21 +94,32 @@ impl Sources {
     }
 }
 
-/// qubesdb's rules: their own source, or `Missing` when the key is not set.
+/// qubesdb's rules: their own source, or `Missing` when the key is not set. A value that is
+/// not UTF-8 is an error in the rules (exit 3: waiting does not mend it); a daemon that cannot
+/// be asked (not answering, the connection dropped, an answer that is not qubesdb's) leaves
+/// the rules incomplete ([`Parsed::unreachable`]: exit 4, which systemd restarts).
 fn read_qubesdb(parsed: &mut Parsed, db: &Publication) {
     let origin = format!("qubesdb:{QUBESDB_RULES}");
-    let unreadable = |parsed: &mut Parsed, message: String| {
-        parsed.file_error(&origin, message);
-        parsed.sources.push(Source { origin: origin.clone(), found: Found::Unreadable });
-    };
     match db.read(QUBESDB_RULES) {
-        Ok(None) => parsed.sources.push(Source { origin: origin.clone(), found: Found::Missing }),
+        Ok(None) => parsed.sources.push(Source { origin, found: Found::Missing }),
         Ok(Some(text)) => match String::from_utf8(text) {
             Ok(text) => parsed.add(&origin, &text),
-            Err(_) => unreadable(parsed, "not UTF-8".into()),
+            Err(_) => {
+                let hint = "set it again from dom0 as UTF-8 text: qvm-features QUBE vm-config.autoattach-rules '...'";
+                let (message, hint) = ("not UTF-8".into(), Some(hint.into()));
+                parsed.errors.push(RuleError { origin: origin.as_str().into(), line: 0, col: 0, message, hint });
+                parsed.sources.push(Source { origin, found: Found::Unreadable });
+            }
         },
-        Err(why) => unreadable(parsed, format!("cannot read: {why}")),
+        Err(why) => unreachable(parsed, &why),
     }
+}
+
+/// qubesdb could not be asked for its rules.
+fn unreachable(parsed: &mut Parsed, why: &crate::qubesdb::QdbError) {
+    let hint = "is qubes-db running? `systemctl status qubes-db`; `autoattach check` asks again; \
+                --no-qubesdb does without the rules dom0 sets";
+    parsed.unreachable(&format!("qubesdb:{QUBESDB_RULES}"), format!("cannot read: {why}"), hint);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -125,7 +145,7 @@ pub fn check(opts: &Opts) -> Result<u8, Failure> {
     if let Some(why) = sources.qubesdb_not_read(&parsed) {
         let _ = writeln!(out, "  qubesdb:{QUBESDB_RULES}: {why}");
     }
-    for e in &parsed.errors {
+    for e in parsed.errors.iter().chain(&parsed.unreachable) {
         let _ = writeln!(out, "{e}");
     }
     for w in &parsed.warnings {
@@ -136,15 +156,23 @@ pub fn check(opts: &Opts) -> Result<u8, Failure> {
     if parsed.set.rules.is_empty() && parsed.errors.is_empty() {
         out.push_str("no rules found: the agent would attach nothing\n");
     }
-    let _ = writeln!(
+    let _ = write!(
         out,
         "{} rule(s) loaded, {} error(s), {} warning(s)",
         parsed.set.rules.len(),
         parsed.errors.len(),
         parsed.warnings.len()
     );
+    if !parsed.unreachable.is_empty() {
+        let _ = write!(out, "; {} source(s) could not be asked, so the rules are incomplete", parsed.unreachable.len());
+    }
+    out.push('\n');
     print(&out)?;
-    Ok(if parsed.errors.is_empty() { exit::SUCCESS } else { exit::RULES })
+    Ok(match (parsed.errors.is_empty(), parsed.unreachable.is_empty()) {
+        (false, _) => exit::RULES,
+        (true, false) => exit::FATAL,
+        (true, true) => exit::SUCCESS,
+    })
 }
 
 fn describe(found: &Found, errors: usize) -> String {
@@ -156,6 +184,7 @@ fn describe(found: &Found, errors: usize) -> String {
         Found::Directory(0) => "directory, no *.rules files".into(),
         Found::Directory(files) => format!("directory, {}", plural(*files, "*.rules file")),
         Found::Unreadable => "cannot be read (see below)".into(),
+        Found::Unreachable => "cannot be asked now (see below)".into(),
     }
 }
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::identity::{BLOCK_TRIGGER, USB_TRIGGER};
+use crate::identity::{BLOCK_TRIGGER, IdError, USB_TRIGGER};
 use crate::rules::parse;
 use crate::testing::{STICK_DISK, STICK_PART, Tree, datagram};
 
@@ -404,7 +404,8 @@ fn a_mismatch_is_waited_past_and_an_unverifiable_record_refused() {
     out.clear();
     s.add(&mut e, 7000, &mut out);
     let (epoch, _) = last_probe(&mut out);
-    let why = Verdict::Unverifiable("/qubes-usb-devices/2-1/: interface entry \"08065x\" is not hex digits".into());
+    let error = IdError::Interface(b"08065x".to_vec());
+    let why = Verdict::Unverifiable(Unverifiable::Published { record: "/qubes-usb-devices/2-1/".into(), error });
     e.on_verdict(epoch, STICK_PART, why, Carried::No, 7001, &mut out);
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(e.next_wake(), None);

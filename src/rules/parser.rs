@@ -42,6 +42,9 @@ pub enum Found {
     Missing,
     /// There, but it could not be read (the error says why).
     Unreadable,
+    /// It could not be asked this time (qubesdb not answering): nothing is wrong with the
+    /// rules, but they are incomplete without it ([`Parsed::unreachable`] says why).
+    Unreachable,
 }
 
 /// The result of parsing: what loaded, what is wrong, and what looks risky.
@@ -52,6 +55,10 @@ pub struct Parsed {
     pub warnings: Vec<RuleError>,
     /// Every place rules were looked for, in order.
     pub sources: Vec<Source>,
+    /// Why a source could not be asked (qubesdb not answering): not an error in the rules,
+    /// and one that may heal by waiting. Rules loaded without it are incomplete: `run` does
+    /// not start on them (exit 4, which systemd restarts), and a reload keeps the old ones.
+    pub unreachable: Vec<RuleError>,
     /// The distinct event-device tests seen so far, as text, for [`Test::memo`].
     memo_keys: Vec<Box<str>>,
 }
@@ -85,6 +92,13 @@ impl Parsed {
     /// An error that is not tied to a line (unreadable file).
     pub fn file_error(&mut self, origin: &str, message: String) {
         self.errors.push(RuleError { origin: origin.into(), line: 0, col: 0, message, hint: None });
+    }
+
+    /// A source that could not be asked this time ([`Parsed::unreachable`]).
+    pub fn unreachable(&mut self, origin: &str, message: String, hint: &str) {
+        let error = RuleError { origin: origin.into(), line: 0, col: 0, message, hint: Some(hint.into()) };
+        self.unreachable.push(error);
+        self.sources.push(Source { origin: origin.into(), found: Found::Unreachable });
     }
 
     /// Reads files and directories in order: a directory contributes its `*.rules` files in
