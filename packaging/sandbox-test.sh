@@ -17,6 +17,7 @@
 #   - end to end: a rule from qubesdb matches a loop device this test sets up; the agent
 #     waits until the device is published in qubesdb as Qubes' udev script publishes it,
 #     then spawns its call, identity included (a stand-in qrexec-client-vm that exits 0)
+#   - a qubesdb that hangs up at start: the agent exits 4 and the unit restarts it
 #   - packaging/sandbox/probe.py as ExecStart (a drop-in): uid, groups, capabilities,
 #     netlink with SO_RCVBUFFORCE, private netns, sockets in a read-only /run/qubes,
 #     devices, files, denied syscalls, a detached child; then a real uevent
@@ -280,6 +281,29 @@ qdb rm /vm-config/autoattach-rules
 qdb rm "/qubes-block-devices/$e2e_name/"
 ns rm /etc/systemd/system/autoattach.service.d/standin.conf
 ns systemctl daemon-reload
+
+# A qubesdb that hangs up on the agent's first read (the stand-in's drop: spec) is a failure
+# to start, exit 4, which the unit restarts (RestartPreventExitStatus= names only 2 and 3),
+# not a rules error: a qubesdb late at boot must not leave autoattach down for good.
+ns sh -c 'mkdir -p /etc/systemd/system/qubes-db.service.d
+    printf "[Service]\nExecStart=\nExecStart=/usr/local/lib/aatest/qubesdb-standin daemon -l /run/aatest-qubesdb.log -r /run/qubes/qubesdb.ro.sock /run/qubes/qubesdb.sock drop:/vm-config/autoattach-rules\n" \
+        >/etc/systemd/system/qubes-db.service.d/drop.conf'
+ns systemctl daemon-reload
+ns systemctl restart qubes-db.service
+ns systemctl reset-failed autoattach.service 2>/dev/null
+ns systemctl start autoattach.service
+sleep 6.5
+st=$(unit_state)
+if grep -q 'ExecMainStatus=4 ' <<<"$st" && [ "$(ns systemctl show -p NRestarts --value autoattach.service)" -ge 1 ]; then
+    ok "a qubesdb that hangs up at start: exit 4, restarted: $(journal | grep 'autoattach-rules' | tail -n 1 | cut -c1-160)"
+else
+    bad "a qubesdb that hangs up at start: exit 4, restarted" "$st$(journal | tail -n 6)"
+fi
+ns systemctl stop autoattach.service
+ns rm -r /etc/systemd/system/qubes-db.service.d
+ns systemctl daemon-reload
+ns systemctl restart qubes-db.service
+ns systemctl reset-failed autoattach.service 2>/dev/null
 
 # The probe.
 ns sh -c 'printf "[Service]\nExecStart=\nExecStart=/usr/bin/python3 /usr/local/lib/aatest/probe.py\nEnvironment=PYTHONDONTWRITEBYTECODE=1\n" >/etc/systemd/system/autoattach.service.d/probe.conf'
