@@ -5,12 +5,19 @@
 #
 # How: a new mount and PID namespace gets a throwaway root (an overlay of / whose upper
 # layer is a tmpfs), its own /dev with a few nodes (loop devices and vda in group disk),
-# /sys and /proc/sys read-only, the staged package installed with its user, a stand-in
-# for the Qubes sockets in /run/qubes, and systemd as its init. Units that could touch
-# the shared kernel (sysctl, udev trigger, module loading, timers) are masked.
-# The checks then run with nsenter and systemctl:
+# /sys and /proc/sys read-only, the staged package installed with its user, stand-ins
+# for the Qubes daemons in /run/qubes (qubes-db.service: the project's qubesdb daemon,
+# tests/support/qubesdb-standin.c, which speaks qubesdb's protocol; qubes-qrexec-agent:
+# packaging/sandbox/fake-qubes.py, a socket that accepts), and systemd as its init. Units
+# that could touch the shared kernel (sysctl, udev trigger, module loading, timers) are
+# masked. The checks then run with nsenter and systemctl:
 #   - the condition: without /run/qubes-service/autoattach the unit is skipped
-#   - the shipped unit starts its binary (no exec failure, no seccomp kill)
+#   - the shipped unit starts its binary (no exec failure, no seccomp kill) and keeps
+#     running: its rules from qubesdb (/vm-config/autoattach-rules) are absent, not an error
+#   - end to end: a rule from qubesdb matches a loop device this test sets up; the agent
+#     waits until the device is published in qubesdb as Qubes' udev script publishes it,
+#     then spawns its call, identity included (a stand-in qrexec-client-vm that exits 0)
+#   - a qubesdb that hangs up at start: the agent exits 4 and the unit restarts it
 #   - packaging/sandbox/probe.py as ExecStart (a drop-in): uid, groups, capabilities,
 #     netlink with SO_RCVBUFFORCE, private netns, sockets in a read-only /run/qubes,
 #     devices, files, denied syscalls, a detached child; then a real uevent
@@ -21,6 +28,7 @@
 # with the namespace, and the cgroups the inner systemd made are removed.
 #
 #   packaging/sandbox-test.sh [STAGE]     STAGE: tree from `make stage-deb` (target/pkg/deb-root)
+# The stand-ins (tests/support/*.c) are built here with cc, into target/sandbox-bin/.
 set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -29,7 +37,7 @@ cgroup_names=(init.scope system.slice dev-hugepages.mount dev-mqueue.mount sys-f
 # --- inside the new namespaces: build the root, exec systemd -------------------------
 if [ "${1-}" = --boot ]; then
     set -eu
-    ct=$2 stage=$3 files=$4
+    ct=$2 stage=$3 files=$4 bins=$5
     mount -t tmpfs tmpfs "$ct/t"
     mkdir "$ct/t/upper" "$ct/t/work"
     mount -t overlay overlay -o "lowerdir=/,upperdir=$ct/t/upper,workdir=$ct/t/work" "$ct/root"
@@ -62,20 +70,33 @@ if [ "${1-}" = --boot ]; then
     groupadd -R "$r" -r qubes
     mkdir -p "$r/usr/local/lib/aatest" "$r/rw/config/autoattach" "$r/rw/home/user" \
         "$r/etc/systemd/system/autoattach.service.d"
-    cp "$files/probe.py" "$files/fake-qubes.py" "$r/usr/local/lib/aatest/"
+    cp "$files/probe.py" "$files/fake-qubes.py" "$bins/qubesdb-standin" "$r/usr/local/lib/aatest/"
     echo '# empty' >"$r/rw/config/autoattach/test.rules"
     echo secret >"$r/rw/home/user/secret"
+    # qubes-db.service as qubes-core-qubesdb's daemon/qubes-db.service: early, group qubes;
+    # ready (Type=notify there) once its sockets listen. The read-only socket is 4.3.3's.
+    cat >"$r/etc/systemd/system/qubes-db.service" <<'UNIT'
+[Unit]
+Description=stand-in for qubesdb-daemon (tests/support/qubesdb-standin.c)
+DefaultDependencies=no
+[Service]
+Group=qubes
+ExecStartPre=/usr/bin/install -d -m 0775 -g qubes /run/qubes
+ExecStart=/usr/local/lib/aatest/qubesdb-standin daemon -l /run/aatest-qubesdb.log -r /run/qubes/qubesdb.ro.sock /run/qubes/qubesdb.sock
+ExecStartPost=/bin/sh -c 'until [ -S /run/qubes/qubesdb.ro.sock ]; do sleep 0.05; done'
+UNIT
     cat >"$r/etc/systemd/system/qubes-qrexec-agent.service" <<'UNIT'
 [Unit]
-Description=stand-in for the sockets of the qrexec agent and qubesdb
+Description=stand-in for the socket of the qrexec agent
+After=qubes-db.service
 [Service]
 ExecStart=/usr/bin/python3 /usr/local/lib/aatest/fake-qubes.py
 UNIT
     cat >"$r/etc/systemd/system/aatest.target" <<'UNIT'
 [Unit]
 Description=autoattach sandbox test
-Requires=basic.target qubes-qrexec-agent.service
-After=basic.target qubes-qrexec-agent.service
+Requires=basic.target qubes-db.service qubes-qrexec-agent.service
+After=basic.target qubes-db.service qubes-qrexec-agent.service
 UNIT
     for u in systemd-sysctl.service systemd-udevd.service systemd-udev-trigger.service \
         systemd-modules-load.service systemd-binfmt.service systemd-pstore.service \
@@ -107,6 +128,12 @@ bad() {
     fail=$((fail + 1))
 }
 
+# The stand-ins, built where the throwaway root sees them (it mounts its own /tmp).
+bins=$(pwd)/target/sandbox-bin
+mkdir -p "$bins"
+cc -O2 -static -o "$bins/qrexec-client-vm" tests/support/standin-client.c || exit 2
+cc -O2 -static -o "$bins/qubesdb-standin" tests/support/qubesdb-standin.c || exit 2
+
 ct=$(mktemp -d)
 mkdir "$ct/t" "$ct/root"
 declare -A had_cgroup
@@ -114,7 +141,7 @@ for h in /sys/fs/cgroup/*/; do
     for n in "${cgroup_names[@]}"; do [ -d "$h$n" ] && had_cgroup[$h$n]=1; done
 done
 unshare --mount --pid --fork --propagation private "$here/sandbox-test.sh" --boot \
-    "$ct" "$stage" "$here/sandbox" >"$ct/boot.log" 2>&1 &
+    "$ct" "$stage" "$here/sandbox" "$bins" >"$ct/boot.log" 2>&1 &
 unshare_pid=$!
 
 init=
@@ -162,6 +189,9 @@ unit_state() { ns systemctl show -p ActiveState -p SubState -p NRestarts -p Exec
 # `|| true`: with pipefail, `journal | grep -q` would fail whenever grep stops reading early
 # and journalctl dies of SIGPIPE, even though the line was found.
 journal() { ns journalctl -u autoattach.service --no-pager -o cat 2>/dev/null || true; }
+# What the qubesdb stand-in was asked, one "COMMAND PATH" a line (its timestamps cut).
+qdb_log() { ns cat /run/aatest-qubesdb.log 2>/dev/null | cut -d' ' -f2- || true; }
+qdb() { ns /usr/local/lib/aatest/qubesdb-standin "$1" /run/qubes/qubesdb.sock "${@:2}"; }
 settle() { # wait until the unit is neither starting nor stopping
     for _ in $(seq 1 50); do
         case $(ns systemctl show -p ActiveState --value autoattach.service) in activating | deactivating | reloading) sleep 0.2 ;; *) return ;; esac
@@ -179,7 +209,8 @@ fi
 ns touch /run/qubes-service/autoattach
 
 # The shipped unit and binary: the sandbox must let it run (exec failures are 200-243,
-# a seccomp kill is SIGSYS).
+# a seccomp kill is SIGSYS), and it must keep running: qubesdb has no rules for it, which
+# is no error (the stand-in answers the read with ERROR_NOENT, as qubesdb does).
 ns systemctl start autoattach.service
 sleep 3
 st=$(unit_state)
@@ -188,41 +219,91 @@ if grep -qE 'ExecMainCode=2 .*|ExecMainStatus=2[0-4][0-9] ' <<<"$st" || journal 
 else
     ok "the shipped unit runs its binary: $st"
 fi
+if journal | grep -qE '^coldplug: [1-9][0-9]* device\(s\) present'; then
+    ok "under the sandbox it reads sysfs: $(journal | grep -m1 '^coldplug:')"
+else
+    bad "under the sandbox it reads sysfs (coldplug finds the loop devices)" "$(journal | tail -n 5)"
+fi
+if grep -q 'ActiveState=active SubState=running' <<<"$st" && qdb_log | grep -q '^read /vm-config/autoattach-rules$'; then
+    ok "it asks qubesdb for /vm-config/autoattach-rules and, finding none, keeps running"
+else
+    bad "it asks qubesdb for /vm-config/autoattach-rules and, finding none, keeps running" \
+        "$st$(journal | tail -n 10)$(qdb_log | tail -n 5)"
+fi
 echo "#    its log:"
 journal | grep -v '^Start\|^Stop\|unmet condition' | tail -n 10 | sed 's/^/#      /'
 ns systemctl stop autoattach.service
 
-# End to end under the sandbox: the real agent matches a real uevent, reads the device node
-# through DevicePolicy/DeviceAllow and its groups, and spawns a client (a static stand-in for
+# End to end under the sandbox: the real agent reads its rule from qubesdb, matches a real
+# uevent, reads the device node through DevicePolicy/DeviceAllow and its groups, waits until
+# the device is published to dom0 in qubesdb, and spawns a client (a static stand-in for
 # qrexec-client-vm, installed in the throwaway root) that runs and exits 0 under the seccomp
 # filter and without capabilities. The rule matches only this test's own backing file.
-# (Built under target/: the throwaway system mounts its own /tmp over the host's.)
-standin=$(cd "$here/.." && pwd)/target/sandbox-standin-client
-cc -O2 -static -o "$standin" "$here/../tests/support/standin-client.c"
 img=$ct/autoattach-sandbox.img
 truncate -s 1M "$img"
 e2e_loop=$(losetup -f)
 e2e_name=$(basename "$e2e_loop")
-ns sh -c "install -m 0755 '$standin' /usr/bin/qrexec-client-vm
+e2e_rule='SUBSYSTEM=="block", KERNEL=="loop*", ENV{DEVTYPE}=="disk", ATTR{loop/backing_file}=="*/autoattach-sandbox.img", ATTACH="work"'
+ns sh -c "install -m 0755 $bins/qrexec-client-vm /usr/bin/qrexec-client-vm
     [ -e '$e2e_loop' ] || { mknod -m 0660 '$e2e_loop' b 7 '${e2e_name#loop}'; chgrp disk '$e2e_loop'; }
-    echo 'SUBSYSTEM==\"block\", KERNEL==\"loop*\", ATTR{loop/backing_file}==\"*/autoattach-sandbox.img\", ATTACH=\"work\"' \
-        >/rw/config/autoattach/test.rules
-    printf '[Service]\nEnvironment=AUTOATTACH_STANDIN_LOG=/tmp/calls.log\n' >/etc/systemd/system/autoattach.service.d/standin.conf"
+    printf '[Service]\nEnvironment=AUTOATTACH_STANDIN_LOG=/tmp/calls.log\nExecStart=\nExecStart=/usr/bin/autoattach run -v\n' >/etc/systemd/system/autoattach.service.d/standin.conf"
+qdb write /vm-config/autoattach-rules "$e2e_rule"
 ns systemctl daemon-reload
 ns systemctl start autoattach.service
 for _ in $(seq 1 50); do journal | grep -q 'coldplug:' && break; sleep 0.1; done
 losetup "$e2e_loop" "$img"
-want="$e2e_name: custom.USBDeviceAttach+work+__+$e2e_name exit 0: done"
+# Qubes' identity of a disk with no parent is ":N" (qubes/ext/block.py), ENC'd "+N".
+want="$e2e_name: custom.USBDeviceAttach+work+__+$e2e_name+__++${e2e_name#loop} exit 0: done"
+for _ in $(seq 1 50); do journal | grep -q "$e2e_name.*not yet published" && break; sleep 0.1; done
+sleep 1
+if journal | grep -q "$e2e_name.*not yet published to dom0 in qubesdb (/qubes-block-devices/$e2e_name/, watching /qubes-block-devices" &&
+    qdb_log | grep -qx 'watch /qubes-block-devices' && ! journal | grep -qF "custom.USBDeviceAttach+work+__+$e2e_name"; then
+    ok "the agent waits for the device's record in qubesdb, with a watch: $(journal | grep -m1 "$e2e_name.*not yet published")"
+else
+    bad "the agent waits for the device's record in qubesdb, with a watch" "$(journal | tail -n 15)$(qdb_log | tail -n 8)"
+fi
+# qubes-linux-utils udev/udev-block-add-change: desc (a loop device's backing file), size in
+# bytes, mode, parent (R4.3; none for a loop device), then the key that fires the watches.
+qdb write "/qubes-block-devices/$e2e_name/desc" "$(cat "/sys/block/$e2e_name/loop/backing_file")"
+qdb write "/qubes-block-devices/$e2e_name/size" "$(($(cat "/sys/block/$e2e_name/size") * 512))"
+qdb write "/qubes-block-devices/$e2e_name/mode" w
+qdb write "/qubes-block-devices/$e2e_name/parent" ''
+qdb write /qubes-block-devices ''
 for _ in $(seq 1 50); do journal | grep -qF "$want" && break; sleep 0.2; done
 if journal | grep -qF "$want"; then
-    ok "under the unit, a real uevent leads to a spawned client that exits 0: $want"
+    ok "under the unit, once published, a real uevent leads to a spawned client that exits 0: $want"
 else
-    bad "under the unit, a real uevent leads to a spawned client that exits 0" "$(journal | tail -n 15)"
+    bad "under the unit, once published, a real uevent leads to a spawned client that exits 0" "$(journal | tail -n 15)"
 fi
 losetup -d "$e2e_loop"
 ns systemctl stop autoattach.service
-ns sh -c 'echo "# empty" >/rw/config/autoattach/test.rules; rm /etc/systemd/system/autoattach.service.d/standin.conf'
+qdb rm /vm-config/autoattach-rules
+qdb rm "/qubes-block-devices/$e2e_name/"
+ns rm /etc/systemd/system/autoattach.service.d/standin.conf
 ns systemctl daemon-reload
+
+# A qubesdb that hangs up on the agent's first read (the stand-in's drop: spec) is a failure
+# to start, exit 4, which the unit restarts (RestartPreventExitStatus= names only 2 and 3),
+# not a rules error: a qubesdb late at boot must not leave autoattach down for good.
+ns sh -c 'mkdir -p /etc/systemd/system/qubes-db.service.d
+    printf "[Service]\nExecStart=\nExecStart=/usr/local/lib/aatest/qubesdb-standin daemon -l /run/aatest-qubesdb.log -r /run/qubes/qubesdb.ro.sock /run/qubes/qubesdb.sock drop:/vm-config/autoattach-rules\n" \
+        >/etc/systemd/system/qubes-db.service.d/drop.conf'
+ns systemctl daemon-reload
+ns systemctl restart qubes-db.service
+ns systemctl reset-failed autoattach.service 2>/dev/null
+ns systemctl start autoattach.service
+sleep 6.5
+st=$(unit_state)
+if grep -q 'ExecMainStatus=4 ' <<<"$st" && [ "$(ns systemctl show -p NRestarts --value autoattach.service)" -ge 1 ]; then
+    ok "a qubesdb that hangs up at start: exit 4, restarted: $(journal | grep 'autoattach-rules' | tail -n 1 | cut -c1-160)"
+else
+    bad "a qubesdb that hangs up at start: exit 4, restarted" "$st$(journal | tail -n 6)"
+fi
+ns systemctl stop autoattach.service
+ns rm -r /etc/systemd/system/qubes-db.service.d
+ns systemctl daemon-reload
+ns systemctl restart qubes-db.service
+ns systemctl reset-failed autoattach.service 2>/dev/null
 
 # The probe.
 ns sh -c 'printf "[Service]\nExecStart=\nExecStart=/usr/bin/python3 /usr/local/lib/aatest/probe.py\nEnvironment=PYTHONDONTWRITEBYTECODE=1\n" >/etc/systemd/system/autoattach.service.d/probe.conf'

@@ -189,7 +189,12 @@ pub fn link_stays_inside(link: &Path, target: &Path) -> bool {
 /// opened beneath `dir`, then listed through its fd (/proc/self/fd).
 pub fn list(dir: impl AsFd, rel: &Path, links: Links) -> Result<Vec<std::ffi::OsString>, BeneathError> {
     let fd = open(dir, rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty(), links)?;
+    names(fd).map_err(|e| BeneathError::Io(rel.to_owned(), e))
+}
+
+/// The names in the open directory `fd` (not `.` and `..`), unsorted, read through
+/// /proc/self/fd.
+pub fn names(fd: OwnedFd) -> io::Result<Vec<std::ffi::OsString>> {
     let proc = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-    let entries = std::fs::read_dir(&proc).map_err(|e| BeneathError::Io(rel.to_owned(), e))?;
-    entries.map(|e| e.map(|e| e.file_name()).map_err(|e| BeneathError::Io(rel.to_owned(), e))).collect()
+    std::fs::read_dir(&proc)?.map(|e| e.map(|e| e.file_name())).collect()
 }

@@ -218,7 +218,7 @@ impl Sysfs {
         let Some(rel) = devpath.strip_prefix('/').filter(|_| devpath_is_safe(devpath)) else {
             return Vec::new();
         };
-        let Ok(names) = crate::beneath::list(&self.dir, Path::new(rel), Links::Follow) else {
+        let Some(names) = self.list(Path::new(rel), Links::Follow) else {
             return Vec::new();
         };
         let mut out: Vec<(String, Entry)> = names
@@ -227,11 +227,12 @@ impl Sysfs {
             .map(|name| {
                 let path = Path::new(rel).join(&name);
                 let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW;
-                let fd = crate::beneath::open(&self.dir, &path, flags, Mode::empty(), Links::Follow);
+                let fd = self.open_at(&path, flags, Links::Follow);
                 let mode = fd.ok().and_then(|fd| nix::sys::stat::fstat(&fd).ok()).map_or(0, |st| st.st_mode);
                 let entry = match mode & nix::libc::S_IFMT {
                     nix::libc::S_IFREG => Entry::File,
-                    nix::libc::S_IFLNK => crate::beneath::read_link(&self.dir, &path, Links::Follow)
+                    nix::libc::S_IFLNK => self
+                        .read_link(&path, Links::Follow)
                         .map_or(Entry::Other, |t| Entry::Link(Path::new(rel).join(&name), t)),
                     _ => Entry::Other,
                 };
@@ -242,8 +243,39 @@ impl Sysfs {
         out
     }
 
+    /// Opens `rel` beneath the root ([`crate::beneath::open_errno`]). On the kernel's own sysfs
+    /// where `openat2` is refused, plain `openat`: kernels before 5.6 have no `openat2`, and
+    /// seccomp filters refuse it because they cannot see its flags, systemd's
+    /// `RestrictSUIDSGID=` among them, which autoattach.service sets (systemd
+    /// src/shared/seccomp-util.c `seccomp_restrict_sxid`: ENOSYS "to force programs to call
+    /// open() or openat() instead"; older releases answered EPERM, which `openat2` never does
+    /// for a read of sysfs). That is safe there only: every path built here is plain and
+    /// relative ([`rel_path`], [`devpath_is_safe`]), and the kernel's sysfs holds only relative
+    /// links that stay inside it. A fixture is never read without `openat2`.
+    fn open_at(&self, rel: &Path, flags: OFlag, links: Links) -> Result<OwnedFd, Errno> {
+        match crate::beneath::open_errno(&self.dir, rel, flags, Mode::empty(), links) {
+            Err(Errno::ENOSYS | Errno::EPERM) if self.kernel => {
+                nix::fcntl::openat(&self.dir, rel, flags | OFlag::O_CLOEXEC | OFlag::O_NOCTTY, Mode::empty())
+            }
+            r => r,
+        }
+    }
+
+    /// The names in directory `rel` (see [`Sysfs::open_at`]), unsorted.
+    fn list(&self, rel: &Path, links: Links) -> Option<Vec<std::ffi::OsString>> {
+        let fd = self.open_at(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY, links).ok()?;
+        crate::beneath::names(fd).ok()
+    }
+
+    /// The target of the link `rel` (see [`Sysfs::open_at`]).
+    fn read_link(&self, rel: &Path, links: Links) -> Option<PathBuf> {
+        let fd = self.open_at(rel, OFlag::O_PATH | OFlag::O_NOFOLLOW, links).ok()?;
+        nix::fcntl::readlinkat(&fd, "").ok().map(PathBuf::from)
+    }
+
     /// Opens the file `devpath/name` for reading, beneath the root: on the kernel's sysfs in
-    /// one `openat2`, in a fixture after checking it is a regular file.
+    /// one `openat2` (or `openat`, see [`Sysfs::open_at`]), in a fixture after checking it is a
+    /// regular file.
     fn open_file(&self, devpath: &str, name: &str) -> Result<OwnedFd, AttrError> {
         let mut path = [0u8; MAX_PATH];
         let cpath = rel_path(&mut path, devpath, name)?;
@@ -251,13 +283,11 @@ impl Sysfs {
         let rel = Path::new(OsStr::from_bytes(cpath.to_bytes()));
         if self.kernel {
             // Without building an error that names the path: no allocation on the agent's path.
-            return crate::beneath::open_errno(&self.dir, rel, flags, Mode::empty(), Links::Follow).map_err(
-                |e| match e {
-                    Errno::ENOENT | Errno::ENOTDIR => AttrError::Missing,
-                    Errno::EXDEV | Errno::ELOOP => AttrError::Outside,
-                    e => AttrError::Unreadable(e),
-                },
-            );
+            return self.open_at(rel, flags, Links::Follow).map_err(|e| match e {
+                Errno::ENOENT | Errno::ENOTDIR => AttrError::Missing,
+                Errno::EXDEV | Errno::ELOOP => AttrError::Outside,
+                e => AttrError::Unreadable(e),
+            });
         }
         crate::beneath::open_file(&self.dir, rel, flags, Links::Follow).map_err(|e| match e {
             BeneathError::Outside(_) => AttrError::Outside,
@@ -275,7 +305,7 @@ impl Sysfs {
     pub fn scan(&self) -> Vec<String> {
         let mut found = Vec::new();
         for (dir, keep) in [("class/block", None), ("bus/usb/devices", Some(':'))] {
-            let Ok(entries) = crate::beneath::list(&self.dir, Path::new(dir), Links::Refuse) else {
+            let Some(entries) = self.list(Path::new(dir), Links::Refuse) else {
                 continue;
             };
             for name in entries {
@@ -314,7 +344,7 @@ impl Sysfs {
     /// its target read beneath the root and resolved lexically, which must stay inside it and
     /// name a device (`devices/.../uevent` exists).
     fn devpath_of_link(&self, link: &Path) -> Option<String> {
-        let target = crate::beneath::read_link(&self.dir, link, Links::Refuse).ok()?;
+        let target = self.read_link(link, Links::Refuse)?;
         if !crate::beneath::link_stays_inside(link, &target) {
             return None;
         }
@@ -512,6 +542,66 @@ impl fmt::Display for Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Installs a seccomp filter on this process that refuses `openat2` with ENOSYS, as
+    /// systemd's `RestrictSUIDSGID=` does (src/shared/seccomp-util.c `seccomp_restrict_sxid`).
+    fn refuse_openat2() {
+        use nix::libc::{self, sock_filter};
+        let op = |code: u32, jt, jf, k| sock_filter { code: code as u16, jt, jf, k };
+        let filter = [
+            op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0), // seccomp_data.nr
+            op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 1, libc::SYS_openat2 as u32),
+            op(libc::BPF_RET | libc::BPF_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+            op(libc::BPF_RET | libc::BPF_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+        ];
+        let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
+        // SAFETY: a plain system call with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        // SAFETY: `prog` and the `filter` it points to outlive the call (the kernel copies them).
+        let r = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &raw const prog) };
+        assert_eq!(r, 0, "seccomp: {}", io::Error::last_os_error());
+    }
+
+    /// What the agent reads of the kernel's sysfs: the devices present and each one's size.
+    fn kernel_view() -> Vec<String> {
+        let sysfs = Sysfs::new("/sys").expect("/sys");
+        let mut buf = [0u8; MAX_ATTR];
+        let devices = sysfs.scan();
+        let sizes = devices.iter().filter_map(|d| sysfs.attr(d, "size", &mut buf).ok().map(<[u8]>::to_vec));
+        devices.iter().cloned().chain(sizes.map(|s| String::from_utf8_lossy(&s).into_owned())).collect()
+    }
+
+    /// Under autoattach.service, `openat2` fails with ENOSYS: the agent still reads the kernel's
+    /// sysfs (plain `openat` there), and still refuses to read a fixture without `openat2`. The
+    /// filter is installed in a child (this test binary run again for this test alone).
+    #[test]
+    fn the_kernel_sysfs_is_read_where_openat2_is_refused() {
+        const CHILD: &str = "AUTOATTACH_TEST_NO_OPENAT2";
+        if std::env::var_os(CHILD).is_some() {
+            refuse_openat2();
+            let fixture = crate::testing::TempDir::new("no-openat2");
+            std::fs::create_dir_all(fixture.path().join("class/block")).unwrap();
+            let err =
+                crate::beneath::list(std::fs::File::open(fixture.path()).unwrap(), Path::new("class"), Links::Refuse);
+            assert!(err.is_err_and(|e| e.to_string().contains("Function not implemented")), "openat2 is refused");
+            assert!(Sysfs::new(fixture.path()).unwrap().list(Path::new("class"), Links::Refuse).is_none());
+            println!("VIEW {:?}", kernel_view());
+            return;
+        }
+        let want = kernel_view();
+        assert!(!want.is_empty(), "this machine's /sys has no block or USB device to compare");
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "sysfs::tests::the_kernel_sysfs_is_read_where_openat2_is_refused", "--nocapture"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            stdout.contains(&format!("VIEW {want:?}")),
+            "without openat2 the view differs:\n{stdout}\nwant {want:?}"
+        );
+    }
 
     #[test]
     fn node_errors_are_classified() {

@@ -93,6 +93,11 @@ expect_err("setpriority (nice -5)", lambda: os.setpriority(os.PRIO_PROCESS, 0, -
 expect_err("kill(1, SIGTERM)", lambda: os.kill(1, signal.SIGTERM), {errno.EPERM})
 expect_err("mmap write+exec", lambda: call(libc.mprotect, ctypes.c_void_p(libc.valloc(4096)), 4096, 7), {errno.EACCES, errno.EPERM})
 expect_ok("prctl PR_CAP_AMBIENT_CLEAR_ALL", lambda: call(libc.prctl, 47, 4, 0, 0, 0))
+# RestrictSUIDSGID= refuses openat2 whatever its flags (systemd src/shared/seccomp-util.c
+# seccomp_restrict_sxid): the agent reads the kernel's sysfs with openat instead.
+open_how = (ctypes.c_uint64 * 3)(os.O_RDONLY | os.O_CLOEXEC, 0, 0x08)  # RESOLVE_BENEATH
+expect_err("openat2 (RestrictSUIDSGID=; the agent falls back to openat on sysfs)",
+           lambda: call(libc.syscall, 437, -100, b"sys", ctypes.byref(open_how), 24), {errno.ENOSYS})
 def drop_all_caps():
     hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)
     data = (ctypes.c_uint32 * 6)()

@@ -28,10 +28,12 @@ need flock util-linux
 need column bsdextrautils
 need gawk gawk
 
-# Identities: stick A (the rule's), stick B (swapped in at the same name), a security key.
+# Identities: stick A (the rule's), stick B (swapped in at the same name), a security key K
+# and a keyboard L (swapped in at K's port).
 A_ID=0781:5581:4C530001230101115543:u080650:1.0 A_DESC='Cruzer_Blade (BACKUP)'
 B_ID=dead:beef:EV1L:u080650:1.0 B_DESC='Cruzer_Blade (BACKUP2)'
 K_ID=1050:0407::u030000u030101u0b0000 K_DESC='1050:0407 Yubico_YubiKey_OTP+FIDO+CCID'
+L_ID=046d:c31c::u030101u030000 L_DESC='046d:c31c Logitech_USB_Keyboard' # swapped in for K
 A=$(enc "$A_ID") B=$(enc "$B_ID") K=$(enc "$K_ID")
 DA=desc+$(enc "$A_DESC") DB=desc+$(enc "$B_DESC") DK=desc+$(enc "$K_DESC")
 
@@ -121,6 +123,17 @@ r43_attach() {
 	call Attach "work+__+sda+__+$A"
 	check "refuse 73: another device at sda, qubesd refuses it twice" 73 "$AT43;$AT43"
 	assert "refuse 73: nothing attached" "attached" nothing_attached
+	assert "refuse 73: the record was read once more after the second refusal, and was there" "$(calls)" \
+		test "$(tail -n 1 "$STATE/calls")" = 'qubesdb-read -r -d sys-usb /qubes-block-devices/sda/parent'
+	world 43; allow 'sys-usb block work'; running work; publish sys-usb block sda "$B_DESC" "$B_ID"
+	echo 2 >"$STATE/attach.unplug"
+	call Attach "work+__+sda+__+$A"
+	check "refuse 70, not 73: refused twice, and then the record is gone (the device left)" 70 "$AT43;$AT43"
+	logged "refuse 70: the log says the device left" "no longer publishes sda: the device left"
+	world 43; allow 'sys-usb block work'; running work; publish sys-usb block sda "$A_DESC" "$A_ID"
+	touch "$STATE/qubesd.swap"; echo 2 >"$STATE/attach.unplug"
+	call Attach "work+__+sda+__+$DA"
+	check "refuse 70, not 72: a desc-form request refused twice, and then the record is gone" 70 "$AT42;$AT42"
 
 	world 43; allow 'sys-usb block work'; running work; publish sys-usb block sda "$A_DESC" "$A_ID"
 	touch "$STATE/qubesd.swap"
@@ -341,13 +354,36 @@ allowlist_cases() {
 	call Detach "work+__+sda+__+$B"
 	check "refuse 68: pins bound Detach too" 68 ""
 
-	for line in 'sys-usb block work bare id=*' 'sys-usb block work start nostart' 'sys-usb block work sometimes' \
-		'sys-usb disk work' 'sys-usb block' 'sys-usb block dom0-dm' 'sys-usb block work id=' 'sys-usb block work # x'; do
-		world 43; allow "$line"; running work; publish sys-usb block sda "$A_DESC" "$A_ID"
+	# Each malformed line grants nothing and is logged as FILE:LINE:COL: what is wrong (what is
+	# allowed); entry ignored. Columns count bytes, a tab as one.
+	local q='a letter, then up to 30 of A-Za-z0-9_.-; not none, default, Domain-0 nor *-dm' line want shown
+	while IFS='|' read -r line want; do
+		line=$(printf '%b' "$line") shown=$(printf '%s' "$line" | tr -c ' -~' '?')
+		world 43; allow '# a comment' "$line"; running work; publish sys-usb block sda "$A_DESC" "$A_ID"
 		call Attach "work+__+sda+__+$A"
-		check "refuse 68: malformed entry '$line' grants nothing" 68 ""
-	done
-	logged "refuse 68: malformed lines are reported with their line number" "autoattach.conf:1: malformed entry ignored"
+		check "refuse 68: malformed entry '$shown' grants nothing" 68 ""
+		if grep -qxF -- "logger -t autoattach -- $STATE/autoattach.conf:2:$want; entry ignored" "$STATE/log"; then
+			pass "malformed entry '$shown' is logged as FILE:2:$want"
+		else fail "malformed entry '$shown' is logged as FILE:2:$want" "log: $(grep -F autoattach.conf "$STATE/log" || :)"; fi
+	done <<EOF_CASES
+sys-usb block work sometimes|20: unknown option 'sometimes' (start, nostart, bare, id=GLOB, desc=GLOB)
+sys-usb block work bare id=*|25: 'id=*' with 'bare': a bare request has no identity for a pin to match; keep one of them
+sys-usb block work desc=x* bare|28: 'bare' with a pin: a bare request has no identity for a pin to match; keep one of them
+sys-usb block work start nostart|26: 'nostart' after 'start': an entry takes at most one of start, nostart
+sys-usb block work id=|20: empty pin 'id=' (id=GLOB, desc=GLOB)
+sys-usb block work # x|20: '#' after an entry: a comment takes a line of its own
+sys-usb disk work|9: unknown class 'disk' (block, usb)
+sys-usb block|14: missing TARGET (the qube to attach to) after the class
+sys-usb|8: missing CLASS (block, usb) after the source
+sys-usb block dom0-dm|15: target 'dom0-dm' is not a qube name ($q)
+1sys-usb block work|1: source '1sys-usb' is not a qube name ($q)
+\t  sys-usb\tblock  work \tnope|25: unknown option 'nope' (start, nostart, bare, id=GLOB, desc=GLOB)
+sys-usb block w\xc3\xb6rk|15: target 'w??rk' is not a qube name ($q)
+sys-usb block work\r|15: target 'work?' is not a qube name ($q)
+EOF_CASES
+	world 43; allow 'sys-usb block work sometimes' 'sys-usb block work'; running work; publish sys-usb block sda "$A_DESC" "$A_ID"
+	call Attach "work+__+sda+__+$A"
+	check "a malformed line is skipped: the next entry decides" 0 "$AT43"
 	world 43; running work; publish sys-usb block sda "$A_DESC" "$A_ID"; rm "$STATE/autoattach.conf"
 	call Attach "work+__+sda+__+$A"
 	check "refuse 68: no allowlist file at all" 68 ""
@@ -360,8 +396,8 @@ allowlist_cases() {
 	world 43; cp "$root/dom0/autoattach.conf" "$STATE/autoattach.conf"; running work; publish sys-usb block sda "$A_DESC" "$A_ID"
 	call Attach "work+__+sda+__+$A"
 	check "refuse 68: the shipped allowlist allows nothing" 68 ""
-	assert "the shipped allowlist has no malformed line" "$(grep malformed "$STATE/log" || :)" \
-		test -z "$(grep malformed "$STATE/log" || :)"
+	assert "the shipped allowlist has no malformed line" "$(grep 'entry ignored' "$STATE/log" || :)" \
+		test -z "$(grep 'entry ignored' "$STATE/log" || :)"
 	world 43; sed 's/^#sys-usb/sys-usb/' "$root/dom0/autoattach.conf" >"$STATE/autoattach.conf"
 	running work; publish sys-usb block sda "$A_DESC" "$A_ID"
 	call Attach "work+__+sda+__+$A"
@@ -436,44 +472,58 @@ setup_cases() {
 }
 
 # Issue 9's reproduction: an Attach waits for qvm-start (held by a gate until the test opens
-# it), the Detach for the same device arrives meanwhile, then stick B takes stick A's name.
-# On both releases the wrong device is never attached: the Attach refuses (73), and the
-# Detach, serialized after it, finds nothing of its device to undo. Without a swap, the
-# Detach waits for the Attach and then undoes it.
+# it), the Detach for the same device arrives meanwhile, then another device takes the
+# device's place: stick B at the block name sda, or a keyboard at the USB port 2-1 where the
+# security key was. On both releases the wrong device is never attached: the Attach refuses
+# (73: R4.3's qubesd refuses the id, R4.2's published description differs), and the Detach,
+# serialized after it, finds nothing of its device to undo. Without a swap, the Detach waits
+# for the Attach and then undoes it.
 swap_cases() {
-	local r id ident order
+	local r c
 	for r in 43 42; do
-		if [ "$r" = 43 ]; then id=$A_ID ident=$A; else id='' ident=$DA; fi
-		world "$r"; allow 'sys-usb block vault'; touch "$STATE/start.gate"
-		publish sys-usb block sda "$A_DESC" "$id"
-		spawn attach Attach "vault+__+sda+__+$ident"
-		wait_for qvm-start
-		spawn detach Detach "vault+__+sda+__+$ident"
-		sleep 0.5
-		unpublish sys-usb block sda
-		publish sys-usb block sda "$B_DESC" "${id:+$B_ID}"
-		rm "$STATE/start.gate"
-		wait
-		if [ "$(code_of attach)/$(code_of detach)" != 73/0 ]; then
-			fail "R4.${r#4} swap: Attach 73, Detach 0" "got $(code_of attach)/$(code_of detach): $(calls)"
-		elif ! nothing_attached; then fail "R4.${r#4} swap: B never attached" "$(cat "$STATE/block.attached")"
-		else pass "R4.${r#4} swap (issue 9): the wrong device is never attached, Attach 73, Detach 0"; fi
-
-		world "$r"; allow 'sys-usb block vault'; touch "$STATE/start.gate"
-		publish sys-usb block sda "$A_DESC" "$id"
-		spawn attach Attach "vault+__+sda+__+$ident"
-		wait_for qvm-start
-		spawn detach Detach "vault+__+sda+__+$ident"
-		wait_for 'qvm-block detach' 30 || : # never, unless the lock is broken
-		rm "$STATE/start.gate"
-		wait
-		order=$(grep -Eo '^qvm-block (attach|detach)' "$STATE/calls" | paste -sd ' ')
-		if [ "$(code_of attach)/$(code_of detach)" != 0/0 ]; then
-			fail "R4.${r#4} lock: Attach 0, Detach 0" "got $(code_of attach)/$(code_of detach)"
-		elif [ "$order" != "qvm-block attach qvm-block detach" ] || ! nothing_attached; then
-			fail "R4.${r#4} lock: a Detach during an Attach waits, then undoes it" "[$order] $(calls)"
-		else pass "R4.${r#4} lock: a Detach during an Attach waits for it, then undoes it"; fi
+		for c in block usb; do
+			swap_case "$r" "$c"
+		done
 	done
+}
+# swap_case RELEASE CLASS: the swap and the lock for one release and class.
+swap_case() {
+	local r=$1 c=$2 port id ident desc other_desc other_id order what
+	if [ "$c" = block ]; then
+		port=sda desc=$A_DESC id=$A_ID other_desc=$B_DESC other_id=$B_ID what="stick B at sda"
+	else
+		port=2-1 desc=$K_DESC id=$K_ID other_desc=$L_DESC other_id=$L_ID what="a keyboard at port 2-1"
+	fi
+	if [ "$r" = 43 ]; then ident=$(enc "$id"); else ident=desc+$(enc "$desc") id='' other_id=''; fi
+	world "$r"; allow "sys-usb $c vault"; touch "$STATE/start.gate"
+	publish sys-usb "$c" "$port" "$desc" "$id"
+	spawn attach Attach "vault+__+$port+__+$ident"
+	wait_for qvm-start
+	spawn detach Detach "vault+__+$port+__+$ident"
+	sleep 0.5
+	unpublish sys-usb "$c" "$port"
+	publish sys-usb "$c" "$port" "$other_desc" "$other_id"
+	rm "$STATE/start.gate"
+	wait
+	if [ "$(code_of attach)/$(code_of detach)" != 73/0 ]; then
+		fail "R4.${r#4} $c swap: Attach 73, Detach 0" "got $(code_of attach)/$(code_of detach): $(calls)"
+	elif ! nothing_attached; then fail "R4.${r#4} $c swap: $what is never attached" "$(cat "$STATE/$c.attached")"
+	else pass "R4.${r#4} $c swap (issue 9): $what is never attached, Attach 73, Detach 0"; fi
+
+	world "$r"; allow "sys-usb $c vault"; touch "$STATE/start.gate"
+	publish sys-usb "$c" "$port" "$desc" "$id"
+	spawn attach Attach "vault+__+$port+__+$ident"
+	wait_for qvm-start
+	spawn detach Detach "vault+__+$port+__+$ident"
+	wait_for "qvm-$c detach" 30 || : # never, unless the lock is broken
+	rm "$STATE/start.gate"
+	wait
+	order=$(grep -Eo "^qvm-$c (attach|detach)" "$STATE/calls" | paste -sd ' ')
+	if [ "$(code_of attach)/$(code_of detach)" != 0/0 ]; then
+		fail "R4.${r#4} $c lock: Attach 0, Detach 0" "got $(code_of attach)/$(code_of detach)"
+	elif [ "$order" != "qvm-$c attach qvm-$c detach" ] || ! nothing_attached; then
+		fail "R4.${r#4} $c lock: a Detach during an Attach waits, then undoes it" "[$order] $(calls)"
+	else pass "R4.${r#4} $c lock: a Detach during an Attach waits for it, then undoes it"; fi
 }
 
 # The per-source bound and the lock, with real parallel handlers.
@@ -616,6 +666,7 @@ if [ -z "${AUTOATTACH_MUTANT:-}" ]; then
 	mutant "no id in the R4.3 attach" 'spec=$src:$dev:$text' 'spec=$src:$dev' r43_attach swap_cases
 	mutant "no description check" 'desc) same_desc ||' 'desc) now=$want ;;' r42_attach swap_cases
 	mutant "no check after the attach" 'same_desc || {' 'true || {' r42_attach
+	mutant "no second look at the record before 73" '[ -n "$(hex_of "$key")" ] ||' ':' r43_attach
 	mutant "no USED BY check on R4.2" '|| used_elsewhere' ':' r42_attach
 	mutant "no device lock" 'flock -w "$LOCK_WAIT" 9 ||' ':' swap_cases
 	mutant "no bound per source" '! flock -n 8 || break' 'break' lock_cases
