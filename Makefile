@@ -36,9 +36,10 @@ CARGO ?= cargo
 # Rust 1.85 is the first with edition 2024 (Cargo.toml: rust-version).
 RUST_MIN := 1.85
 MUSL_TARGET := x86_64-unknown-linux-musl
-# The binary `make install` installs. The packages ship the static musl build: one file for
-# Debian and Fedora templates whatever their C library, and the one that meets the idle
-# memory target (BENCHMARKS.md). Override to package another build (BIN=target/release/autoattach).
+# BIN: the binary `make install` installs (by default this machine's glibc build). PKG_BIN: the
+# binary the packages carry (stage-deb/stage-rpm install it as BIN), by default the static musl
+# build: one file for Debian and Fedora templates whatever their C library, with the smaller
+# idle memory (BENCHMARKS.md). Package another build with PKG_BIN=target/release/autoattach.
 STATIC_BIN := target/$(MUSL_TARGET)/release/autoattach
 BIN        ?= target/release/autoattach
 PKG_BIN    ?= $(STATIC_BIN)

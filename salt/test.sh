@@ -35,6 +35,7 @@ bad() {
 if ! "$venv/bin/salt-call" --version 2>/dev/null | grep -q "^salt-call $SALT_VERSION "; then
     echo "#    installing salt $SALT_VERSION from PyPI into $venv"
     rm -rf "$venv"
+    mkdir -p target # a fresh tree has none yet: the log below goes there
     # Debian's python3 (not a pyenv one): python3-venv is part of test.sh's packages.
     if ! { /usr/bin/python3 -m venv "$venv" && "$venv/bin/pip" install -q "salt==$SALT_VERSION"; } >"$venv.log" 2>&1; then
         bad "install salt $SALT_VERSION from PyPI" "$(tail -n 20 "$venv.log")"

@@ -18,7 +18,7 @@ autoattach:
     RedHat: salt://autoattach/files/autoattach-0.1.0-1.x86_64.rpm
 
   # Where the rules go: `feature` (Qubes R4.2 and later) sets the USB qube's feature
-  # vm-config.autoattach-rules (at most 3072 bytes); `template` (Qubes R4.1) writes them in
+  # vm-config.autoattach-rules (at most 3071 bytes of UTF-8); `template` (Qubes R4.1) writes them in
   # the template's /etc/autoattach/rules.d/50-salt.rules.
   rules_via: feature
   rules: |
