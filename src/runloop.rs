@@ -529,6 +529,15 @@ impl Loop {
         self.apply(&mut fx);
         self.engine.describe(&self.sysfs);
         info!("coldplug: {present} device(s) present, {} matched", self.engine.tracked());
+        if present == 0 {
+            // Every qube has a disk: an empty listing means sysfs could not be read (not
+            // mounted, or reads refused by a sandbox), which would otherwise look like quiet.
+            warning!(
+                "{} lists no block or USB device at all: is sysfs mounted there, and readable by this user \
+                 (a unit's seccomp or mount settings)? No device will be matched until it is",
+                crate::log::Escaped(self.sysfs.root().as_os_str().as_encoded_bytes())
+            );
+        }
     }
 
     /// Carries out the engine's effects (and those they lead to) until none are left.

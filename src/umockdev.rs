@@ -245,33 +245,10 @@ fn no_link_on(root: &Path, dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// True if the relative `target` of `link` resolves (lexically) inside `root`: `../` first,
-/// then names (a `..` after a name would go wherever that name, perhaps a link, leads).
+/// True if the relative `target` of `link` resolves (lexically) inside `root`: the link's place
+/// relative to the root, then [`crate::beneath::link_stays_inside`]'s rule.
 fn stays_inside(root: &Path, link: &Path, target: &str) -> bool {
-    if target.starts_with('/') {
-        return false;
-    }
-    let Ok(rel) = link.parent().unwrap_or(root).strip_prefix(root) else {
-        return false;
-    };
-    let mut depth = rel.components().count() as isize;
-    let mut named = false;
-    for c in Path::new(target).components() {
-        match c {
-            Component::ParentDir if named => return false,
-            Component::ParentDir => depth -= 1,
-            Component::Normal(_) => {
-                depth += 1;
-                named = true;
-            }
-            Component::CurDir => {}
-            _ => return false,
-        }
-        if depth < 0 {
-            return false;
-        }
-    }
-    true
+    link.strip_prefix(root).is_ok_and(|rel| crate::beneath::link_stays_inside(rel, Path::new(target)))
 }
 
 /// Records `devpath` and its parents from `sysfs`, in umockdev-record's format. With `nodes`

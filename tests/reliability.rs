@@ -1352,3 +1352,27 @@ fn a_recording_cannot_write_outside_its_tree() {
         assert!(found.is_empty(), "{name}: written outside the tree: {found:?}");
     }
 }
+
+/// A sysfs that lists no device at all (not mounted, or its reads refused by a unit's seccomp
+/// filter, as `RestrictSUIDSGID=` once made of `openat2`) is said loudly at start, not taken
+/// for a quiet machine.
+#[test]
+fn a_sysfs_listing_no_device_is_said_at_start() {
+    if !can_run("a_sysfs_listing_no_device_is_said_at_start") {
+        return;
+    }
+    let dir = tempdir("empty-sysfs");
+    let sys = dir.join("sys");
+    std::fs::create_dir_all(sys.join("devices")).unwrap();
+    let r = rules_file(&dir, "SUBSYSTEM==\"block\", ATTACH=\"work\"\n");
+    let args = ["--dry-run", "--no-qubesdb", "--sysfs", sys.to_str().unwrap(), "--rules", r.to_str().unwrap()];
+    let mut agent = Agent::start(&dir, "empty", &args, &[]);
+    let log = agent.stderr();
+    assert!(log.contains("coldplug: 0 device(s) present"), "{log}");
+    assert!(log.contains("lists no block or USB device at all: is sysfs mounted there"), "{log}");
+    agent.stop();
+    // The machine's own sysfs lists its disks: no such warning.
+    let mut agent = Agent::start(&dir, "real", &["--dry-run", "--no-qubesdb", "--rules", r.to_str().unwrap()], &[]);
+    assert!(!agent.stderr().contains("lists no block or USB device"), "{}", agent.stderr());
+    agent.stop();
+}
