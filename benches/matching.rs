@@ -218,6 +218,26 @@ fn real_sysfs(c: &mut Criterion) {
             first_match(&mut matcher, &sysfs, &set, &event)
         })
     });
+    // The storm's event (bench/kernel.sh): a `change` of a loop disk that no rule names; every
+    // rule is tried and fails on its SUBSYSTEM, KERNEL or DEVTYPE test, with no sysfs read.
+    let storm = String::from_utf8(datagram.clone())
+        .unwrap()
+        .replacen("add@", "change@", 1)
+        .replace("ACTION=add", "ACTION=change");
+    let storm = storm
+        .replace(&format!("DEVNAME={kernel}"), "DEVNAME=loop999")
+        .replace(&made.devpath, "/devices/virtual/block/loop999");
+    let storm = storm.into_bytes();
+    let event = Uevent::parse(&storm).unwrap();
+    let before = sysfs.reads();
+    assert_eq!(first_match(&mut matcher, &sysfs, &set, &event), None);
+    assert_eq!(sysfs.reads(), before, "the storm's event reads nothing");
+    group.bench_function("real /sys: storm change of a loop disk no rule names (all 100 fail)", |b| {
+        b.iter(|| {
+            let event = Uevent::parse(black_box(&storm)).unwrap();
+            first_match(&mut matcher, &sysfs, &set, &event)
+        })
+    });
     group.finish();
 
     let fixture = Sysfs::new(common::stick().join("sys")).expect("the stick's tree");
