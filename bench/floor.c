@@ -2,9 +2,11 @@
  * The latency floor: the least a program can do between a kernel uevent and starting the
  * qrexec client. It listens on the kernel's uevent group, and on the first datagram whose
  * header is exactly "add@DEVPATH" it posix_spawns
- *     CLIENT dom0 custom.USBDeviceAttach+QUBE+__+NAME
- * (NAME: the last component of DEVPATH), as autoattach does, with no parsing, no rules, no
- * sender check and no readiness check. Children are not waited for (SIGCHLD ignored).
+ *     CLIENT dom0 custom.USBDeviceAttach+QUBE+__+NAME+__++N
+ * (NAME: the last component of DEVPATH; N: the number NAME ends in), the argument autoattach
+ * sends for a loop device without qubesdb (its identity ":N", encoded "+N"), so that both exec
+ * the same argv; with no parsing, no rules, no sender check and no readiness check. Children
+ * are not waited for (SIGCHLD ignored).
  *
  * With --ready it first makes, inline, the block readiness checks autoattach makes on its
  * probe threads (sysfs `size` non-zero; /dev/NAME a block device; its first 512 bytes
@@ -65,7 +67,11 @@ int main(int argc, char **argv)
 
     char want[4096], arg[512];
     snprintf(want, sizeof want, "add@%s", devpath);
-    snprintf(arg, sizeof arg, "custom.USBDeviceAttach+%s+__+%s", qube, name);
+    /* The identity of a device with no parent (loop, zram): ":" and its trailing number. */
+    const char *number = name + strlen(name);
+    while (number > name && number[-1] >= '0' && number[-1] <= '9')
+        number--;
+    snprintf(arg, sizeof arg, "custom.USBDeviceAttach+%s+__+%s+__++%s", qube, name, number);
     char *child_argv[] = {(char *)client, "dom0", arg, NULL};
 
     signal(SIGCHLD, SIG_IGN);

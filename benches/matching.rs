@@ -7,6 +7,14 @@
 //! names. The "naive" column is how many reads the same evaluation would make without the
 //! per-event cache: one per attribute test evaluated.
 //!
+//! A fixture tree is read the careful way (every path resolved by `openat2` with
+//! `RESOLVE_BENEATH`, its type checked on an `O_PATH` fd before it is opened); the agent reads the
+//! kernel's own sysfs with one `openat2` per attribute. So, as root, the 100 rules are also
+//! matched on this machine's real `/sys`, against a loop disk the bench makes (`losetup`, 2 MiB,
+//! detached at the end): its `add` (rule #100 replaced by one that names the disk by three of its
+//! attributes), and one attribute read in each mode, which compares the read paths themselves.
+//! Without root that part says so and is skipped.
+//!
 //! `cargo bench --bench matching`
 
 mod common;
@@ -135,5 +143,116 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// A loop disk over a 2 MiB file, detached on drop.
+struct LoopDisk {
+    _dir: common::TempDir,
+    dev: String,
+    /// Its devpath, e.g. `/devices/virtual/block/loop8`.
+    devpath: String,
+}
+
+impl LoopDisk {
+    fn new() -> Result<LoopDisk, String> {
+        if !nix::unistd::Uid::effective().is_root() {
+            return Err("not root".into());
+        }
+        let dir = common::TempDir::new("matching-loop");
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, vec![0u8; 2 << 20]).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&image)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("losetup: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let devpath = format!("/devices/virtual/block/{}", dev.trim_start_matches("/dev/"));
+        Ok(LoopDisk { _dir: dir, dev, devpath })
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// The same 100 rules on the kernel's own sysfs (the agent's read path), and one attribute read
+/// in each mode.
+fn real_sysfs(c: &mut Criterion) {
+    let made = match LoopDisk::new() {
+        Ok(made) => made,
+        Err(why) => return println!("real /sys: skipped ({why}): run as root to measure the agent's own read path"),
+    };
+    let sysfs = Sysfs::new("/sys").expect("/sys");
+    // Rule #100 names the disk by three of its attributes (the stick's names its USB device by
+    // three); rules #1-#99 end at their SUBSYSTEM, KERNEL or DEVTYPE test for a loop disk.
+    let mut rules: Vec<String> = common::hundred_rules().lines().map(str::to_owned).collect();
+    let last = rules.iter().rposition(|l| l.contains("ATTACH=")).unwrap();
+    let kernel = made.devpath.rsplit('/').next().unwrap();
+    rules[last] = format!(
+        "SUBSYSTEM==\"block\", KERNEL==\"{kernel}\", ATTR{{size}}==\"4096\", ATTR{{ro}}==\"0\", \
+         ATTR{{removable}}==\"0\", ATTACH=\"q99\""
+    );
+    let parsed = autoattach::rules::parse("hundred.rules", &rules.join("\n"));
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    let set = parsed.set;
+    let mut matcher = Matcher::new(&set);
+    let datagram = autoattach::engine::synthetic_add(&sysfs, &made.devpath).expect("the loop disk's uevent");
+    let event = Uevent::parse(&datagram).unwrap();
+    let before = sysfs.reads();
+    let found = first_match(&mut matcher, &sysfs, &set, &event);
+    assert_eq!(found, Some(set.rules.len() - 1), "rule #100 matches {}", made.devpath);
+    println!(
+        "real /sys: add@{} against 100 rules: {} sysfs reads, first match #{}",
+        made.devpath,
+        sysfs.reads() - before,
+        set.rules.len()
+    );
+    let mut group = c.benchmark_group("match/100-rules");
+    group.bench_function("real /sys: loop disk add (matches rule #100)", |b| {
+        b.iter(|| {
+            let event = Uevent::parse(black_box(&datagram)).unwrap();
+            first_match(&mut matcher, &sysfs, &set, &event)
+        })
+    });
+    // The storm's event (bench/kernel.sh): a `change` of a loop disk that no rule names; every
+    // rule is tried and fails on its SUBSYSTEM, KERNEL or DEVTYPE test, with no sysfs read.
+    let storm = String::from_utf8(datagram.clone())
+        .unwrap()
+        .replacen("add@", "change@", 1)
+        .replace("ACTION=add", "ACTION=change");
+    let storm = storm
+        .replace(&format!("DEVNAME={kernel}"), "DEVNAME=loop999")
+        .replace(&made.devpath, "/devices/virtual/block/loop999");
+    let storm = storm.into_bytes();
+    let event = Uevent::parse(&storm).unwrap();
+    let before = sysfs.reads();
+    assert_eq!(first_match(&mut matcher, &sysfs, &set, &event), None);
+    assert_eq!(sysfs.reads(), before, "the storm's event reads nothing");
+    group.bench_function("real /sys: storm change of a loop disk no rule names (all 100 fail)", |b| {
+        b.iter(|| {
+            let event = Uevent::parse(black_box(&storm)).unwrap();
+            first_match(&mut matcher, &sysfs, &set, &event)
+        })
+    });
+    group.finish();
+
+    let fixture = Sysfs::new(common::stick().join("sys")).expect("the stick's tree");
+    let stick_partition = "/devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/host0/target0:0:0/0:0:0:0/block/sda/sda1";
+    let mut buf = [0u8; autoattach::sysfs::MAX_ATTR];
+    assert!(fixture.attr(stick_partition, "size", &mut buf).is_ok(), "the stick's sda1 has a size");
+    let mut group = c.benchmark_group("sysfs/one attribute read");
+    group.bench_function("fixture tree (openat2 beneath, O_PATH type check)", |b| {
+        b.iter(|| fixture.attr(black_box(stick_partition), "size", &mut buf).map(|v| v.len()))
+    });
+    group.bench_function("real /sys (the agent's path)", |b| {
+        b.iter(|| sysfs.attr(black_box(&made.devpath), "size", &mut buf).map(|v| v.len()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, real_sysfs);
 criterion_main!(benches);

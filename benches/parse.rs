@@ -5,7 +5,7 @@
 //! Targets (issue 5): at most 150 ns for the typical event; at least 8x faster than
 //! kobject-uevent in the same run.
 //!
-//! `cargo bench --bench parse` (then `python3 bench/criterion-table.py parse` for the ratios).
+//! `cargo bench --bench parse` (the ratio: kobject-uevent's time over autoattach's, same group).
 
 mod common;
 
