@@ -310,11 +310,13 @@ impl<'a> Uevent<'a> {
     }
 
     /// Writes the event as `udevadm monitor --kernel --property` prints it (sd-device's
-    /// DEVNAME: a path under `/dev/`).
+    /// DEVNAME: a path under `/dev/`). The kernel's names are relative and never empty, so
+    /// every non-empty DEVNAME gets the prefix: the exact inverse of the monitor reader, which
+    /// strips one `/dev/` (an empty or absolute name, which no kernel sends, reads back as is).
     pub fn write_monitor(&self, out: &mut impl Write) -> io::Result<()> {
         writeln!(out, "KERNEL[0.000000] {:<8} {} ({})", self.action.as_str(), self.devpath, self.subsystem)?;
         for v in self.vars() {
-            let dev = if v.key == "DEVNAME" && !v.value.starts_with('/') { "/dev/" } else { "" };
+            let dev = if v.key == "DEVNAME" && !v.value.is_empty() { "/dev/" } else { "" };
             writeln!(out, "{}={dev}{}", v.key, v.value)?;
         }
         writeln!(out)
@@ -1088,6 +1090,20 @@ SUBSYSTEM=block
         let Some(Ok(Record::Event(back, 1))) = MonitorText::new(&text).next() else { panic!() };
         assert_eq!(back.vars(), e.vars());
         assert_eq!((back.action, back.devpath), (e.action, e.devpath));
+    }
+
+    /// Found by fuzz/run.sh: an empty DEVNAME printed as `/dev/` read back as the value
+    /// `/dev/`. Names no kernel sends (empty, absolute) still print and read back unchanged.
+    #[test]
+    fn odd_devnames_round_trip_through_monitor_text() {
+        for name in ["", "/dev/", "/dev/x", "/x", "sdb"] {
+            let d = format!("add@/devices/x\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=block\0DEVNAME={name}\0");
+            let e = Uevent::parse(d.as_bytes()).unwrap();
+            let mut text = Vec::new();
+            e.write_monitor(&mut text).unwrap();
+            let Some(Ok(Record::Event(back, 1))) = MonitorText::new(&text).next() else { panic!("{name:?}") };
+            assert_eq!(back.get("DEVNAME"), Some(name), "{:?}", String::from_utf8_lossy(&text));
+        }
     }
 
     #[test]

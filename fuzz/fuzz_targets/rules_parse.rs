@@ -9,8 +9,16 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    // The parser's own notion of lines: `str::lines` (a trailing "\r" belongs to the break).
-    let lines: Vec<&str> = text.lines().collect();
+    // systemd's read_line, which the parser follows: a line ends at "\n", "\r\n", "\r" or NUL
+    // (written here apart from the parser's own splitter, so that one is checked too).
+    let mut lines: Vec<&str> = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let end = rest.find(['\n', '\r', '\0']).unwrap_or(rest.len());
+        lines.push(&rest[..end]);
+        let brk = if rest[end..].starts_with("\r\n") { 2 } else { usize::from(end < rest.len()) };
+        rest = &rest[end + brk..];
+    }
     let parsed = parse("fuzz.rules", text);
     let within = |e: &RuleError| {
         assert!((1..=lines.len()).contains(&e.line), "{e}: line {} of {}", e.line, lines.len());
