@@ -924,27 +924,17 @@ fn release_free_memory() {
 /// arrive through a signalfd, so no handler frame either); one page below this frame is
 /// kept for the call itself, and the guard area is left alone. Failure costs only memory.
 fn release_unused_stack() {
-    use nix::libc;
-    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
-    let (mut low, mut size, mut guard) = (std::ptr::null_mut::<libc::c_void>(), 0usize, 0usize);
-    // SAFETY: pthread_self has no preconditions.
-    let me = unsafe { libc::pthread_self() };
-    // SAFETY: `me` is this running thread; pthread_getattr_np initialises `attr`.
-    if unsafe { libc::pthread_getattr_np(me, attr.as_mut_ptr()) } != 0 {
-        return;
+    thread_local! {
+        /// This thread's stack as [lowest usable address, top): asked once, since glibc
+        /// answers for the main thread by reading /proc/self/maps.
+        static BOUNDS: Option<(usize, usize)> = stack_bounds();
     }
-    // SAFETY: `attr` was initialised above; the getter writes only to the locals passed.
-    let ok = unsafe { libc::pthread_attr_getstack(attr.as_ptr(), &mut low, &mut size) } == 0;
-    // SAFETY: as above.
-    let ok = ok && unsafe { libc::pthread_attr_getguardsize(attr.as_ptr(), &mut guard) } == 0;
-    // SAFETY: `attr` was initialised above and is destroyed once, not used after.
-    unsafe { libc::pthread_attr_destroy(attr.as_mut_ptr()) };
+    let Some((start, top)) = BOUNDS.with(|b| *b) else { return };
     let page = 4096usize;
     let marker = 0u8;
     let here = std::hint::black_box(&raw const marker) as usize;
-    let start = (low as usize).saturating_add(guard).next_multiple_of(page);
     let end = (here & !(page - 1)).saturating_sub(page);
-    if !ok || size == 0 || end <= start || here >= (low as usize).saturating_add(size) {
+    if end <= start || here >= top {
         return;
     }
     // SAFETY: [start, end) lies inside this thread's stack, above its guard and at least one
@@ -953,8 +943,29 @@ fn release_unused_stack() {
     // reports the stack as its rlimit-sized reservation: madvise skips the unmapped part
     // (and says ENOMEM, ignored).
     unsafe {
-        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+        nix::libc::madvise(start as *mut nix::libc::c_void, end - start, nix::libc::MADV_DONTNEED);
     }
+}
+
+/// The calling thread's stack as [lowest address above the guard, top), page-aligned.
+fn stack_bounds() -> Option<(usize, usize)> {
+    use nix::libc;
+    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
+    let (mut low, mut size, mut guard) = (std::ptr::null_mut::<libc::c_void>(), 0usize, 0usize);
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    // SAFETY: `me` is this running thread; pthread_getattr_np initialises `attr`.
+    if unsafe { libc::pthread_getattr_np(me, attr.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: `attr` was initialised above; the getter writes only to the locals passed.
+    let ok = unsafe { libc::pthread_attr_getstack(attr.as_ptr(), &mut low, &mut size) } == 0;
+    // SAFETY: as above.
+    let ok = ok && unsafe { libc::pthread_attr_getguardsize(attr.as_ptr(), &mut guard) } == 0;
+    // SAFETY: `attr` was initialised above and is destroyed once, not used after.
+    unsafe { libc::pthread_attr_destroy(attr.as_mut_ptr()) };
+    let low = low as usize;
+    (ok && size > 0).then(|| ((low.saturating_add(guard)).next_multiple_of(4096), low.saturating_add(size)))
 }
 
 fn reload(engine: &mut Engine, load: &RuleLoader) {
