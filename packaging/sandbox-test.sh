@@ -70,7 +70,8 @@ if [ "${1-}" = --boot ]; then
     groupadd -R "$r" -r qubes
     mkdir -p "$r/usr/local/lib/aatest" "$r/rw/config/autoattach" "$r/rw/home/user" \
         "$r/etc/systemd/system/autoattach.service.d"
-    cp "$files/probe.py" "$files/fake-qubes.py" "$bins/qubesdb-standin" "$r/usr/local/lib/aatest/"
+    cp "$files/probe.py" "$files/fake-qubes.py" "$bins/qubesdb-standin" "$bins/qrexec-client-vm" \
+        "$r/usr/local/lib/aatest/"
     echo '# empty' >"$r/rw/config/autoattach/test.rules"
     echo secret >"$r/rw/home/user/secret"
     # qubes-db.service as qubes-core-qubesdb's daemon/qubes-db.service: early, group qubes;
@@ -128,7 +129,8 @@ bad() {
     fail=$((fail + 1))
 }
 
-# The stand-ins, built where the throwaway root sees them (it mounts its own /tmp).
+# The stand-ins, built here and copied into the throwaway root while it is made (inside it, a
+# checkout under /tmp is out of sight: the root mounts its own /tmp).
 bins=$(pwd)/target/sandbox-bin
 mkdir -p "$bins"
 cc -O2 -static -o "$bins/qrexec-client-vm" tests/support/standin-client.c || exit 2
@@ -244,7 +246,7 @@ truncate -s 1M "$img"
 e2e_loop=$(losetup -f)
 e2e_name=$(basename "$e2e_loop")
 e2e_rule='SUBSYSTEM=="block", KERNEL=="loop*", ENV{DEVTYPE}=="disk", ATTR{loop/backing_file}=="*/autoattach-sandbox.img", ATTACH="work"'
-ns sh -c "install -m 0755 $bins/qrexec-client-vm /usr/bin/qrexec-client-vm
+ns sh -c "install -m 0755 /usr/local/lib/aatest/qrexec-client-vm /usr/bin/qrexec-client-vm
     [ -e '$e2e_loop' ] || { mknod -m 0660 '$e2e_loop' b 7 '${e2e_name#loop}'; chgrp disk '$e2e_loop'; }
     printf '[Service]\nEnvironment=AUTOATTACH_STANDIN_LOG=/tmp/calls.log\nExecStart=\nExecStart=/usr/bin/autoattach run -v\n' >/etc/systemd/system/autoattach.service.d/standin.conf"
 qdb write /vm-config/autoattach-rules "$e2e_rule"
