@@ -289,6 +289,7 @@ storm() { # storm NAME: the daemon started last, idle, then the storm; results u
 	local name=$1 t0 t1 out elapsed sampler n first last enobufs l
 	listeners=()
 	wait_idle "$pid"
+	sleep 2 # autoattach gives memory back after 1 s idle (TRIM_AFTER_IDLE in src/runloop.rs)
 	result[$name.idle_rss]=$(kb "$pid" Rss)
 	result[$name.idle_dirty]=$(kb "$pid" Private_Dirty)
 	result[$name.idle_tree_dirty]=$(tree_dirty "$pid")
@@ -425,6 +426,7 @@ if [[ -n ${sbin:-} && -x $sbin ]]; then
 	bin=$sbin
 	start_agent "$work/agent-static.log"
 	wait_idle "$pid"
+	sleep 2 # as above: after the idle trim
 	result[static.idle_rss]=$(kb "$pid" Rss)
 	result[static.idle_dirty]=$(kb "$pid" Private_Dirty)
 	stop "$wrapper"

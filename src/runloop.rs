@@ -286,13 +286,30 @@ impl Pool {
         let (tx, rx) = mpsc::channel::<Job>();
         let (id, shared, results) = (self.next_id, self.shared.clone(), self.results.clone());
         std::thread::Builder::new().name(format!("probe-{id}")).stack_size(256 * 1024).spawn(move || {
-            for job in rx {
+            // After a probe, the stack pages it touched are given back once the worker has
+            // had nothing to do for TRIM_AFTER_IDLE: not at once, or every probe of a burst
+            // would fault them in again (~4 µs each here) on the way to its call.
+            let mut trimmed = true;
+            loop {
+                let job = if trimmed {
+                    rx.recv().ok()
+                } else {
+                    match rx.recv_timeout(TRIM_AFTER_IDLE) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            release_unused_stack();
+                            trimmed = true;
+                            continue;
+                        }
+                        r => r.ok(),
+                    }
+                };
+                let Some(job) = job else { return };
+                trimmed = false;
                 let outcome = job.run(&shared.prober, |call| shared.caller.call(call));
                 if results.send(Finished { worker: id, outcome }).is_err() {
                     return;
                 }
                 let _ = nix::unistd::write(&shared.wake, b"!");
-                release_unused_stack();
             }
         })?;
         self.next_id += 1;
@@ -454,6 +471,8 @@ struct Loop {
     /// Something that allocates (a match, a probe, a call, a reload, a resync) happened since
     /// free memory was last given back to the kernel.
     trim_due: bool,
+    /// When to give memory back, if the agent stays idle until then.
+    trim_at: Option<u64>,
     /// Describing devices for the log waits until then (a call was just started).
     settle_until: u64,
 }
@@ -510,6 +529,7 @@ impl Loop {
             buf: vec![0u8; 8 * 1024],
             fx: Vec::new(),
             trim_due: true,
+            trim_at: None,
             settle_until: 0,
         };
         agent.coldplug();
@@ -601,11 +621,23 @@ impl Loop {
         if self.pool.in_flight() == 0 && !settling {
             self.engine.describe(&self.sysfs);
         }
-        let timeout = self.poll_timeout(now, settling);
-        if timeout == PollTimeout::NONE && self.pool.pending.is_empty() && std::mem::take(&mut self.trim_due) {
-            // Going idle with nothing scheduled: what startup, a match or a reload freed goes
-            // back to the kernel, so an idle agent keeps only what it uses.
-            release_free_memory();
+        let mut timeout = self.poll_timeout(now, settling);
+        if timeout == PollTimeout::NONE && self.pool.pending.is_empty() {
+            // Idle with nothing scheduled: what startup, a match or a reload freed goes back to
+            // the kernel once the agent has stayed idle TRIM_AFTER_IDLE, so an idle agent keeps
+            // only what it uses and a burst of events never waits on pages given back between
+            // two of its events. Activity since the last trim restarts the wait.
+            if std::mem::take(&mut self.trim_due) {
+                self.trim_at = Some(now + TRIM_AFTER_IDLE.as_millis() as u64);
+            }
+            match self.trim_at {
+                Some(at) if at <= now => {
+                    self.trim_at = None;
+                    release_free_memory();
+                }
+                Some(at) => timeout = PollTimeout::try_from((at - now) as i32).unwrap_or(PollTimeout::MAX),
+                None => {}
+            }
         }
         let [sock, sig, wake, watch] = self.wait(timeout)?;
         if sock {
@@ -904,6 +936,9 @@ fn one_malloc_arena() {
     }
 }
 
+/// How long the loop, or a worker, stays idle before it gives memory back.
+const TRIM_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 /// Gives free heap pages back to the kernel (glibc keeps freed memory mapped and dirty), and
 /// the loop thread's stack pages below the frame in use.
 fn release_free_memory() {
@@ -920,7 +955,8 @@ fn release_free_memory() {
 /// probe go deep (sysfs paths and attributes in 4 KiB buffers), an idle loop or worker does
 /// not, and each such page counted against the 256 kB idle budget (one device attached: the
 /// loop's stack 36 kB dirty, a worker's 28 kB). The released pages read back as zeroes when
-/// the thread next goes that deep. Nothing lives below the stack pointer here (signals
+/// the thread next goes that deep, each at the cost of a page fault: hence only after
+/// TRIM_AFTER_IDLE of idleness, never between the events of a burst. Nothing lives below the stack pointer here (signals
 /// arrive through a signalfd, so no handler frame either); one page below this frame is
 /// kept for the call itself, and the guard area is left alone. Failure costs only memory.
 fn release_unused_stack() {
