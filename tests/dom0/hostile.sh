@@ -56,6 +56,7 @@ forms=(
 	"work+__+sda+__+$GOOD "$'work+__+sda+__+\n'"$GOOD" "work+__+sda+__+${GOOD}*"
 	"work+__+sda+__+_30781+5581" "work+__+sda+__+ZZZZ+5581+x" "work+__+sda+__+desc"
 	"work+__+sda+__+$(long 2048 +)" "work+__+2-1+__+desc+x+__+y"
+	$'work+__+2-1\nx' $'work+__+2-1\n' $'work+__+x\n2-1' $'work+__+2-1\n../../x y+__+'"$GOOD"
 )
 
 passed=0 failed=0
@@ -84,7 +85,8 @@ for sh in dash bash; do
 				esac
 				if [ -s "$STATE/calls" ]; then fail "$what: called $(paste -sd ';' "$STATE/calls")"
 				elif [ -s "$tmp/fg.stdout" ]; then fail "$what: wrote on stdout"
-				elif grep -q '[^ -~]' "$tmp/fg.stderr"; then fail "$what: raw bytes on stderr"
+				elif grep -q '[^ -~]' "$tmp/fg.stderr" || [ "$(wc -l <"$tmp/fg.stderr")" -gt 1 ]; then
+					fail "$what: raw bytes or more than one line on stderr"
 				elif grep -q UNSAFE "$STATE/log"; then fail "$what: raw bytes reached logger"
 				elif ! grep -q '^logger -t autoattach -- ' "$STATE/log"; then fail "$what: refusal not logged"
 				else passed=$((passed + 1)); fi
