@@ -77,6 +77,9 @@ pub struct Sysfs {
     dir: OwnedFd,
     /// The root is the kernel's sysfs (not a fixture).
     kernel: bool,
+    /// `openat2` is refused here (asked once: see [`Sysfs::open_at`]), so the kernel's sysfs
+    /// is opened with `openat` straight away instead of two syscalls per open.
+    no_openat2: bool,
     reads: AtomicU64,
 }
 
@@ -91,7 +94,12 @@ impl Sysfs {
         })?;
         let kernel =
             nix::sys::statfs::fstatfs(&dir).is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::SYSFS_MAGIC);
-        Ok(Sysfs { root, dir, kernel, reads: AtomicU64::new(0) })
+        let no_openat2 = kernel
+            && matches!(
+                crate::beneath::open_errno(&dir, Path::new("."), OFlag::O_PATH, Mode::empty(), Links::Follow),
+                Err(Errno::ENOSYS | Errno::EPERM)
+            );
+        Ok(Sysfs { root, dir, kernel, no_openat2, reads: AtomicU64::new(0) })
     }
 
     /// True if the root is the kernel's sysfs (a fixture tree is read more carefully).
@@ -253,10 +261,12 @@ impl Sysfs {
     /// relative ([`rel_path`], [`devpath_is_safe`]), and the kernel's sysfs holds only relative
     /// links that stay inside it. A fixture is never read without `openat2`.
     fn open_at(&self, rel: &Path, flags: OFlag, links: Links) -> Result<OwnedFd, Errno> {
+        let plain = || nix::fcntl::openat(&self.dir, rel, flags | OFlag::O_CLOEXEC | OFlag::O_NOCTTY, Mode::empty());
+        if self.no_openat2 {
+            return plain();
+        }
         match crate::beneath::open_errno(&self.dir, rel, flags, Mode::empty(), links) {
-            Err(Errno::ENOSYS | Errno::EPERM) if self.kernel => {
-                nix::fcntl::openat(&self.dir, rel, flags | OFlag::O_CLOEXEC | OFlag::O_NOCTTY, Mode::empty())
-            }
+            Err(Errno::ENOSYS | Errno::EPERM) if self.kernel => plain(),
             r => r,
         }
     }
