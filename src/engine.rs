@@ -772,8 +772,9 @@ impl Engine {
         }
     }
 
-    /// An attach call has returned: `attached` unless dom0 said it did not attach (a
-    /// non-zero exit; an exit that cannot be known counts as attached). A device removed
+    /// An attach call has returned: `attached` unless dom0 said it attached nothing
+    /// ([`crate::exit::call_attached_nothing`]; an exit that cannot be known counts as
+    /// attached). A device removed
     /// while the call was in flight, or whose media was, is detached now.
     pub fn on_call_exit(&mut self, ticket: &Ticket, attached: bool, out: &mut impl Sink) {
         let tracked = self.devices.get_mut(&*ticket.devpath).filter(|e| e.epoch == ticket.epoch);

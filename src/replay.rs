@@ -20,7 +20,8 @@
 //! - `#! fill dev/sdc 512`: make a node file of that many readable bytes (0: no media; at most
 //!   [`MAX_FILL`]);
 //! - `#! rm sys/devices/...`: remove a file or directory;
-//! - `#! dom0 5s [EXIT]`: from here on, each attach call returns that much later, with that
+//! - `#! dom0 5s [EXIT]`: from here on, each attach call returns that much later (`0s`: at once),
+//!   with that
 //!   exit status (default 0: attached; 73: dom0 found another device there, attached nothing),
 //!   so removals and swaps while dom0 asks the user replay too (by default a call returns at
 //!   once, attached).
@@ -141,7 +142,8 @@ impl fmt::Display for RecordingError {
 #[derive(Debug)]
 pub enum DirectiveError {
     Unknown(String),
-    NoDuration,
+    /// The verb that needs one (`wait`, `dom0`).
+    NoDuration(&'static str),
     NoPath(&'static str),
     NoCount,
     TooBig(u64),
@@ -160,7 +162,7 @@ impl fmt::Display for DirectiveError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DirectiveError::Unknown(v) => write!(f, "unknown directive '{v}' (wait, set, hex, fill, rm, dom0)"),
-            DirectiveError::NoDuration => f.write_str("wait needs a duration, e.g. 5s"),
+            DirectiveError::NoDuration(verb) => write!(f, "{verb} needs a duration, e.g. 5s"),
             DirectiveError::NoPath(verb) => write!(f, "{verb} needs a path"),
             DirectiveError::NoCount => f.write_str("fill needs a byte count"),
             DirectiveError::TooBig(n) => write!(f, "fill of {n} bytes refused: at most {MAX_FILL}"),
@@ -489,7 +491,8 @@ impl Run {
                     pending.push(Answer { at: now + dom0.after, ticket, exit: dom0.exit, device, call });
                     None
                 }
-                _ => Some(dom0.exit == 0),
+                // As the run loop and a delayed answer read it (exit 125: may have attached).
+                _ => Some(crate::spawn::Exit::Code(dom0.exit.into()).may_have_attached()),
             }
         });
     }
@@ -523,12 +526,16 @@ impl Run {
         let mut words = directive.split_whitespace();
         let verb = words.next().unwrap_or_default();
         if verb == "wait" {
-            let d = words.next().and_then(crate::rules::parse_duration).ok_or(DirectiveError::NoDuration)?;
+            let d = words.next().and_then(crate::rules::parse_duration).ok_or(DirectiveError::NoDuration("wait"))?;
             self.advance(self.now + d.as_millis() as u64, false);
             return Ok(());
         }
         if verb == "dom0" {
-            let after = words.next().and_then(crate::rules::parse_duration).ok_or(DirectiveError::NoDuration)?;
+            // `0s` (or `0`): answered at once, with EXIT.
+            let after = match words.next() {
+                Some("0" | "0s" | "0ms") => std::time::Duration::ZERO,
+                w => w.and_then(crate::rules::parse_duration).ok_or(DirectiveError::NoDuration("dom0"))?,
+            };
             let exit = match words.next() {
                 None => 0,
                 Some(v) => v.parse().map_err(|_| DirectiveError::BadExit(v.to_owned()))?,

@@ -682,6 +682,12 @@ fn a_swap_while_dom0_asks_names_each_stick() {
     let out = run(&["replay", case.to_str().unwrap(), dir.join("events").to_str().unwrap()]);
     assert_eq!(stdout(&out), format!("{a}\n{b}\n{detach}\n"), "{}", stderr(&out));
     assert!(stderr(&out).contains("exit 125: qrexec: qrexec failure"), "{}", stderr(&out));
+
+    // The same answer given at once reads the same way (it once read as "attached nothing").
+    let events = std::fs::read_to_string(case.join("events")).unwrap().replace("#! dom0 10s\n", "#! dom0 0s 125\n");
+    std::fs::write(dir.join("events"), events).unwrap();
+    let out = run(&["replay", case.to_str().unwrap(), dir.join("events").to_str().unwrap()]);
+    assert!(stdout(&out).contains(detach.as_str()), "{}\n{}", stdout(&out), stderr(&out));
 }
 
 /// Issue 9's swap at a USB port (tests/fixtures/port-swap): the security key's usb_device
