@@ -440,9 +440,9 @@ fn simulate_block(
 ) -> Result<String, SimError> {
     let name = prop(uevent, "DEVNAME")
         .map_or_else(|| crate::uevent::kernel_name(devpath).to_owned(), |n| String::from_utf8_lossy(n).into_owned());
-    let parent = script_parent(sysfs, devpath);
-    records.insert_block(&name, BlockRecord { desc: None, parent: Some(parent.clone().into_bytes()) });
-    if sysfs.exists(devpath, "partition") {
+    let partition = sysfs.exists(devpath, "partition");
+    let parent = script_parent(devpath, partition);
+    if partition {
         let disk = dirname(devpath);
         let disk_uevent = sysfs.uevent_file(disk).map_err(|_| SimError::Gone(disk.to_owned()))?;
         if depth < MAX_DEPTH {
@@ -455,14 +455,15 @@ fn simulate_block(
             records.insert_usb(ident, props.record());
         }
     }
+    records.insert_block(&name, BlockRecord { desc: None, parent: Some(parent.into_bytes()) });
     Ok(name)
 }
 
 /// The script's `parent`: the disk's name for a partition (`basename "$(dirname
 /// "$DEVPATH")"`), else, when the devpath holds `/host`, the name of the directory above the
 /// first `/host` (a USB interface such as `2-1.4:1.0`, or `ata1`), else empty.
-fn script_parent(sysfs: &Sysfs, devpath: &str) -> String {
-    let named = if sysfs.exists(devpath, "partition") {
+fn script_parent(devpath: &str, partition: bool) -> String {
+    let named = if partition {
         dirname(devpath)
     } else if let Some(at) = devpath.find("/host") {
         &devpath[..at]

@@ -458,12 +458,14 @@ impl Prober {
 fn published(db: &Publication, target: &Target) -> Verdict {
     let expected = &*target.expected;
     let checked = db.check(expected);
-    let how = match db {
-        Publication::Socket(_) => How::Watch(expected.triggers()),
-        Publication::Program(program) => How::Ask(program.path.clone()),
+    // Built only when the device is not published yet: a ready device needs neither.
+    let awaited = |pending| {
+        let how = match db {
+            Publication::Socket(_) => How::Watch(expected.triggers()),
+            Publication::Program(program) => How::Ask(program.path.clone()),
+        };
+        Verdict::Unpublished(Awaited { record: expected.port.qubesdb_dir(), pending, how })
     };
-    let record = expected.port.qubesdb_dir();
-    let awaited = |pending| Verdict::Unpublished(Awaited { record, pending, how });
     match checked {
         Err(e) => Verdict::Wait(Why::Qubesdb(QdbFailure(Arc::new(e)))),
         Ok(identity::Verdict::Send(Identity::Desc(_))) if !target.desc_settled => awaited(Pending::DescUnsettled),
